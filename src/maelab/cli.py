@@ -1,0 +1,219 @@
+"""``maelab <command>``: pretrain, visualize, export, models, bench.
+
+Every user mistake ends with one line on stderr (``maelab: error: ...``) and exit code 2;
+internal bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable
+
+from maelab.errors import MaelabError
+
+EXIT_USER_ERROR = 2
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Map explicit command-line flags onto dotted config keys (flags beat the YAML file)."""
+    from maelab.config import parse_override
+
+    mapping = {
+        "data": "data.name", "data_root": "data.root", "model": "model", "epochs": "epochs",
+        "batch_size": "batch_size", "output": "output", "device": "device", "seed": "seed",
+        "num_workers": "data.num_workers", "lr": "lr", "base_lr": "base_lr", "accum_steps": "accum_steps",
+        "mask_ratio": "model_args.mask_ratio", "precision": "precision",
+    }
+    out: dict[str, Any] = {}
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out[key] = value
+    if getattr(args, "download", False):
+        out["data.download"] = True
+    if getattr(args, "strict_data", False):
+        out["data.strict"] = True
+    if getattr(args, "norm_pix_loss", False):
+        out["model_args.norm_pix_loss"] = True
+    if getattr(args, "compile", False):
+        out["compile"] = True
+    for text in getattr(args, "overrides", []) or []:
+        key, value = parse_override(text)
+        out[key] = value
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (see recipes/)")
+    p.add_argument("--data", help="synthetic, cifar10, cifar100, stl10, or an image folder")
+    p.add_argument("--data-root", help="local root for torchvision datasets")
+    p.add_argument("--download", action="store_true", help="allow torchvision datasets to download")
+    p.add_argument("--strict-data", action="store_true", help="fail on the first unreadable image")
+    p.add_argument("--model", help="preset name (maelab models)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per-device batch size")
+    p.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, help="absolute peak lr (overrides base_lr)")
+    p.add_argument("--base-lr", type=float, help="lr = base_lr * effective_batch / 256")
+    p.add_argument("--output", help="run directory")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model_args.norm_pix_loss=true data.num_workers=8")
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from maelab.config import PretrainConfig, build_config
+    from maelab.engine.pretrain import pretrain
+
+    cfg = build_config(PretrainConfig, args.config, _common_overrides(args))
+    result = pretrain(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
+    state = "stopped (resume with --resume)" if result.stopped_early else "finished"
+    print(f"{state}: epoch {result.epoch}/{cfg.epochs}, step {result.step}, loss {result.final_loss:.4f}; "
+          f"outputs in {result.output}")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from maelab.viz.visualize import visualize_images
+
+    path = visualize_images(args.checkpoint, args.images, args.output, mask_ratio=args.mask_ratio,
+                            seed=args.seed, device=args.device or "auto", max_images=args.max_images)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from maelab.engine.checkpoint import load_pretrained
+    from maelab.models.weights import export_encoder
+
+    model = load_pretrained(args.checkpoint)
+    path = export_encoder(model, args.output)
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in model.cfg.timm_kwargs().items() if k != "num_classes")
+    print(f"wrote {path}\nload it with: maelab.models.weights.load_exported_encoder({str(path)!r})\n"
+          f"or: timm.create_model({model.cfg.timm_name!r}, pretrained=True, num_classes=N, {kwargs}, "
+          f"pretrained_cfg_overlay=dict(file={str(path)!r}))")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from maelab.models.registry import DESCRIPTIONS, get_config, list_models
+
+    rows = []
+    for name in list_models():
+        cfg = get_config(name)
+        enc = _vit_params(cfg.embed_dim, cfg.depth, cfg.mlp_ratio) + cfg.patch_size**2 * cfg.in_chans * cfg.embed_dim
+        dec = _vit_params(cfg.decoder_embed_dim, cfg.decoder_depth, cfg.mlp_ratio)
+        rows.append((name, f"{cfg.img_size}", f"{cfg.patch_size}", f"{enc / 1e6:.1f}M", f"{dec / 1e6:.1f}M",
+                     DESCRIPTIONS[name]))
+    header = ("name", "img", "patch", "encoder", "decoder", "description")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _vit_params(dim: int, depth: int, mlp_ratio: float) -> int:
+    hidden = int(dim * mlp_ratio)
+    per_block = 4 * dim + 3 * dim * dim + 3 * dim + dim * dim + dim + dim * hidden + hidden + hidden * dim + dim
+    return depth * per_block
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from maelab.bench.run import run_bench
+
+    run_bench(model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+              device=args.device or "auto", precision=args.precision or "auto", compile=args.compile,
+              reference=not args.no_reference, json_path=args.json, model_args=_model_args(args.overrides))
+    return 0
+
+
+def _model_args(texts: list[str] | None) -> dict[str, Any]:
+    from maelab.config import parse_override
+
+    out = {}
+    for text in texts or []:
+        key, value = parse_override(text)
+        out[key.removeprefix("model_args.")] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maelab", description="Masked Autoencoder pre-training for ViTs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("pretrain", help="MAE pre-training (built-in synthetic data by default)")
+    _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
+    p.add_argument("--mask-ratio", type=float)
+    p.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalized pixel target")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("visualize", help="reconstruct your own images from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory, maelab .pt, official .pth")
+    p.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    p.add_argument("--output", default="reconstructions.png")
+    p.add_argument("--mask-ratio", type=float, default=None, help="default: the model's")
+    p.add_argument("--max-images", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("export", help="export the encoder as timm-loadable safetensors")
+    p.add_argument("--checkpoint", required=True, help="run directory, maelab .pt, official .pth")
+    p.add_argument("--output", default="encoder.safetensors")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("models", help="list model presets")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="train-step throughput, memory and FLOPs (vs Hugging Face ViTMAE)")
+    p.add_argument("--model", default=None, help="preset (default: mae_vit_base_patch16 on CUDA, pico on CPU)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the Hugging Face reference")
+    p.add_argument("--json", help="write results to this JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. mask_ratio=0.9")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may stand anywhere, also between flags
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except MaelabError as e:
+        print(f"maelab: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("maelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

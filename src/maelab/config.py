@@ -1,0 +1,397 @@
+"""Typed, validated configuration.
+
+Configs are frozen dataclasses. Each field has a short doc comment; each class checks its
+values in ``__post_init__`` and raises :class:`~maelab.errors.ConfigError` naming the
+field and what is allowed. A config can be read from YAML, changed with ``key=value``
+overrides (dotted keys reach nested sections: ``data.num_workers=4``) and written back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from maelab.errors import ConfigError
+
+T = TypeVar("T")
+
+MASK_TYPES = ("random", "block", "grid")
+TARGETS = ("pixel", "norm_pixel")
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {name}={value!r}: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a masked autoencoder (encoder + decoder) and its masking/loss."""
+
+    img_size: int | tuple[int, int] = 224
+    """Input size in pixels; an int or (height, width). Must be divisible by patch_size."""
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mask_ratio: float = 0.75
+    """Fraction of patches hidden from the encoder, in [0, 1)."""
+    mask_type: str = "random"
+    """random (paper), block (BEiT-style) or grid (keep one patch of every 2x2)."""
+    norm_pix_loss: bool = False
+    """Regress per-patch normalized pixels (paper's better-representation setting)."""
+    timm_name: str = "vit_base_patch16_224"
+    """timm model name the encoder is created from (weights load into it with these kwargs)."""
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        size = self.img_size
+        if isinstance(size, list):
+            object.__setattr__(self, "img_size", tuple(size))
+            size = self.img_size
+        sizes = size if isinstance(size, tuple) else (size, size)
+        _check(len(sizes) == 2 and all(isinstance(s, int) and s > 0 for s in sizes),
+               "model.img_size", size, "a positive int or [height, width]")
+        _check(self.patch_size > 0, "model.patch_size", self.patch_size, "a positive int")
+        for s in sizes:
+            _check(s % self.patch_size == 0, "model.img_size", size,
+                   f"must be divisible by patch_size={self.patch_size}")
+        _check(self.in_chans > 0, "model.in_chans", self.in_chans, "a positive int")
+        _check(self.embed_dim % self.num_heads == 0, "model.embed_dim", self.embed_dim,
+               f"must be divisible by num_heads={self.num_heads}")
+        _check(self.embed_dim % 4 == 0, "model.embed_dim", self.embed_dim,
+               "must be divisible by 4 (2-D sin-cos position embedding)")
+        _check(self.decoder_embed_dim % self.decoder_num_heads == 0, "model.decoder_embed_dim",
+               self.decoder_embed_dim, f"must be divisible by decoder_num_heads={self.decoder_num_heads}")
+        _check(self.decoder_embed_dim % 4 == 0, "model.decoder_embed_dim", self.decoder_embed_dim,
+               "must be divisible by 4 (2-D sin-cos position embedding)")
+        _check(self.depth >= 1, "model.depth", self.depth, "at least 1")
+        _check(self.decoder_depth >= 0, "model.decoder_depth", self.decoder_depth, "0 or more")
+        _check(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", self.mask_ratio, "a number in [0, 1)")
+        _check(self.mask_type in MASK_TYPES, "model.mask_type", self.mask_type, f"one of {MASK_TYPES}")
+        if self.mask_type == "grid":
+            _check(self.mask_ratio == 0.75, "model.mask_ratio", self.mask_ratio,
+                   "grid masking keeps one patch of every 2x2, so it needs mask_ratio=0.75")
+            _check(all((s // self.patch_size) % 2 == 0 for s in sizes), "model.img_size", size,
+                   "grid masking needs an even number of patches per side")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, cols)."""
+        h, w = self.img_size if isinstance(self.img_size, tuple) else (self.img_size, self.img_size)
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``timm.create_model(self.timm_name, **kwargs)`` (no head)."""
+        return dict(
+            img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio, qkv_bias=True, num_classes=0, global_pool="token",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are loaded."""
+
+    name: str = "synthetic"
+    """synthetic, cifar10, cifar100, stl10, or a folder (ImageFolder or a plain tree of images)."""
+    root: str | None = None
+    """Local root for torchvision datasets (default ~/.cache/maelab/data)."""
+    download: bool = False
+    """Allow torchvision datasets to download (never needed for synthetic or folders)."""
+    split: str = "train"
+    num_samples: int = 2048
+    """Synthetic dataset size (ignored for other datasets)."""
+    num_classes: int = 10
+    """Synthetic dataset class count (ignored for other datasets)."""
+    num_workers: int = 2
+    mean: tuple[float, ...] | None = None
+    """Per-channel normalization mean (default: ImageNet for 3 channels, 0.5 otherwise)."""
+    std: tuple[float, ...] | None = None
+    min_scale: float = 0.2
+    """RandomResizedCrop lower scale bound (paper: 0.2)."""
+    hflip: bool = True
+    strict: bool = False
+    """Fail on the first unreadable image instead of skipping it."""
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        _check(bool(self.name), "data.name", self.name, "a dataset name or a folder path")
+        _check(self.num_samples > 0, "data.num_samples", self.num_samples, "a positive int")
+        _check(self.num_classes >= 2, "data.num_classes", self.num_classes, "at least 2")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+        _check(0.0 < self.min_scale <= 1.0, "data.min_scale", self.min_scale, "a number in (0, 1]")
+        if self.std is not None:
+            _check(all(s > 0 for s in self.std), "data.std", self.std, "positive numbers")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pre-training run needs. Written to ``config.yaml`` in the run directory."""
+
+    model: str = "mae_vit_tiny_patch4_32"
+    """Preset name (``maelab models`` lists them)."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the preset's ModelConfig fields, e.g. {norm_pix_loss: true}."""
+    data: DataConfig = field(default_factory=DataConfig)
+    epochs: int = 10
+    batch_size: int = 64
+    """Per-device batch size."""
+    accum_steps: int = 1
+    """Gradient accumulation: optimizer steps every accum_steps batches."""
+    base_lr: float = 1.5e-4
+    """lr = base_lr * effective_batch / 256 (paper)."""
+    lr: float | None = None
+    """Absolute lr; overrides base_lr when set."""
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 1.0
+    grad_clip: float | None = None
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32."""
+    compile: bool = False
+    seed: int = 0
+    output: str = "runs/pretrain"
+    log_every: int = 10
+    """Optimizer steps between progress/loss updates (and non-finite checks on CUDA)."""
+    vis_every: int = 5
+    """Epochs between reconstruction figures (one is always written at the end)."""
+    save_every: int = 1
+    """Epochs between checkpoints."""
+    save_every_steps: int = 0
+    """Also checkpoint every N optimizer steps (0 = off)."""
+    keep_last: int = 3
+    """Periodic checkpoints kept besides last.pt."""
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", from_dict(DataConfig, self.data, prefix="data."))
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        _check(self.epochs >= 1, "epochs", self.epochs, "a positive int")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "a positive int")
+        _check(self.accum_steps >= 1, "accum_steps", self.accum_steps, "a positive int")
+        _check(self.base_lr > 0, "base_lr", self.base_lr, "a positive number")
+        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number or null")
+        _check(self.min_lr >= 0, "min_lr", self.min_lr, "0 or more")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+               "two numbers in [0, 1)")
+        _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs,
+               f"a number in [0, epochs={self.epochs}]")
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
+               "a positive number or null")
+        _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
+               "one of auto, bf16, fp16, fp32")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
+               or self.device == "mps", "device", self.device, "auto, cpu, cuda or cuda:N")
+        for name in ("log_every", "vis_every", "save_every"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "a positive int")
+        _check(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "0 or more")
+        _check(self.keep_last >= 0, "keep_last", self.keep_last, "0 or more")
+        if not isinstance(self.model_args, dict):
+            raise ConfigError(f"invalid model_args={self.model_args!r}: a mapping of ModelConfig fields")
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = sorted(set(self.model_args) - known)
+        _check(not unknown, "model_args", unknown, f"unknown field(s); allowed: {sorted(known)}")
+
+    def effective_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * self.accum_steps * world_size
+
+    def resolved_lr(self, world_size: int = 1) -> float:
+        """Peak lr: ``lr`` if set, else ``base_lr * effective_batch / 256``."""
+        if self.lr is not None:
+            return self.lr
+        return self.base_lr * self.effective_batch(world_size) / 256
+
+
+# ----------------------------------------------------------------------------------------
+# dict / YAML conversion
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Coerce a YAML / command-line value to a field's annotated type."""
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if value is None:
+        if annotation is type(None) or type(None) in args:
+            return None
+        raise ConfigError(f"invalid {name}=None: a value is required")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid {name}={value!r}: a mapping is required")
+        return from_dict(annotation, value, prefix=f"{name}.")
+    if origin is not None and type(None) in args:  # Optional[X] / X | None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a, name)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin in (tuple, list) or annotation in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"invalid {name}={value!r}: a list is required")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, name) for v in value)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid {name}={value!r}: a mapping is required")
+        return dict(value)
+    if origin is not None and args:  # a Union such as int | tuple[int, int]
+        for a in args:
+            try:
+                return _coerce(value, a, name)
+            except ConfigError:
+                pass
+        raise ConfigError(f"invalid {name}={value!r}: expected {annotation}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"invalid {name}={value!r}: true or false")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"invalid {name}={value!r}: an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"invalid {name}={value!r}: a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"invalid {name}={value!r}: a finite number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"invalid {name}={value!r}: a string")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build config ``cls`` from a mapping, rejecting unknown keys and coercing types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid {prefix.rstrip('.') or cls.__name__}: a mapping is required")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}: allowed keys are {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"invalid {cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain YAML-safe dict (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'data.num_workers=4'`` -> ``('data.num_workers', 4)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"invalid override {text!r}: use key=value, e.g. epochs=20")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"invalid override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy). ``model_args.x`` and ``data.y`` nest."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"invalid override {key}: {p} is not a section")
+            else:
+                child = dict(child)
+            node[p] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of config keys")
+    return data
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def build_config(cls: type[T], file: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> T:
+    """Config from an optional YAML file, then dotted overrides; errors name file and key."""
+    data = load_yaml(file) if file else {}
+    data = apply_overrides(data, overrides or {})
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        if file:
+            raise ConfigError(f"{file}: {e}") from e
+        raise

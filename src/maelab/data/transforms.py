@@ -1,0 +1,88 @@
+"""Per-sample CPU transforms (torchvision ``transforms.v2``).
+
+Both transforms accept a PIL image (mode 'L' or 'RGB') or a uint8 tensor [C, H, W] with
+any C, and return a plain float32 tensor [C, h, w] normalized with ``(x - mean) / std``,
+where (h, w) is ``img_size``. Images smaller than ``img_size`` (even 1x1) are upscaled.
+
+Randomness (``pretrain_transform`` only) is drawn from torch's global RNG, as torchvision
+v2 does, so seeding ``torch.manual_seed`` before each sample makes it exactly reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Size = int | tuple[int, int]
+
+
+def default_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalization (mean, std): ImageNet's for 3 channels, 0.5/0.5 per channel otherwise."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * in_chans, (0.5,) * in_chans
+
+
+def _hw(img_size: Size | Sequence[int]) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size, img_size
+    h, w = img_size
+    return int(h), int(w)
+
+
+def _finish(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+            v2.ToPureTensor()]
+
+
+def pretrain_transform(img_size: Size, mean: Sequence[float], std: Sequence[float],
+                       min_scale: float = 0.2, hflip: bool = True) -> v2.Compose:
+    """MAE pre-training augmentation: random resized crop (+ flip), to a normalized tensor.
+
+    ToImage -> RandomResizedCrop(img_size, scale=(min_scale, 1), bicubic, antialias)
+    -> RandomHorizontalFlip (if ``hflip``) -> float32 in [0, 1] -> Normalize(mean, std).
+    Input: PIL image or uint8 tensor [C, H, W]; output: float32 tensor [C, h, w].
+    """
+    ops: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(_hw(img_size), scale=(min_scale, 1.0),
+                             interpolation=InterpolationMode.BICUBIC, antialias=True),
+    ]
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops + _finish(mean, std))
+
+
+def eval_transform(img_size: Size, mean: Sequence[float], std: Sequence[float],
+                   crop_pct: float = 0.875) -> v2.Compose:
+    """Deterministic evaluation transform: resize then center crop, to a normalized tensor.
+
+    With ``crop_pct < 1`` (ImageNet convention) the short side is resized to
+    ``int(size / crop_pct)`` (aspect kept) and the center ``img_size`` is cropped; for a
+    non-square ``img_size`` (h, w) the image is resized to ``(int(h / crop_pct),
+    int(w / crop_pct))`` first. With ``crop_pct = 1`` (advisable for low-resolution data
+    such as CIFAR) the image is simply resized to ``img_size``.
+    Input: PIL image or uint8 tensor [C, H, W]; output: float32 tensor [C, h, w].
+    """
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    h, w = _hw(img_size)
+    bicubic = InterpolationMode.BICUBIC
+    ops: list[v2.Transform] = [v2.ToImage()]
+    if crop_pct >= 1.0:
+        ops.append(v2.Resize((h, w), interpolation=bicubic, antialias=True))
+    else:
+        if h == w:
+            ops.append(v2.Resize(int(h / crop_pct), interpolation=bicubic, antialias=True))
+        else:
+            ops.append(v2.Resize((int(h / crop_pct), int(w / crop_pct)),
+                                 interpolation=bicubic, antialias=True))
+        ops.append(v2.CenterCrop((h, w)))
+    return v2.Compose(ops + _finish(mean, std))

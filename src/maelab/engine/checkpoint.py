@@ -1,0 +1,144 @@
+"""Checkpoints: atomic writes, rotation, corrupt-file fallback, loading models from any source.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk and renamed
+over the target, so a crash mid-save never leaves a broken ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maelab.config import ModelConfig, from_dict, to_dict
+from maelab.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+LAST = "last.pt"
+_PERIODIC = re.compile(r"^(epoch|step)_(\d+)\.pt$")
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to ``path`` atomically (temp file + fsync + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - not supported on every filesystem
+        pass
+    return p
+
+
+def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """``epoch_N.pt`` / ``step_N.pt`` files, oldest first (by the step recorded in the name order)."""
+    if not ckpt_dir.is_dir():
+        return []
+    files = [p for p in ckpt_dir.iterdir() if _PERIODIC.match(p.name)]
+    return sorted(files, key=lambda p: p.stat().st_mtime_ns)
+
+
+def rotate(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` periodic checkpoints (``last.pt`` is kept)."""
+    files = periodic_checkpoints(ckpt_dir)
+    for old in files[: max(len(files) - keep_last, 0)]:
+        old.unlink(missing_ok=True)
+
+
+def _try_load(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle errors, ...
+        log.warning("checkpoint %s is corrupt or unreadable (%s: %s)", path, type(e).__name__, e)
+        return None
+    if not isinstance(obj, dict) or "model" not in obj:
+        log.warning("checkpoint %s has no model weights", path)
+        return None
+    return obj
+
+
+def load_resume_state(ckpt_dir: str | Path) -> tuple[dict[str, Any], Path]:
+    """Newest readable training checkpoint: ``last.pt``, else the newest good periodic one."""
+    d = Path(ckpt_dir)
+    candidates = [d / LAST] if (d / LAST).exists() else []
+    candidates += list(reversed(periodic_checkpoints(d)))
+    for path in candidates:
+        state = _try_load(path)
+        if state is not None and "step" in state:
+            if path.name != LAST and (d / LAST).exists():
+                log.warning("resuming from %s because %s is unreadable", path, d / LAST)
+            return state, path
+    if candidates:
+        raise CheckpointError(f"no readable checkpoint in {d}: all of {[p.name for p in candidates]} are corrupt")
+    raise CheckpointError(f"nothing to resume: no checkpoint in {d}")
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Fields that differ between two model-config dicts, as 'name: saved -> current'."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A run directory -> its ``checkpoints/last.pt`` (or newest good one); a file -> itself."""
+    p = Path(path)
+    if p.is_dir():
+        ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        _, found = load_resume_state(ckpt_dir)
+        return found
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p} (give a run directory or a .pt/.pth/.safetensors file)")
+    return p
+
+
+def load_pretrained(path: str | Path, **overrides: Any):  # -> MaskedAutoencoder
+    """A MaskedAutoencoder from a run dir, a maelab checkpoint, an official MAE ``.pth``, or
+    an encoder exported by ``maelab export`` (the decoder then stays freshly initialized)."""
+    from maelab.models.mae import MaskedAutoencoder
+    from maelab.models.weights import load_official_checkpoint, read_checkpoint, read_export_metadata
+
+    p = resolve_checkpoint_path(path)
+    if p.suffix == ".safetensors":
+        meta = read_export_metadata(p)
+        cfg = from_dict(ModelConfig, {**meta["model_config"], **overrides})
+        model = MaskedAutoencoder(cfg)
+        from safetensors.torch import load_file
+
+        model.encoder.load_state_dict(load_file(str(p)), strict=True)
+        return model
+    raw = read_checkpoint(p)
+    if isinstance(raw, dict) and "model_config" in raw:
+        cfg = from_dict(ModelConfig, {**raw["model_config"], **overrides})
+        model = MaskedAutoencoder(cfg)
+        try:
+            model.load_state_dict(raw["model"], strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{p}: weights do not match its recorded architecture ({e})") from e
+        return model
+    return load_official_checkpoint(raw, **overrides)
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return to_dict(cfg)

@@ -1,0 +1,47 @@
+"""``metrics.jsonl``: one JSON object per line, append-only, truncated on resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """All readable records (blank or corrupt lines, e.g. from a crash, are skipped)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+class MetricsLog:
+    """Append records to ``metrics.jsonl``; ``keep_completed(n)`` drops later epochs on resume."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+
+    def keep_completed(self, epochs_done: int) -> None:
+        """Keep only records of the first ``epochs_done`` epochs (a resumed run redoes the rest)."""
+        records = [r for r in read_records(self.path) if r.get("epoch", 0) <= epochs_done]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(self.path)
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_records(self.path)

@@ -1,0 +1,364 @@
+"""The MAE pre-training loop.
+
+``pretrain(cfg)`` builds the model, data and optimizer from a :class:`PretrainConfig`, trains
+with per-iteration warmup + cosine lr, writes the run directory (``config.yaml``,
+``metrics.jsonl``, ``checkpoints/``, ``figures/``) and can resume exactly where it stopped:
+data order, augmentation and masking noise are all functions of (seed, epoch, index/step),
+and their states are saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from maelab.config import PretrainConfig, save_yaml, to_dict
+from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
+from maelab.data.loader import ResumableSampler, build_loader
+from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
+from maelab.engine.metrics import MetricsLog
+from maelab.engine.optim import build_adamw
+from maelab.engine.runtime import (autocast, resolve_device, resolve_precision, rng_state, seed_everything,
+                                   set_rng_state)
+from maelab.engine.schedule import lr_at
+from maelab.engine.step import TrainStep
+from maelab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from maelab.models.mae import MaskedAutoencoder
+from maelab.models.masking import make_noise
+from maelab.models.registry import get_config
+
+log = logging.getLogger(__name__)
+
+NUM_VIS_SAMPLES = 8
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run leaves behind."""
+
+    output: Path
+    final_loss: float
+    step: int
+    epoch: int
+    stopped_early: bool = False
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1 (preemption): the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Pretrainer:
+    """Holds the state of one pre-training run. ``run()`` trains to the end (or ``max_steps``)."""
+
+    def __init__(self, cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_precision(cfg.precision, self.device)
+        seed_everything(cfg.seed)
+
+        self.model_cfg = get_config(cfg.model, **cfg.model_args)
+        self.model = MaskedAutoencoder(self.model_cfg).to(self.device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+        self.out = Path(cfg.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.fig_dir = self.out / "figures"
+
+        mean, std = self._stats()
+        self.mean, self.std = mean, std
+        transform = pretrain_transform(self.model_cfg.img_size, mean, std, cfg.data.min_scale, cfg.data.hflip)
+        self.dataset = build_dataset(cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans,
+                                     train=True, transform=transform, seed=cfg.seed)
+        if len(self.dataset) < cfg.batch_size:
+            raise DataError(f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than "
+                            f"batch_size={cfg.batch_size}: lower --batch-size")
+        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, shuffle=True)
+        self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
+                                   pin_memory=self.device.type == "cuda")
+        self.batches_per_epoch = len(self.sampler) // cfg.batch_size
+        self.steps_per_epoch = self.batches_per_epoch // cfg.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"invalid accum_steps={cfg.accum_steps}: an epoch has only "
+                              f"{self.batches_per_epoch} batches; lower accum_steps or batch_size")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.peak_lr = cfg.resolved_lr()
+
+        self.optimizer = build_adamw(self.model, self.peak_lr, cfg.weight_decay, cfg.betas)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.mask_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.stepper = TrainStep(self.model, self.optimizer, self.device, self.dtype, self.scaler, cfg.grad_clip,
+                                 self.mask_gen, forward=self.forward)
+        self.step = 0
+        self.epoch = 0
+        self.epoch_loss_sum = 0.0  # host-side, for resumed mid-epoch statistics
+        self.epoch_steps_done = 0
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        if resume:
+            self._resume()
+        elif (self.ckpt_dir / LAST).exists():
+            raise ConfigError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to continue it "
+                              "or choose another --output")
+        save_yaml(cfg, self.out / "config.yaml")
+        self.tb = self._tensorboard() if cfg.tensorboard else None
+        self.vis_batch = self._vis_batch()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        mean_d, std_d = default_stats(self.model_cfg.in_chans)
+        mean = self.cfg.data.mean or mean_d
+        std = self.cfg.data.std or std_d
+        c = self.model_cfg.in_chans
+        if len(mean) != c or len(std) != c:
+            raise ConfigError(f"invalid data.mean/std: need {c} values each (model in_chans={c}), "
+                              f"got {len(mean)} and {len(std)}")
+        return tuple(mean), tuple(std)
+
+    def _tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ConfigError("tensorboard=true needs the tensorboard package: pip install 'maelab[tensorboard]'") from e
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _vis_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed images (no augmentation) and fixed noise for comparable reconstruction figures."""
+        ds = build_dataset(self.cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans,
+                           train=True, transform=eval_transform(self.model_cfg.img_size, self.mean, self.std),
+                           seed=self.cfg.seed)
+        n = min(NUM_VIS_SAMPLES, len(ds))
+        step = max(len(ds) // n, 1)
+        imgs = torch.stack([ds[i * step][0] for i in range(n)])
+        gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
+        noise = make_noise(self.model_cfg.mask_type, n, self.model_cfg.grid_size, self.model_cfg.mask_ratio,
+                           "cpu", generator=gen)
+        return imgs, noise
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, batch_in_epoch: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_steps_done": self.epoch_steps_done,
+            "mask_gen": self.mask_gen.get_state(),
+            "rng": rng_state(),
+            "config": to_dict(self.cfg),
+            "model_config": to_dict(self.model_cfg),
+        }
+
+    def save(self, batch_in_epoch: int, periodic: str | None = None) -> Path:
+        """Write ``last.pt`` (and a periodic copy named ``periodic``) atomically; rotate old ones."""
+        state = self.state_dict(batch_in_epoch)
+        path = atomic_save(state, self.ckpt_dir / LAST)
+        if periodic:
+            atomic_save(state, self.ckpt_dir / periodic)
+            rotate(self.ckpt_dir, self.cfg.keep_last)
+        return path
+
+    def _resume(self) -> None:
+        state, path = load_resume_state(self.ckpt_dir)
+        saved_model = state.get("model_config", {})
+        diff = config_mismatch(saved_model, to_dict(self.model_cfg))
+        if diff:
+            raise CheckpointError(f"{path}: checkpoint was trained with a different model ({'; '.join(diff)})")
+        saved_cfg = state.get("config", {})
+        for key in ("batch_size", "accum_steps", "seed"):
+            if key in saved_cfg and saved_cfg[key] != getattr(self.cfg, key):
+                raise CheckpointError(f"{path}: resuming with {key}={getattr(self.cfg, key)!r} but the run used "
+                                      f"{saved_cfg[key]!r}; keep it the same to resume exactly")
+        self.model.load_state_dict(state["model"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.epoch = state["epoch"]
+        self._resume_batch = state["batch_in_epoch"]
+        self.epoch_loss_sum = state.get("epoch_loss_sum", 0.0)
+        self.epoch_steps_done = state.get("epoch_steps_done", 0)
+        self.mask_gen.set_state(state["mask_gen"])
+        set_rng_state(state["rng"])
+        self.metrics.keep_completed(self.epoch)
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+
+    # ------------------------------------------------------------------ training
+    def lr(self) -> float:
+        return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     peak_lr=self.peak_lr, min_lr=self.cfg.min_lr)
+
+    def train_step(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """One optimizer step over ``accum_steps`` micro-batches; returns the mean loss (on device)."""
+        loss = self.stepper(batches, self.lr())
+        self.step += 1
+        return loss
+
+    def _check_finite(self, loss_value: float) -> None:
+        if not math.isfinite(loss_value):
+            last = self.ckpt_dir / LAST
+            where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_value}) at epoch {self.epoch}, step {self.step}; training stopped, {where}. "
+                "Try a lower lr, grad_clip=1.0 or precision=fp32")
+
+    def run(self, max_steps: int | None = None, on_epoch_end: Callable[[Pretrainer], None] | None = None) -> RunResult:
+        """Train until ``cfg.epochs`` (or ``max_steps`` optimizer steps, then checkpoint and stop)."""
+        cfg = self.cfg
+        check_every = 1 if self.device.type == "cpu" else cfg.log_every
+        start_batch = getattr(self, "_resume_batch", 0)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, smoothing=0.1)
+        last_loss = float("nan")
+        stopped = False
+        self.model.train()
+        with _StopFlag() as stop:
+            while self.epoch < cfg.epochs and not stopped:
+                bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}")
+                self.sampler.set_epoch(self.epoch, start=start_batch * cfg.batch_size)
+                batch_idx = start_batch
+                if start_batch == 0:
+                    self.epoch_loss_sum, self.epoch_steps_done = 0.0, 0
+                start_batch = 0
+                t_epoch, imgs_seen = time.perf_counter(), 0
+                window = torch.zeros((), device=self.device)
+                window_steps, t_window = 0, time.perf_counter()
+                pending: list[torch.Tensor] = []
+                for imgs, _ in self.loader:
+                    pending.append(imgs)
+                    batch_idx += 1
+                    if len(pending) < cfg.accum_steps:
+                        continue
+                    loss = self.train_step(pending)
+                    imgs_seen += sum(b.shape[0] for b in pending)
+                    pending = []
+                    window += loss
+                    window_steps += 1
+                    if self.step % check_every == 0 or self.step % cfg.log_every == 0:
+                        value = window.item() / window_steps  # the only host sync: logging
+                        self._check_finite(value)
+                        self.epoch_loss_sum += value * window_steps
+                        self.epoch_steps_done += window_steps
+                        rate = window_steps * cfg.batch_size * cfg.accum_steps / max(time.perf_counter() - t_window, 1e-9)
+                        last_loss = value
+                        bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr():.2e}", img_s=f"{rate:.0f}")
+                        if self.tb is not None:
+                            self.tb.add_scalar("train/loss", value, self.step)
+                            self.tb.add_scalar("train/lr", self.lr(), self.step)
+                        window = torch.zeros((), device=self.device)
+                        window_steps, t_window = 0, time.perf_counter()
+                    bar.update(1)
+                    done_in_epoch = batch_idx
+                    hit_max = max_steps is not None and self.step >= max_steps
+                    if stop.signum is not None or hit_max:
+                        self._flush_window(window, window_steps)
+                        self.save(done_in_epoch)
+                        if stop.signum is not None:
+                            log.warning("received signal %d: saved %s and stopped", stop.signum, self.ckpt_dir / LAST)
+                        stopped = True
+                        break
+                    if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 \
+                            and done_in_epoch < self.batches_per_epoch:
+                        self._flush_window(window, window_steps)
+                        window = torch.zeros((), device=self.device)
+                        window_steps = 0
+                        self.save(done_in_epoch, periodic=f"step_{self.step:08d}.pt")
+                    if batch_idx >= self.steps_per_epoch * cfg.accum_steps:
+                        break
+                if stopped:
+                    break
+                self._flush_window(window, window_steps)
+                epoch_loss = self.epoch_loss_sum / max(self.epoch_steps_done, 1)
+                last_loss = epoch_loss
+                elapsed = time.perf_counter() - t_epoch
+                self.epoch += 1
+                record = {"epoch": self.epoch, "step": self.step, "loss": epoch_loss, "lr": self.lr(),
+                          "img_per_s": imgs_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed,
+                          "time": time.time()}
+                self.metrics.append(record)
+                if self.tb is not None:
+                    self.tb.add_scalar("epoch/loss", epoch_loss, self.epoch)
+                final = self.epoch == cfg.epochs
+                if final or self.epoch % cfg.save_every == 0:
+                    self.save(0, periodic=None if final else f"epoch_{self.epoch:04d}.pt")
+                if final or self.epoch % cfg.vis_every == 0:
+                    self.write_figures()
+                else:
+                    self.write_loss_curve()
+                if on_epoch_end is not None:
+                    on_epoch_end(self)
+        bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        return RunResult(self.out, last_loss, self.step, self.epoch, stopped_early=stopped)
+
+    def _flush_window(self, window: torch.Tensor, window_steps: int) -> None:
+        """Fold not-yet-logged steps into the epoch statistics (and check them)."""
+        if window_steps:
+            value = window.item() / window_steps
+            self._check_finite(value)
+            self.epoch_loss_sum += value * window_steps
+            self.epoch_steps_done += window_steps
+
+    # ------------------------------------------------------------------ outputs
+    def write_loss_curve(self) -> None:
+        from maelab.viz import save_loss_curve
+
+        save_loss_curve(self.metrics.records(), self.fig_dir / "loss_curve.png")
+
+    @torch.no_grad()
+    def write_figures(self) -> Path:
+        """Reconstruction grid of the fixed visualization batch, and the loss curve."""
+        from maelab.viz import default_title, reconstruct, save_reconstruction_grid
+
+        self.model.eval()
+        imgs, noise = self.vis_batch
+        with autocast(self.device, self.dtype):
+            out = self.model(imgs.to(self.device), noise=noise.to(self.device))
+        self.model.train()
+        images = reconstruct(imgs, out.pred.float().cpu(), out.mask.cpu(), self.model_cfg.patch_size,
+                             self.model_cfg.norm_pix_loss)
+        path = self.fig_dir / f"reconstruction_epoch{self.epoch:04d}.png"
+        title = default_title(self.model_cfg.norm_pix_loss, self.model_cfg.mask_ratio, epoch=self.epoch)
+        save_reconstruction_grid(images, path, self.mean, self.std, title=title)
+        self.write_loss_curve()
+        return path
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True,
+             max_steps: int | None = None) -> RunResult:
+    """Run MAE pre-training described by ``cfg``; see :class:`Pretrainer`."""
+    return Pretrainer(cfg, resume=resume, progress=progress).run(max_steps=max_steps)

@@ -1,0 +1,57 @@
+"""One MAE optimizer step, shared by the training loop and ``maelab bench``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from maelab.engine.optim import set_lr
+from maelab.engine.runtime import autocast
+from maelab.models.mae import MAEOutput, MaskedAutoencoder
+from maelab.models.masking import make_noise
+
+
+class TrainStep:
+    """forward (autocast) + backward over micro-batches, optional clipping, optimizer update.
+
+    ``forward`` is the model or its ``torch.compile``d version; masking noise comes from
+    ``generator`` so a run's masks can be saved and resumed.
+    """
+
+    def __init__(self, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, device: torch.device,
+                 dtype: torch.dtype, scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
+                 generator: torch.Generator | None = None,
+                 forward: Callable[..., MAEOutput] | None = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.device = device
+        self.dtype = dtype
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.grad_clip = grad_clip
+        self.generator = generator
+        self.forward = forward or model
+        cfg = model.cfg
+        self._noise_args = (cfg.mask_type, cfg.grid_size, cfg.mask_ratio)
+
+    def noise(self, batch_size: int) -> torch.Tensor:
+        kind, grid, ratio = self._noise_args
+        return make_noise(kind, batch_size, grid, ratio, self.device, generator=self.generator)
+
+    def __call__(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
+        """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
+        set_lr(self.optimizer, lr)
+        total = torch.zeros((), device=self.device)
+        for imgs in batches:
+            imgs = imgs.to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                loss = self.forward(imgs, noise=self.noise(imgs.shape[0])).loss
+            self.scaler.scale(loss / len(batches)).backward()
+            total += loss.detach().float()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(batches)

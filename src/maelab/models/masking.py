@@ -1,0 +1,135 @@
+"""Patch masking as pure functions.
+
+Convention (shared with facebookresearch/mae and Hugging Face ViTMAE):
+
+- ``mask`` is a bool tensor [B, L]: **True = masked (hidden from the encoder)**.
+- Given ``noise`` [B, L] (uniform in [0, 1) for random masking), the patches with the
+  *smallest* noise are kept: ``ids_shuffle = argsort(noise)``,
+  ``ids_keep = ids_shuffle[:, :L_keep]``, ``ids_restore = argsort(ids_shuffle)`` and
+  ``L_keep = int(L * (1 - mask_ratio))``. The same noise gives the same mask as the
+  official code.
+
+Every strategy (random, BEiT-style block, grid) is expressed as a noise tensor, so every
+mask has exactly ``L_keep`` visible patches per sample and the encoder can gather a dense
+[B, L_keep, D] batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import NamedTuple
+
+import torch
+
+
+class Masking(NamedTuple):
+    """mask [B, L] bool (True = hidden); ids_keep [B, L_keep]; ids_restore [B, L]."""
+
+    mask: torch.Tensor
+    ids_keep: torch.Tensor
+    ids_restore: torch.Tensor
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+    """Visible patches per sample: ``int(L * (1 - mask_ratio))`` as in the official code."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return max(1, int(num_patches * (1 - mask_ratio)))
+
+
+def masking_from_noise(noise: torch.Tensor, mask_ratio: float) -> Masking:
+    """Keep the ``L_keep`` patches with the smallest noise. noise [B, L] -> Masking."""
+    b, length = noise.shape
+    keep = num_kept(length, mask_ratio)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    # mask[b, ids_shuffle[b, j]] = (j >= keep), written without a gather of a [B, L] ramp
+    mask = torch.ones(b, length, dtype=torch.bool, device=noise.device)
+    mask.scatter_(1, ids_keep, False)
+    return Masking(mask, ids_keep, ids_restore)
+
+
+def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None) -> Masking:
+    """Uniform random masking without replacement (paper default)."""
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    return masking_from_noise(noise, mask_ratio)
+
+
+def grid_noise(batch_size: int, grid_size: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Noise that keeps the top-left patch of every 2x2 cell (paper's grid-wise sampling, 75%)."""
+    gh, gw = grid_size
+    rows = torch.arange(gh, device=device)[:, None]
+    cols = torch.arange(gw, device=device)[None, :]
+    hidden = ((rows % 2) + (cols % 2)) > 0  # [gh, gw]
+    # kept patches get noise in [0, 0.5), hidden ones in [0.5, 1): ordering by position.
+    order = torch.arange(gh * gw, device=device, dtype=torch.float32) / (2 * gh * gw)
+    noise = hidden.reshape(-1).float() * 0.5 + order
+    return noise.expand(batch_size, -1).contiguous()
+
+
+def block_mask(grid_size: tuple[int, int], num_masked: int, rng: random.Random,
+               min_block: int = 16, max_aspect: float = 3.0) -> torch.Tensor:
+    """BEiT-style block-wise mask [rows, cols] bool with about ``num_masked`` True entries.
+
+    Rectangles of random area (>= ``min_block`` patches) and aspect ratio in
+    [1/max_aspect, max_aspect] are added until the target count is reached or no
+    rectangle adds anything (BEiT's ``MaskingGenerator``).
+    """
+    gh, gw = grid_size
+    mask = torch.zeros(gh, gw, dtype=torch.bool)
+    log_aspect = (math.log(1 / max_aspect), math.log(max_aspect))
+    count, failures = 0, 0
+    min_block = min(min_block, num_masked)
+    while count < num_masked and failures < 20:
+        left = num_masked - count
+        added = 0
+        for _ in range(10):
+            area = rng.uniform(min_block, max(min_block, left))
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < h <= gh and 0 < w <= gw:
+                top, lft = rng.randint(0, gh - h), rng.randint(0, gw - w)
+                patch = mask[top:top + h, lft:lft + w]
+                new = int((~patch).sum())
+                if 0 < new <= left:
+                    patch.fill_(True)
+                    added = new
+                    break
+        if added == 0:
+            failures += 1
+        count += added
+    return mask
+
+
+def block_noise(batch_size: int, grid_size: tuple[int, int], mask_ratio: float,
+                generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Noise [B, L] whose smallest values lie outside BEiT-style blocks.
+
+    Block patches get noise in [1, 2) and the others [0, 1), so ``masking_from_noise``
+    hides the blocks first and tops up (or trims) at random to the exact kept count.
+    """
+    gh, gw = grid_size
+    length = gh * gw
+    num_masked = length - num_kept(length, mask_ratio)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    rng = random.Random(seed)
+    blocks = torch.stack([block_mask(grid_size, num_masked, rng).reshape(-1) for _ in range(batch_size)])
+    noise = torch.rand(batch_size, length, generator=generator) + blocks.float()
+    return noise.to(device)
+
+
+def make_noise(kind: str, batch_size: int, grid_size: tuple[int, int], mask_ratio: float,
+               device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise [B, L] for a masking strategy: random, block or grid."""
+    if kind == "random":
+        return torch.rand(batch_size, grid_size[0] * grid_size[1], device=device, generator=generator)
+    if kind == "grid":
+        return grid_noise(batch_size, grid_size, device)
+    if kind == "block":
+        cpu_gen = generator if generator is None or generator.device.type == "cpu" else None
+        return block_noise(batch_size, grid_size, mask_ratio, cpu_gen, device)
+    raise ValueError(f"unknown mask type {kind!r}: use random, block or grid")

@@ -1,0 +1,75 @@
+"""Named presets: ``create_model(name, **overrides)`` -> MaskedAutoencoder."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from maelab.config import ModelConfig
+from maelab.errors import ConfigError
+
+_PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_SMALL_IMAGE_DECODER = dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
+
+_ENCODERS = {  # name: (timm name, embed_dim, depth, heads)
+    "tiny": ("vit_tiny_patch16_224", 192, 12, 3),
+    "small": ("vit_small_patch16_224", 384, 12, 6),
+    "base": ("vit_base_patch16_224", 768, 12, 12),
+    "large": ("vit_large_patch16_224", 1024, 24, 16),
+    "huge": ("vit_huge_patch14_224", 1280, 32, 16),
+}
+
+PRESETS: dict[str, ModelConfig] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def register(name: str, cfg: ModelConfig, description: str) -> None:
+    PRESETS[name] = cfg
+    DESCRIPTIONS[name] = description
+
+
+def _encoder(size: str, **kw: Any) -> dict[str, Any]:
+    timm_name, dim, depth, heads = _ENCODERS[size]
+    return dict(timm_name=timm_name, embed_dim=dim, depth=depth, num_heads=heads, **kw)
+
+
+for _size, _patch in (("tiny", 16), ("small", 16), ("base", 16), ("large", 16), ("huge", 14)):
+    register(f"mae_vit_{_size}_patch{_patch}",
+             ModelConfig(img_size=224, patch_size=_patch, **_encoder(_size), **_PAPER_DECODER),
+             f"ViT-{_size[0].upper()}/{_patch}, 224 px, paper decoder 512x8")
+
+for _size in ("tiny", "small"):
+    for _patch in (2, 4):
+        register(f"mae_vit_{_size}_patch{_patch}_32",
+                 ModelConfig(img_size=32, patch_size=_patch, **_encoder(_size), **_SMALL_IMAGE_DECODER),
+                 f"ViT-{_size[0].upper()}/{_patch} for 32x32 images (CIFAR), decoder 256x4")
+
+register("mae_vit_pico_patch4_32",
+         ModelConfig(img_size=32, patch_size=4, timm_name="vit_tiny_patch16_224", embed_dim=96, depth=4,
+                     num_heads=3, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
+         "laptop-sized ViT (96 dims, 4 blocks) for 32x32 images: quick starts and tests")
+
+
+def list_models() -> list[str]:
+    """Preset names, sorted."""
+    return sorted(PRESETS)
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """The preset's ModelConfig with field overrides (validated)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(list_models())} (see `maelab models`)")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown model argument {unknown[0]!r}: allowed are {sorted(known)}")
+    if isinstance(overrides.get("img_size"), list):
+        overrides["img_size"] = tuple(overrides["img_size"])
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def create_model(name: str, **overrides: Any):  # -> MaskedAutoencoder
+    """Build a preset MAE: ``create_model('mae_vit_base_patch16', norm_pix_loss=True)``."""
+    from maelab.models.mae import MaskedAutoencoder
+
+    return MaskedAutoencoder(get_config(name, **overrides))

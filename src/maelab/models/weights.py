@@ -1,0 +1,165 @@
+"""Loading and exporting weights: official facebookresearch/mae checkpoints, exported encoders.
+
+- ``load_official_checkpoint(path_or_state)``: an official ``mae_pretrain_vit_*.pth``
+  (encoder only) or ``mae_visualize_vit_*.pth`` (full MAE) -> MaskedAutoencoder, strict
+  key checking. The architecture is inferred from the tensor shapes.
+- ``export_encoder(model, path)``: the encoder under timm's key names as safetensors, with
+  the ``timm.create_model`` name and kwargs in the file's metadata.
+- ``load_exported_encoder(path)``: rebuild that timm ViT.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maelab.config import ModelConfig
+from maelab.errors import CheckpointError
+from maelab.models.mae import MaskedAutoencoder
+
+_TIMM_BY_DIM = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+                1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the weights in a loaded checkpoint: ``{'model': sd}``, ``{'state_dict': sd}`` or sd itself."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state"):
+            if key in obj and isinstance(obj[key], dict):
+                return unwrap_state_dict(obj[key], source)
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+            return sd
+    raise CheckpointError(f"{source}: no model weights found (expected a state dict or a dict with 'model')")
+
+
+def infer_model_config(sd: dict[str, torch.Tensor], img_size: int | tuple[int, int] | None = None,
+                       **overrides: Any) -> ModelConfig:
+    """Architecture from official-layout tensor shapes (encoder-only or full MAE)."""
+    try:
+        proj = sd["patch_embed.proj.weight"]  # [D, C, p, p]
+        pos = sd["pos_embed"]  # [1, 1 + L, D]
+    except KeyError as e:
+        raise CheckpointError(f"not an MAE/ViT checkpoint: missing key {e.args[0]!r}") from None
+    embed_dim, in_chans, patch, _ = proj.shape
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    num_patches = pos.shape[1] - 1
+    if img_size is None:
+        side = int(round(num_patches**0.5))
+        if side * side != num_patches:
+            raise CheckpointError(f"cannot infer a non-square image size from {num_patches} patches: pass img_size")
+        img_size = side * patch
+    cfg: dict[str, Any] = dict(img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim,
+                               depth=depth, num_heads=_default_heads(embed_dim), mlp_ratio=mlp_ratio,
+                               timm_name=_TIMM_BY_DIM.get(embed_dim, "vit_base_patch16_224"))
+    if "decoder_embed.weight" in sd:
+        d = sd["decoder_embed.weight"].shape[0]
+        cfg.update(decoder_embed_dim=d, decoder_num_heads=16 if d % 16 == 0 else _default_heads(d),
+                   decoder_depth=1 + max((int(m.group(1)) for k in sd
+                                          if (m := re.match(r"decoder_blocks\.(\d+)\.", k))), default=-1))
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def _default_heads(dim: int) -> int:
+    """Head count of the standard ViT of that width (64 dims per head)."""
+    return {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}.get(dim, max(1, dim // 64))
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """torch.load on CPU with a clear error for missing or corrupt files."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except Exception as e:  # safetensors raises several types for bad files
+            raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load_official_checkpoint(path_or_state: str | Path | dict[str, Any], img_size: int | None = None,
+                             **overrides: Any) -> MaskedAutoencoder:
+    """An official facebookresearch/mae checkpoint (or any state dict in its layout) -> MAE.
+
+    Encoder-only files (``mae_pretrain_vit_*.pth``) load strictly into the encoder and leave
+    the decoder freshly initialized; full files (``mae_visualize_vit_*.pth``) load strictly
+    into the whole model. ``overrides`` set ModelConfig fields that shapes cannot tell, e.g.
+    ``norm_pix_loss=True`` or ``decoder_num_heads``.
+    """
+    source = str(path_or_state) if not isinstance(path_or_state, dict) else "state dict"
+    raw = read_checkpoint(path_or_state) if not isinstance(path_or_state, dict) else path_or_state
+    sd = unwrap_state_dict(raw, source)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
+    cfg = infer_model_config(sd, img_size=img_size, **overrides)
+    model = MaskedAutoencoder(cfg)
+    full = any(k.startswith(("decoder_", "mask_token")) for k in sd)
+    target = model if full else model.encoder
+    result = target.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{source}: keys do not match the {'MAE' if full else 'encoder'} layout: "
+                              f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return model
+
+
+def export_encoder(model: MaskedAutoencoder, path: str | Path) -> Path:
+    """Write the encoder as safetensors (timm key names) with its timm name/kwargs in metadata."""
+    from safetensors.torch import save_file
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.encoder_state_dict().items()}
+    kwargs = model.cfg.timm_kwargs()
+    meta = {"format": "pt", "maelab_timm_name": model.cfg.timm_name, "maelab_timm_kwargs": json.dumps(kwargs),
+            "maelab_model_config": json.dumps(_jsonable(model.cfg))}
+    tmp = p.with_name(p.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(p)
+    return p
+
+
+def _jsonable(cfg: ModelConfig) -> dict[str, Any]:
+    from maelab.config import to_dict
+
+    return to_dict(cfg)
+
+
+def read_export_metadata(path: str | Path) -> dict[str, Any]:
+    """(timm_name, timm_kwargs, model_config) stored by ``export_encoder``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if "maelab_timm_name" not in meta:
+        raise CheckpointError(f"{path}: no maelab export metadata (was it written by `maelab export`?)")
+    return {"timm_name": meta["maelab_timm_name"], "timm_kwargs": json.loads(meta["maelab_timm_kwargs"]),
+            "model_config": json.loads(meta.get("maelab_model_config", "{}"))}
+
+
+def load_exported_encoder(path: str | Path, **timm_overrides: Any) -> torch.nn.Module:
+    """The timm VisionTransformer of an exported encoder, weights loaded strictly."""
+    import timm
+    from safetensors.torch import load_file
+
+    meta = read_export_metadata(path)
+    kwargs = {**meta["timm_kwargs"], **timm_overrides}
+    if isinstance(kwargs.get("img_size"), list):
+        kwargs["img_size"] = tuple(kwargs["img_size"])
+    model = timm.create_model(meta["timm_name"], pretrained=False, **kwargs)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model

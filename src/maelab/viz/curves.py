@@ -1,0 +1,122 @@
+"""Training curves from ``metrics.jsonl`` records."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from maelab.viz.reconstruction import _atomic_savefig
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl`` file, one JSON object a line.
+
+    Blank, truncated or otherwise corrupt lines (and lines that are not JSON objects) are
+    skipped, so a file being written by a live run can be read. Raises FileNotFoundError
+    if the file does not exist.
+    """
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+    return records
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _series(records: Sequence[dict], x: str, key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        xv, yv = _number(r.get(x)), _number(r.get(key))
+        if xv is not None and yv is not None:
+            xs.append(xv)
+            ys.append(yv)
+    return xs, ys
+
+
+def _maybe_log(ax, values: list[float]) -> None:
+    """Log y-scale when all values are positive and span more than 10x."""
+    if values and min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+
+
+def save_loss_curve(records: Sequence[dict[str, Any]], path: str | Path,
+                    keys: Sequence[str] = ("loss",), x: str = "epoch") -> Path:
+    """Write a PNG of ``keys`` against ``x`` (default: loss vs epoch).
+
+    Records with a ``step`` key are step-level; when ``x`` is not ``"step"`` they are drawn
+    in a second panel against ``step`` (the first panel keeps the other records). The y axis
+    is logarithmic when the values span more than 10x. ``knn_top1``, where present, is drawn
+    on a twin y axis of the first panel. Non-numeric and non-finite values are left out.
+    The file is written atomically; parent folders are created.
+    """
+    from matplotlib.figure import Figure
+
+    records = [r for r in records if isinstance(r, dict)]
+    if x == "step":
+        main, steps = records, []
+    else:
+        main = [r for r in records if "step" not in r]
+        steps = [r for r in records if "step" in r]
+    step_series = {k: _series(steps, "step", k) for k in keys}
+    has_steps = any(xs for xs, _ in step_series.values())
+
+    fig = Figure(figsize=(10.0 if has_steps else 6.0, 4.0))
+    axes = fig.subplots(1, 2 if has_steps else 1, squeeze=False)[0]
+
+    ax = axes[0]
+    plotted: list[float] = []
+    for k in keys:
+        xs, ys = _series(main, x, k)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=k)
+            plotted += ys
+    _maybe_log(ax, plotted)
+    ax.set_xlabel(x)
+    ax.set_ylabel(", ".join(keys))
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    kx, ky = _series(main, x, "knn_top1")
+    if kx:
+        twin = ax.twinx()
+        twin.plot(kx, ky, color="tab:red", marker="s", markersize=3, linestyle="--", label="knn_top1")
+        twin.set_ylabel("kNN top-1")
+        h2, l2 = twin.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="best", fontsize=8)
+    elif not has_steps:
+        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"{', '.join(keys)} per {x}", fontsize=10)
+
+    if has_steps:
+        ax2 = axes[1]
+        plotted = []
+        for k, (xs, ys) in step_series.items():
+            if xs:
+                ax2.plot(xs, ys, linewidth=0.8, label=k)
+                plotted += ys
+        _maybe_log(ax2, plotted)
+        ax2.set_xlabel("step")
+        ax2.grid(True, alpha=0.3)
+        ax2.legend(loc="best", fontsize=8)
+        ax2.set_title(f"{', '.join(keys)} per step", fontsize=10)
+
+    fig.tight_layout()
+    return _atomic_savefig(fig, path)

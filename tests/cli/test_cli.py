@@ -1,0 +1,127 @@
+"""The command line: the main job end to end, and one clear line for every user mistake."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from maelab.cli import main
+from tests.conftest import TINY_MODEL_ARGS
+
+TINY = [f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]
+FAST = ["--epochs", "2", "--batch-size", "16", "--num-workers", "0", "data.num_samples=64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["pretrain", "--output", str(out), *FAST, *TINY]) == 0
+    return out
+
+
+def test_pretrain_as_a_real_subprocess(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "maelab", "pretrain", "--output", str(out), *FAST, "--epochs", "1",
+                           *TINY], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "finished" in proc.stdout
+    assert (out / "checkpoints" / "last.pt").exists() and (out / "metrics.jsonl").exists()
+    assert list((out / "figures").glob("reconstruction_*.png"))
+
+
+def test_export_loads_into_timm_with_same_features(run_dir, tmp_path, capsys):
+    enc = tmp_path / "encoder.safetensors"
+    assert main(["export", "--checkpoint", str(run_dir), "--output", str(enc)]) == 0
+    assert "timm.create_model" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    from maelab.engine.checkpoint import load_pretrained
+    from maelab.models.weights import read_export_metadata
+
+    mae = load_pretrained(run_dir).eval()
+    meta = read_export_metadata(enc)
+    vit = timm.create_model(meta["timm_name"], pretrained=False, **meta["timm_kwargs"]).eval()
+    vit.load_state_dict(load_file(str(enc)), strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(vit.forward_features(x), mae.forward_features(x))
+    # timm's own pretrained-file route, with a new classification head
+    clf = timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(enc)),
+                            **{**meta["timm_kwargs"], "num_classes": 7})
+    torch.testing.assert_close(clf.forward_features(x), mae.forward_features(x))
+
+
+def test_visualize_own_images(run_dir, tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, size in enumerate([(40, 30), (32, 32), (100, 64)]):
+        Image.new("RGB", size, (40 * i, 100, 200)).save(imgs / f"{i}.png")
+    Image.new("L", (50, 50), 128).save(imgs / "gray.jpg")
+    out = tmp_path / "recon.png"
+    assert main(["visualize", "--checkpoint", str(run_dir), "--images", str(imgs), "--mask-ratio", "0.5",
+                 "--output", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_models_lists_presets(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14", "mae_vit_tiny_patch4_32",
+                 "mae_vit_tiny_patch2_32"):
+        assert name in out
+
+
+def test_bench_on_cpu_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--device", "cpu", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--json",
+                 str(path), *(f"{k}={v}" for k, v in TINY_MODEL_ARGS.items())]) == 0
+    report = json.loads(path.read_text())
+    ours = report["results"][0]
+    assert ours["name"] == "maelab" and ours["img_per_s"] > 0 and ours["peak_memory_gb"] > 0
+    assert ours["flops_per_image"] > 0 and report["environment"]["torch"] == torch.__version__
+    assert "img/s" in capsys.readouterr().out
+
+
+def _error_line(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("maelab: error: "), err
+    return err
+
+
+def test_bad_inputs_are_one_clear_line(tmp_path, capsys):
+    out = ["--output", str(tmp_path / "r"), "--no-progress", *FAST]
+    assert "missing" in _error_line(capsys, ["pretrain", "--data", str(tmp_path / "nope"), *out])
+    assert "mae_vit_base_patch16" in _error_line(capsys, ["pretrain", "--model", "vit_gigantic", *out])
+    assert "mask_ratio" in _error_line(capsys, ["pretrain", "--mask-ratio", "1.5", *out])
+    assert "divisible" in _error_line(capsys, ["pretrain", "model_args.img_size=30", *out])
+    assert "epochs" in _error_line(capsys, ["pretrain", "--epochs", "-1", *out[:-len(FAST)]])
+    if not torch.cuda.is_available():
+        assert "CUDA" in _error_line(capsys, ["pretrain", "--device", "cuda", *out])
+    (tmp_path / "bad.yaml").write_text("epochs: [\n")
+    assert "bad.yaml" in _error_line(capsys, ["pretrain", "--config", str(tmp_path / "bad.yaml"), *out])
+    assert "not found" in _error_line(capsys, ["export", "--checkpoint", str(tmp_path / "none.pt")])
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert "corrupt" in _error_line(capsys, ["visualize", "--checkpoint", str(tmp_path / "junk.pt"),
+                                             "--images", str(tmp_path)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert str(empty) in _error_line(capsys, ["pretrain", "--data", str(empty), *out])
+
+
+def test_strict_data_names_the_bad_file(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(40):
+        Image.new("RGB", (32, 32), (i * 5, 0, 0)).save(folder / f"{i:03d}.png")
+    (folder / "000_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    args = ["pretrain", "--data", str(folder), "--output", str(tmp_path / "r"), "--no-progress", "--epochs", "1",
+            "--batch-size", "8", "--num-workers", "0", *TINY]
+    assert "000_broken.jpg" in _error_line(capsys, [*args, "--strict-data"])
+    assert main([*args, "--output", str(tmp_path / "r2")]) == 0  # default: skipped with a warning

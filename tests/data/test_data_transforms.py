@@ -1,0 +1,96 @@
+"""Per-sample transforms: shapes, dtypes, normalization, determinism, any channel count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from maelab.data import default_stats, eval_transform, pretrain_transform
+
+
+def _pil(w: int = 48, h: int = 40, mode: str = "RGB") -> Image.Image:
+    g = torch.Generator().manual_seed(0)
+    c = 3 if mode == "RGB" else 1
+    arr = torch.randint(0, 256, (h, w, c), dtype=torch.uint8, generator=g).numpy()
+    return Image.fromarray(arr if c == 3 else arr[..., 0], mode)
+
+
+def test_default_stats():
+    assert default_stats(3) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert default_stats(1) == ((0.5,), (0.5,))
+    assert default_stats(5) == ((0.5,) * 5, (0.5,) * 5)
+
+
+@pytest.mark.parametrize("size", [32, (24, 40)])
+def test_pretrain_shape_dtype_plain_tensor(size):
+    mean, std = default_stats(3)
+    out = pretrain_transform(size, mean, std)(_pil())
+    hw = (size, size) if isinstance(size, int) else size
+    assert out.shape == (3, *hw) and out.dtype == torch.float32
+    assert type(out) is torch.Tensor  # not a tv_tensors subclass, so collate stays plain
+
+
+def test_normalization_values():
+    img = Image.new("RGB", (20, 20), (255, 0, 128))
+    mean, std = (0.5, 0.25, 0.0), (0.5, 0.25, 1.0)
+    out = eval_transform(16, mean, std, crop_pct=1.0)(img)
+    expected = torch.tensor([(1 - 0.5) / 0.5, (0 - 0.25) / 0.25, 128 / 255])
+    torch.testing.assert_close(out.mean((1, 2)), expected, atol=1e-4, rtol=0)
+
+
+def test_eval_deterministic_and_center_crop():
+    mean, std = default_stats(3)
+    t = eval_transform(32, mean, std)
+    img = _pil(64, 50)
+    torch.manual_seed(1)
+    a = t(img)
+    torch.manual_seed(2)
+    b = t(img)
+    assert torch.equal(a, b) and a.shape == (3, 32, 32)
+    assert eval_transform((16, 24), mean, std)(img).shape == (3, 16, 24)
+    assert eval_transform((16, 24), mean, std, crop_pct=1.0)(img).shape == (3, 16, 24)
+    with pytest.raises(ValueError):
+        eval_transform(32, mean, std, crop_pct=0)
+
+
+def test_pretrain_reproducible_under_seed():
+    mean, std = default_stats(3)
+    t = pretrain_transform(32, mean, std)
+    img = _pil()
+    torch.manual_seed(123)
+    a = t(img)
+    torch.manual_seed(123)
+    b = t(img)
+    torch.manual_seed(124)
+    c = t(img)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 5])
+def test_uint8_tensor_any_channels(channels):
+    x = torch.randint(0, 256, (channels, 20, 28), dtype=torch.uint8)
+    mean, std = default_stats(channels)
+    assert pretrain_transform((16, 8), mean, std)(x).shape == (channels, 16, 8)
+    assert eval_transform(16, mean, std)(x).shape == (channels, 16, 16)
+
+
+def test_grayscale_pil_and_tiny_images_upscale():
+    mean, std = default_stats(1)
+    assert pretrain_transform(32, mean, std)(_pil(mode="L")).shape == (1, 32, 32)
+    one = Image.new("RGB", (1, 1), (10, 20, 30))
+    m3, s3 = default_stats(3)
+    assert pretrain_transform(32, m3, s3)(one).shape == (3, 32, 32)
+    assert eval_transform(32, m3, s3)(one).shape == (3, 32, 32)
+
+
+def test_no_flip_when_disabled():
+    # Left half black, right half white; full-scale crops keep the layout unless flipped.
+    img = Image.new("L", (32, 32), 0)
+    img.paste(255, (16, 0, 32, 32))
+    t = pretrain_transform(32, (0.0,), (1.0,), min_scale=1.0, hflip=False)
+    for s in range(10):
+        torch.manual_seed(s)
+        out = t(img)
+        assert out[0, :, :12].mean() < 0.2 and out[0, :, 20:].mean() > 0.8

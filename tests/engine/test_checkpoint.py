@@ -1,0 +1,88 @@
+import os
+
+import pytest
+import torch
+
+import maelab
+from maelab.config import to_dict
+from maelab.engine.checkpoint import (LAST, atomic_save, load_pretrained, load_resume_state, periodic_checkpoints,
+                                      rotate)
+from maelab.errors import CheckpointError
+from tests.conftest import TINY_MODEL_ARGS
+
+
+def test_atomic_save_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "ck" / LAST
+    atomic_save({"model": {"w": torch.ones(3)}, "step": 1}, path)
+    atomic_save({"model": {"w": torch.zeros(3)}, "step": 2}, path)
+    state = torch.load(path, weights_only=False)
+    assert state["step"] == 2 and torch.equal(state["model"]["w"], torch.zeros(3))
+    assert sorted(os.listdir(path.parent)) == [LAST]
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / LAST
+    atomic_save({"model": {}, "step": 1}, path)
+
+    def exploding_save(obj, f):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError):
+        atomic_save({"model": {}, "step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["step"] == 1
+    assert os.listdir(tmp_path) == [LAST]
+
+
+def test_corrupt_last_falls_back_to_newest_good_periodic(tmp_path, caplog):
+    atomic_save({"model": {}, "step": 5}, tmp_path / "epoch_0001.pt")
+    atomic_save({"model": {}, "step": 10}, tmp_path / "epoch_0002.pt")
+    data = (tmp_path / "epoch_0002.pt").read_bytes()
+    (tmp_path / LAST).write_bytes(data[: len(data) // 2])  # truncated
+    state, path = load_resume_state(tmp_path)
+    assert path.name == "epoch_0002.pt" and state["step"] == 10
+    assert "corrupt" in caplog.text
+
+
+def test_all_corrupt_is_a_clear_error(tmp_path):
+    (tmp_path / LAST).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        load_resume_state(tmp_path)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        load_resume_state(tmp_path / "empty")
+
+
+def test_rotate_keeps_newest(tmp_path):
+    for i in range(5):
+        atomic_save({"model": {}, "step": i}, tmp_path / f"epoch_{i:04d}.pt")
+    atomic_save({"model": {}, "step": 9}, tmp_path / LAST)
+    rotate(tmp_path, keep_last=2)
+    assert [p.name for p in periodic_checkpoints(tmp_path)] == ["epoch_0003.pt", "epoch_0004.pt"]
+    assert (tmp_path / LAST).exists()
+
+
+def test_load_pretrained_from_maelab_official_and_exported(tmp_path):
+    model = maelab.create_model("mae_vit_pico_patch4_32", **TINY_MODEL_ARGS)
+    x = torch.randn(2, 3, 32, 32)
+    ref = model.forward_features(x)
+    atomic_save({"model": model.state_dict(), "model_config": to_dict(model.cfg), "step": 3},
+                tmp_path / "run" / "checkpoints" / LAST)
+    from_run = load_pretrained(tmp_path / "run")
+    assert from_run.cfg == model.cfg
+    torch.testing.assert_close(from_run.forward_features(x), ref)
+    torch.save({"model": model.state_dict()}, tmp_path / "official.pth")
+    official = load_pretrained(tmp_path / "official.pth", num_heads=2, decoder_num_heads=2)
+    torch.testing.assert_close(official.forward_features(x), ref)
+    maelab.export_encoder(model, tmp_path / "enc.safetensors")
+    exported = load_pretrained(tmp_path / "enc.safetensors")
+    torch.testing.assert_close(exported.forward_features(x), ref)
+
+
+def test_load_pretrained_missing_is_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_pretrained(tmp_path / "nope.pt")
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_pretrained(tmp_path / "bad.pt")

@@ -1,0 +1,122 @@
+"""End-to-end pre-training on CPU: outputs, loss falls, exact resume, failure handling."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from maelab.config import PretrainConfig, build_config
+from maelab.engine.checkpoint import LAST
+from maelab.engine.pretrain import Pretrainer, pretrain
+from maelab.errors import CheckpointError, ConfigError, NonFiniteLossError
+from tests.conftest import TINY_MODEL_ARGS
+
+
+def tiny_cfg(output, **kw) -> PretrainConfig:
+    overrides = {"model": "mae_vit_pico_patch4_32", "output": str(output), "epochs": 2, "batch_size": 16,
+                 "lr": 2e-3, "warmup_epochs": 0.5, "data.num_samples": 64, "data.num_workers": 0,
+                 **{f"model_args.{k}": v for k, v in TINY_MODEL_ARGS.items()}}
+    overrides.update(kw)
+    return build_config(PretrainConfig, None, overrides)
+
+
+def weights(path):
+    return torch.load(path / "checkpoints" / LAST, weights_only=False)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_run_writes_outputs_and_loss_falls(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", epochs=6, **{"data.num_samples": 128, "vis_every": 3})
+    result = pretrain(cfg, progress=False)
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 7))
+    for r in records:
+        assert {"epoch", "loss", "lr", "img_per_s"} <= set(r)
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"], [r["loss"] for r in records]
+    assert result.final_loss == pytest.approx(records[-1]["loss"])
+    assert (out / "config.yaml").is_file() and build_config(PretrainConfig, out / "config.yaml") == cfg
+    assert (out / "checkpoints" / LAST).is_file()
+    figs = sorted(p.name for p in (out / "figures").iterdir())
+    assert figs == ["loss_curve.png", "reconstruction_epoch0003.png", "reconstruction_epoch0006.png"]
+    for f in (out / "figures").iterdir():
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(out / "checkpoints" / LAST, weights_only=False)
+    assert {"model", "optimizer", "scaler", "step", "epoch", "rng", "mask_gen", "config", "model_config"} <= set(state)
+    assert state["step"] == 6 * (128 // 16) and "cls_token" in state["model"]
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_mid_epoch_gives_identical_weights(tmp_path, accum):
+    full = tiny_cfg(tmp_path / "full", accum_steps=accum)
+    pretrain(full, progress=False)
+    part = tiny_cfg(tmp_path / "part", accum_steps=accum)
+    stopped = pretrain(part, progress=False, max_steps=3)  # epoch has 4 / accum steps: stops mid-epoch
+    assert stopped.stopped_early and stopped.step == 3
+    resumed = pretrain(part, resume=True, progress=False)
+    assert resumed.epoch == 2 and not resumed.stopped_early
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"))
+    recs_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    recs_part = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["loss"] for r in recs_full] == pytest.approx([json.loads(r)["loss"] for r in recs_part])
+
+
+def test_resume_falls_back_when_last_is_corrupt(tmp_path):
+    full = tiny_cfg(tmp_path / "full", epochs=3)
+    pretrain(full, progress=False)
+    part = tiny_cfg(tmp_path / "part", epochs=3, save_every_steps=2)
+    pretrain(part, progress=False, max_steps=7)
+    ckpts = tmp_path / "part" / "checkpoints"
+    assert (ckpts / "step_00000006.pt").exists()
+    (ckpts / LAST).write_bytes((ckpts / LAST).read_bytes()[:1000])  # crash left a truncated file
+    pretrain(part, resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"))
+
+
+def test_existing_run_needs_resume_and_matching_model(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run")
+    pretrain(cfg, progress=False, max_steps=1)
+    with pytest.raises(ConfigError, match="--resume"):
+        pretrain(cfg, progress=False)
+    other = tiny_cfg(tmp_path / "run", **{"model_args.depth": 3})
+    with pytest.raises(CheckpointError, match="depth: 2 -> 3"):
+        pretrain(other, resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", epochs=3)
+    trainer = Pretrainer(cfg, progress=False)
+    calls = {"n": 0}
+    original = trainer.stepper.__call__
+
+    def poisoned(batches, lr):
+        calls["n"] += 1
+        loss = original(batches, lr)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    trainer.stepper = poisoned  # type: ignore[assignment]
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        trainer.run()
+    state = torch.load(tmp_path / "run" / "checkpoints" / LAST, weights_only=False)
+    assert state["epoch"] == 1 and state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_norm_pix_and_block_masking_train(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", epochs=1, **{"model_args.norm_pix_loss": True, "model_args.mask_type": "block"})
+    result = pretrain(cfg, progress=False)
+    assert result.step == 4 and torch.isfinite(torch.tensor(result.final_loss))
+
+
+def test_real_cifar10_folder(tmp_path, cifar10_dir):
+    # A short CPU run on real JPEGs (50k train images are indexed, a few batches trained).
+    cfg = tiny_cfg(tmp_path / "run", epochs=1, **{"data.name": str(cifar10_dir / "train")})
+    result = pretrain(cfg, progress=False, max_steps=3)
+    assert result.step == 3 and torch.isfinite(torch.tensor(result.final_loss))
+    assert (tmp_path / "run" / "checkpoints" / LAST).exists()
