@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -75,8 +76,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = build_config(PretrainConfig, args.config, _common_overrides(args))
     result = pretrain(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
     state = "stopped (resume with --resume)" if result.stopped_early else "finished"
-    print(f"{state}: epoch {result.epoch}/{cfg.epochs}, step {result.step}, loss {result.final_loss:.4f}; "
-          f"outputs in {result.output}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{state}: epoch {result.epoch}/{cfg.epochs}, step {result.step}, loss {result.final_loss:.4f}; "
+              f"outputs in {result.output}")
     return 0
 
 

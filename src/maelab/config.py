@@ -173,6 +173,8 @@ class PretrainConfig:
     """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32."""
     compile: bool = False
     seed: int = 0
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bit-identical reruns (slower on GPU)."""
     output: str = "runs/pretrain"
     log_every: int = 10
     """Optimizer steps between progress/loss updates (and non-finite checks on CUDA)."""

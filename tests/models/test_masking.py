@@ -63,7 +63,7 @@ def test_invariants_all_kinds(kind: str, grid: tuple[int, int]) -> None:
         check_invariants(masking_from_noise(noise, r), 5, grid[0] * grid[1], r)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(batch=st.integers(1, 4), length=st.integers(2, 300), ratio=st.floats(0.0, 0.95), seed=st.integers(0, 2**31))
 def test_invariants_property(batch: int, length: int, ratio: float, seed: int) -> None:
     if int(length * (1 - ratio)) < 1:

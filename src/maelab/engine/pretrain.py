@@ -24,6 +24,7 @@ from maelab.config import PretrainConfig, save_yaml, to_dict
 from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
+from maelab.engine.distributed import all_reduce_mean, barrier, device_for, init_distributed
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import (autocast, resolve_device, resolve_precision, rng_state, seed_everything,
@@ -69,7 +70,20 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
+        self._received = signum
+
+    _received: int | None = None
+
+    def agree(self, info: Any) -> None:
+        """Make the signal visible (on every rank at the same step, under torch.distributed)."""
+        if not info.enabled:
+            self.signum = self._received
+            return
+        flag = torch.tensor([float(self._received or 0)])
+        if torch.distributed.get_backend() == "nccl":
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.signum = int(flag.item()) or None
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -82,13 +96,23 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
-        self.device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
+        self.dist = init_distributed(device.type)
+        self.is_main = self.dist.is_main
+        self.device = device_for(self.dist, device)
         self.dtype = resolve_precision(cfg.precision, self.device)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed, cfg.deterministic)  # same on every rank: identical init, identical masking noise stream
 
         self.model_cfg = get_config(cfg.model, **cfg.model_args)
         self.model = MaskedAutoencoder(self.model_cfg).to(self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        wrapped: torch.nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        self.ddp = wrapped if self.dist.enabled else None
+        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
 
         self.out = Path(cfg.output)
         self.ckpt_dir = self.out / "checkpoints"
@@ -102,7 +126,8 @@ class Pretrainer:
         if len(self.dataset) < cfg.batch_size:
             raise DataError(f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than "
                             f"batch_size={cfg.batch_size}: lower --batch-size")
-        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, shuffle=True)
+        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
+                                        world_size=self.dist.world_size)
         self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
                                    pin_memory=self.device.type == "cuda")
         self.batches_per_epoch = len(self.sampler) // cfg.batch_size
@@ -112,28 +137,33 @@ class Pretrainer:
                               f"{self.batches_per_epoch} batches; lower accum_steps or batch_size")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.peak_lr = cfg.resolved_lr()
+        self.peak_lr = cfg.resolved_lr(self.dist.world_size)
 
         self.optimizer = build_adamw(self.model, self.peak_lr, cfg.weight_decay, cfg.betas)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.mask_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.stepper = TrainStep(self.model, self.optimizer, self.device, self.dtype, self.scaler, cfg.grad_clip,
-                                 self.mask_gen, forward=self.forward)
+                                 self.mask_gen, forward=self.forward, rank=self.dist.rank,
+                                 world_size=self.dist.world_size,
+                                 no_sync=self.ddp.no_sync if self.ddp is not None else None)
         self.step = 0
         self.epoch = 0
         self.epoch_loss_sum = 0.0  # host-side, for resumed mid-epoch statistics
         self.epoch_steps_done = 0
 
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         if resume:
             self._resume()
         elif (self.ckpt_dir / LAST).exists():
             raise ConfigError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to continue it "
                               "or choose another --output")
-        save_yaml(cfg, self.out / "config.yaml")
-        self.tb = self._tensorboard() if cfg.tensorboard else None
-        self.vis_batch = self._vis_batch()
+        barrier(self.dist)  # every rank has read the checkpoint before rank 0 writes anything
+        if self.is_main:
+            save_yaml(cfg, self.out / "config.yaml")
+        self.tb = self._tensorboard() if cfg.tensorboard and self.is_main else None
+        self.vis_batch = self._vis_batch() if self.is_main else None
 
     # ------------------------------------------------------------------ setup helpers
     def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -184,7 +214,11 @@ class Pretrainer:
         }
 
     def save(self, batch_in_epoch: int, periodic: str | None = None) -> Path:
-        """Write ``last.pt`` (and a periodic copy named ``periodic``) atomically; rotate old ones."""
+        """Write ``last.pt`` (and a periodic copy named ``periodic``) atomically; rotate old ones.
+
+        Only rank 0 writes (the weights are identical on every rank)."""
+        if not self.is_main:
+            return self.ckpt_dir / LAST
         state = self.state_dict(batch_in_epoch)
         path = atomic_save(state, self.ckpt_dir / LAST)
         if periodic:
@@ -213,7 +247,8 @@ class Pretrainer:
         self.epoch_steps_done = state.get("epoch_steps_done", 0)
         self.mask_gen.set_state(state["mask_gen"])
         set_rng_state(state["rng"])
-        self.metrics.keep_completed(self.epoch)
+        if self.is_main:
+            self.metrics.keep_completed(self.epoch)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     # ------------------------------------------------------------------ training
@@ -240,7 +275,7 @@ class Pretrainer:
         cfg = self.cfg
         check_every = 1 if self.device.type == "cpu" else cfg.log_every
         start_batch = getattr(self, "_resume_batch", 0)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and self.is_main), unit="step",
                    dynamic_ncols=True, smoothing=0.1)
         last_loss = float("nan")
         stopped = False
@@ -263,16 +298,18 @@ class Pretrainer:
                     if len(pending) < cfg.accum_steps:
                         continue
                     loss = self.train_step(pending)
-                    imgs_seen += sum(b.shape[0] for b in pending)
+                    imgs_seen += sum(b.shape[0] for b in pending) * self.dist.world_size
                     pending = []
                     window += loss
                     window_steps += 1
                     if self.step % check_every == 0 or self.step % cfg.log_every == 0:
-                        value = window.item() / window_steps  # the only host sync: logging
+                        value = all_reduce_mean(window, self.dist).item() / window_steps  # the only host sync
+                        stop.agree(self.dist)
                         self._check_finite(value)
                         self.epoch_loss_sum += value * window_steps
                         self.epoch_steps_done += window_steps
-                        rate = window_steps * cfg.batch_size * cfg.accum_steps / max(time.perf_counter() - t_window, 1e-9)
+                        rate = (window_steps * cfg.effective_batch(self.dist.world_size)
+                                / max(time.perf_counter() - t_window, 1e-9))
                         last_loss = value
                         bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr():.2e}", img_s=f"{rate:.0f}")
                         if self.tb is not None:
@@ -283,6 +320,8 @@ class Pretrainer:
                     bar.update(1)
                     done_in_epoch = batch_idx
                     hit_max = max_steps is not None and self.step >= max_steps
+                    if not self.dist.enabled:
+                        stop.agree(self.dist)
                     if stop.signum is not None or hit_max:
                         self._flush_window(window, window_steps)
                         self.save(done_in_epoch)
@@ -308,13 +347,16 @@ class Pretrainer:
                 record = {"epoch": self.epoch, "step": self.step, "loss": epoch_loss, "lr": self.lr(),
                           "img_per_s": imgs_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed,
                           "time": time.time()}
-                self.metrics.append(record)
+                if self.is_main:
+                    self.metrics.append(record)
                 if self.tb is not None:
                     self.tb.add_scalar("epoch/loss", epoch_loss, self.epoch)
                 final = self.epoch == cfg.epochs
                 if final or self.epoch % cfg.save_every == 0:
                     self.save(0, periodic=None if final else f"epoch_{self.epoch:04d}.pt")
-                if final or self.epoch % cfg.vis_every == 0:
+                if not self.is_main:
+                    pass
+                elif final or self.epoch % cfg.vis_every == 0:
                     self.write_figures()
                 else:
                     self.write_loss_curve()
@@ -328,7 +370,7 @@ class Pretrainer:
     def _flush_window(self, window: torch.Tensor, window_steps: int) -> None:
         """Fold not-yet-logged steps into the epoch statistics (and check them)."""
         if window_steps:
-            value = window.item() / window_steps
+            value = all_reduce_mean(window, self.dist).item() / window_steps
             self._check_finite(value)
             self.epoch_loss_sum += value * window_steps
             self.epoch_steps_done += window_steps

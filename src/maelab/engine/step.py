@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -15,14 +16,18 @@ from maelab.models.masking import make_noise
 class TrainStep:
     """forward (autocast) + backward over micro-batches, optional clipping, optimizer update.
 
-    ``forward`` is the model or its ``torch.compile``d version; masking noise comes from
-    ``generator`` so a run's masks can be saved and resumed.
+    ``forward`` is the model, its DDP wrapper or their ``torch.compile``d version. Masking
+    noise comes from ``generator``, which every rank seeds alike: each rank draws the noise of
+    the whole global batch and keeps its own rows (``[rank::world_size]``, the rows of its
+    samples in the sampler's interleaved split). So a run's masks can be saved and resumed, and
+    N processes compute exactly what one process does with the same global batch.
     """
 
     def __init__(self, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, device: torch.device,
                  dtype: torch.dtype, scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
                  generator: torch.Generator | None = None,
-                 forward: Callable[..., MAEOutput] | None = None) -> None:
+                 forward: Callable[..., MAEOutput] | None = None, rank: int = 0, world_size: int = 1,
+                 no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -31,22 +36,31 @@ class TrainStep:
         self.grad_clip = grad_clip
         self.generator = generator
         self.forward = forward or model
+        self.rank = rank
+        self.world_size = world_size
+        self.no_sync = no_sync
         cfg = model.cfg
         self._noise_args = (cfg.mask_type, cfg.grid_size, cfg.mask_ratio)
 
     def noise(self, batch_size: int) -> torch.Tensor:
+        """This rank's rows of the global batch's noise: [batch_size, L]."""
         kind, grid, ratio = self._noise_args
-        return make_noise(kind, batch_size, grid, ratio, self.device, generator=self.generator)
+        noise = make_noise(kind, batch_size * self.world_size, grid, ratio, self.device, generator=self.generator)
+        return noise[self.rank::self.world_size] if self.world_size > 1 else noise
 
     def __call__(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
         set_lr(self.optimizer, lr)
         total = torch.zeros((), device=self.device)
-        for imgs in batches:
+        for i, imgs in enumerate(batches):
             imgs = imgs.to(self.device, non_blocking=True)
-            with autocast(self.device, self.dtype):
-                loss = self.forward(imgs, noise=self.noise(imgs.shape[0])).loss
-            self.scaler.scale(loss / len(batches)).backward()
+            last = i == len(batches) - 1
+            # DDP: all-reduce gradients once, on the last micro-batch
+            sync = contextlib.nullcontext() if last or self.no_sync is None else self.no_sync()
+            with sync:
+                with autocast(self.device, self.dtype):
+                    loss = self.forward(imgs, noise=self.noise(imgs.shape[0])).loss
+                self.scaler.scale(loss / len(batches)).backward()
             total += loss.detach().float()
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)

@@ -43,11 +43,12 @@ def infer_model_config(sd: dict[str, torch.Tensor], img_size: int | tuple[int, i
     try:
         proj = sd["patch_embed.proj.weight"]  # [D, C, p, p]
         pos = sd["pos_embed"]  # [1, 1 + L, D]
+        mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
     except KeyError as e:
         raise CheckpointError(f"not an MAE/ViT checkpoint: missing key {e.args[0]!r}") from None
     embed_dim, in_chans, patch, _ = proj.shape
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    mlp_ratio = mlp_hidden / embed_dim
     num_patches = pos.shape[1] - 1
     if img_size is None:
         side = int(round(num_patches**0.5))
@@ -106,7 +107,11 @@ def load_official_checkpoint(path_or_state: str | Path | dict[str, Any], img_siz
     model = MaskedAutoencoder(cfg)
     full = any(k.startswith(("decoder_", "mask_token")) for k in sd)
     target = model if full else model.encoder
-    result = target.load_state_dict(sd, strict=False)
+    try:
+        result = target.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # size mismatches: an incompatible checkpoint, not an internal bug
+        details = "; ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
+        raise CheckpointError(f"{source}: tensor shapes do not match the inferred model: {details}") from None
     missing = [k for k in result.missing_keys]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{source}: keys do not match the {'MAE' if full else 'encoder'} layout: "

@@ -1,0 +1,150 @@
+"""Pieces shared by the evaluation protocols: the encoder source, labeled data, run outputs.
+
+Every protocol reads its encoder with :func:`load_encoder_model` (anything
+:func:`maelab.engine.checkpoint.load_pretrained` accepts: a pre-training run directory, a
+maelab ``.pt``, an official MAE ``.pth``, an exported ``.safetensors``), builds labeled
+train/test splits with :func:`labeled_dataset`, and ends with :func:`write_eval_json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from maelab.config import DataConfig, ModelConfig, to_dict
+from maelab.data import build_dataset, dataset_info, default_stats, eval_transform
+from maelab.errors import CheckpointError, ConfigError, DataError
+from maelab.models.mae import MaskedAutoencoder
+
+ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+"""ModelConfig fields that must agree between a checkpoint and a requested ``model``."""
+
+
+def load_encoder_model(checkpoint: str, model: str | None = None,
+                       model_args: dict[str, Any] | None = None) -> MaskedAutoencoder:
+    """The pre-trained MAE behind ``checkpoint``; if ``model`` is given, its architecture must match.
+
+    Raises:
+        CheckpointError: missing/corrupt file, or an architecture other than ``model``'s.
+    """
+    from maelab.engine.checkpoint import load_pretrained
+
+    mae = load_pretrained(checkpoint)
+    if model is not None:
+        from maelab.models.registry import get_config
+
+        check_architecture(mae.cfg, get_config(model, **dict(model_args or {})), checkpoint, model)
+    return mae
+
+
+def check_architecture(found: ModelConfig, expected: ModelConfig, source: str, model: str) -> None:
+    """One-line :class:`CheckpointError` listing the fields where ``found`` differs from ``expected``."""
+    diff = [f"{f}={getattr(found, f)!r} (model wants {getattr(expected, f)!r})"
+            for f in ARCH_FIELDS if getattr(found, f) != getattr(expected, f)]
+    if diff:
+        raise CheckpointError(f"{source}: checkpoint architecture does not match model={model!r}: "
+                              f"{', '.join(diff)}; drop --model or pick the preset it was trained with")
+
+
+def resolve_stats(data: DataConfig, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalization (mean, std): ``data.mean/std`` or the defaults for ``in_chans`` channels."""
+    mean_d, std_d = default_stats(in_chans)
+    mean = tuple(data.mean or mean_d)
+    std = tuple(data.std or std_d)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ConfigError(f"invalid data.mean/std: need {in_chans} values each (the encoder has "
+                          f"in_chans={in_chans}), got {len(mean)} and {len(std)}")
+    return mean, std
+
+
+def labeled_dataset(data: DataConfig, *, img_size: int | tuple[int, int], in_chans: int, train: bool,
+                    transform: Callable[[Any], Any], seed: int, protocol: str) -> tuple[Dataset, int]:
+    """``build_dataset`` for a supervised protocol: ``(dataset, num_classes)``.
+
+    Raises:
+        DataError: the dataset has no labels (e.g. a plain tree of images) or is empty.
+    """
+    ds = build_dataset(data, img_size=img_size, in_chans=in_chans, train=train, transform=transform, seed=seed)
+    num_classes, labeled = dataset_info(ds)
+    split = "training" if train else "evaluation"
+    if not labeled or num_classes is None:
+        raise DataError(f"dataset {data.name!r} ({split} split) has no labels: {protocol} needs a labeled dataset "
+                        "(an image folder with one subfolder per class, synthetic, cifar10, cifar100, stl10)")
+    if len(ds) == 0:  # pragma: no cover - build_dataset already refuses empty folders
+        raise DataError(f"dataset {data.name!r} ({split} split) is empty")
+    return ds, num_classes
+
+
+def train_and_test_sets(data: DataConfig, *, img_size: int | tuple[int, int], in_chans: int,
+                        train_transform: Callable[[Any], Any], test_transform: Callable[[Any], Any],
+                        seed: int, protocol: str) -> tuple[Dataset, Dataset, int]:
+    """Labeled training and evaluation splits with the same class count: ``(train, test, num_classes)``."""
+    train_ds, n_train = labeled_dataset(data, img_size=img_size, in_chans=in_chans, train=True,
+                                        transform=train_transform, seed=seed, protocol=protocol)
+    test_ds, n_test = labeled_dataset(data, img_size=img_size, in_chans=in_chans, train=False,
+                                      transform=test_transform, seed=seed, protocol=protocol)
+    if n_test != n_train:
+        raise DataError(f"dataset {data.name!r}: the evaluation split has {n_test} classes but the training "
+                        f"split has {n_train}; both need the same class folders")
+    return train_ds, test_ds, n_train
+
+
+def evaluation_transform(img_size: int | tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...],
+                   crop_pct: float) -> Callable[[Any], Any]:
+    """The deterministic evaluation transform (resize, center crop, normalize): no augmentation."""
+    return eval_transform(img_size, mean, std, crop_pct=crop_pct)
+
+
+def plain_loader(ds: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """Sequential, non-dropping loader for evaluation and feature extraction."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def checkpoint_source(cfg: Any) -> str:
+    """What the encoder came from, for eval.json: the resolved checkpoint path or 'scratch'."""
+    if getattr(cfg, "from_scratch", False):
+        return "scratch"
+    p = Path(cfg.checkpoint)
+    return str(p.resolve()) if p.exists() else str(p)
+
+
+def write_json(obj: dict[str, Any], path: str | Path) -> Path:
+    """Write JSON atomically (temp file + rename)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def write_eval_json(output: str | Path, protocol: str, metrics: dict[str, Any], cfg: Any,
+                    **extra: Any) -> Path:
+    """``eval.json`` in ``output``: protocol, metrics, encoder source, resolved config and extras."""
+    from maelab import __version__
+
+    record = {"protocol": protocol, "metrics": metrics, "checkpoint": checkpoint_source(cfg),
+              "dataset": cfg.data.name, **extra, "config": to_dict(cfg), "maelab_version": __version__,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return write_json(record, Path(output) / "eval.json")
+
+
+def reset_metrics(path: str | Path, epochs_done: int = 0) -> None:
+    """Keep only the ``metrics.jsonl`` records of the first ``epochs_done`` epochs (0: start afresh)."""
+    from maelab.engine.metrics import read_records
+
+    p = Path(path)
+    if not p.exists():
+        return
+    records = [r for r in read_records(p) if r.get("epoch", 0) <= epochs_done] if epochs_done > 0 else []
+    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, p)

@@ -1,0 +1,74 @@
+"""The one frozen-feature builder every protocol shares (kNN, the linear probe's cache).
+
+A feature is the encoder's output for the full, unmasked image, pooled one of two ways:
+
+- ``cls``: the class token after the encoder's final norm (the paper's linear probe);
+- ``avg``: the mean of the patch tokens after the final norm.
+
+``encoder`` is the timm ``VisionTransformer`` of a :class:`~maelab.models.mae.MaskedAutoencoder`
+(``mae.encoder``), i.e. ``forward_features(imgs) -> [B, prefix + L, D]``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from maelab.engine.runtime import autocast
+
+POOLS = ("cls", "avg")
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """tokens [B, prefix + L, D] -> [B, D]: the first (class) token, or the mean of the patch tokens."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "avg":
+        return tokens[:, num_prefix_tokens:].mean(dim=1)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+def encode(encoder: nn.Module, imgs: torch.Tensor, pool: str) -> torch.Tensor:
+    """imgs [B, C, H, W] -> pooled features [B, D] (grad and mode are the caller's business)."""
+    tokens = encoder.forward_features(imgs)
+    return pool_tokens(tokens, pool, getattr(encoder, "num_prefix_tokens", 1))
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, loader: DataLoader, pool: str, device: torch.device | str,
+                     dtype: torch.dtype = torch.float32, progress: bool = False,
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of every item of ``loader``, in loader order.
+
+    The encoder runs in eval mode without gradients (its mode is restored afterwards).
+
+    Returns:
+        feats: float32 [N, D] on ``device``; labels: int64 [N] on ``device``.
+    """
+    device = torch.device(device)
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    n_total = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None  # type: ignore[arg-type]
+    bar = tqdm(total=n_total, disable=not progress, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+    t0 = time.perf_counter()
+    try:
+        for imgs, target in loader:
+            imgs = imgs.to(device, non_blocking=True)
+            with autocast(device, dtype):
+                f = encode(encoder, imgs, pool)
+            feats.append(f.float())
+            labels.append(torch.as_tensor(target).to(device=device, dtype=torch.long))
+            bar.update(imgs.shape[0])
+            if progress:
+                bar.set_postfix(img_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.0f}")
+    finally:
+        bar.close()
+        encoder.train(was_training)
+    if not feats:
+        raise ValueError("extract_features: the loader yielded no batches")
+    return torch.cat(feats), torch.cat(labels)
