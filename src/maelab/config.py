@@ -61,28 +61,28 @@ class ModelConfig:
             size = self.img_size
         sizes = size if isinstance(size, tuple) else (size, size)
         _check(len(sizes) == 2 and all(isinstance(s, int) and s > 0 for s in sizes),
-               "model.img_size", size, "a positive int or [height, width]")
-        _check(self.patch_size > 0, "model.patch_size", self.patch_size, "a positive int")
+               "model_args.img_size", size, "a positive int or [height, width]")
+        _check(self.patch_size > 0, "model_args.patch_size", self.patch_size, "a positive int")
         for s in sizes:
-            _check(s % self.patch_size == 0, "model.img_size", size,
+            _check(s % self.patch_size == 0, "model_args.img_size", size,
                    f"must be divisible by patch_size={self.patch_size}")
-        _check(self.in_chans > 0, "model.in_chans", self.in_chans, "a positive int")
-        _check(self.embed_dim % self.num_heads == 0, "model.embed_dim", self.embed_dim,
+        _check(self.in_chans > 0, "model_args.in_chans", self.in_chans, "a positive int")
+        _check(self.embed_dim % self.num_heads == 0, "model_args.embed_dim", self.embed_dim,
                f"must be divisible by num_heads={self.num_heads}")
-        _check(self.embed_dim % 4 == 0, "model.embed_dim", self.embed_dim,
+        _check(self.embed_dim % 4 == 0, "model_args.embed_dim", self.embed_dim,
                "must be divisible by 4 (2-D sin-cos position embedding)")
-        _check(self.decoder_embed_dim % self.decoder_num_heads == 0, "model.decoder_embed_dim",
+        _check(self.decoder_embed_dim % self.decoder_num_heads == 0, "model_args.decoder_embed_dim",
                self.decoder_embed_dim, f"must be divisible by decoder_num_heads={self.decoder_num_heads}")
-        _check(self.decoder_embed_dim % 4 == 0, "model.decoder_embed_dim", self.decoder_embed_dim,
+        _check(self.decoder_embed_dim % 4 == 0, "model_args.decoder_embed_dim", self.decoder_embed_dim,
                "must be divisible by 4 (2-D sin-cos position embedding)")
-        _check(self.depth >= 1, "model.depth", self.depth, "at least 1")
-        _check(self.decoder_depth >= 0, "model.decoder_depth", self.decoder_depth, "0 or more")
-        _check(0.0 <= self.mask_ratio < 1.0, "model.mask_ratio", self.mask_ratio, "a number in [0, 1)")
-        _check(self.mask_type in MASK_TYPES, "model.mask_type", self.mask_type, f"one of {MASK_TYPES}")
+        _check(self.depth >= 1, "model_args.depth", self.depth, "at least 1")
+        _check(self.decoder_depth >= 0, "model_args.decoder_depth", self.decoder_depth, "0 or more")
+        _check(0.0 <= self.mask_ratio < 1.0, "model_args.mask_ratio", self.mask_ratio, "a number in [0, 1)")
+        _check(self.mask_type in MASK_TYPES, "model_args.mask_type", self.mask_type, f"one of {MASK_TYPES}")
         if self.mask_type == "grid":
-            _check(self.mask_ratio == 0.75, "model.mask_ratio", self.mask_ratio,
+            _check(self.mask_ratio == 0.75, "model_args.mask_ratio", self.mask_ratio,
                    "grid masking keeps one patch of every 2x2, so it needs mask_ratio=0.75")
-            _check(all((s // self.patch_size) % 2 == 0 for s in sizes), "model.img_size", size,
+            _check(all((s // self.patch_size) % 2 == 0 for s in sizes), "model_args.img_size", size,
                    "grid masking needs an even number of patches per side")
 
     @property
@@ -116,6 +116,10 @@ class DataConfig:
     download: bool = False
     """Allow torchvision datasets to download (never needed for synthetic or folders)."""
     split: str = "train"
+    """Training split: the subfolder of a folder laid out as train/ + test/ (default train); for stl10 one of
+    train, unlabeled, train+unlabeled. Evaluation uses test/ (else val/) or the dataset's test split."""
+    crop_pct: float = 0.875
+    """Evaluation transform: resize to img_size / crop_pct, then center-crop (1.0: resize only, for 32 px data)."""
     num_samples: int = 2048
     """Synthetic dataset size (ignored for other datasets)."""
     num_classes: int = 10
@@ -140,6 +144,8 @@ class DataConfig:
         _check(self.num_classes >= 2, "data.num_classes", self.num_classes, "at least 2")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
         _check(0.0 < self.min_scale <= 1.0, "data.min_scale", self.min_scale, "a number in (0, 1]")
+        _check(0.0 < self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "a number in (0, 1]")
+        _check(bool(self.split), "data.split", self.split, "a split name such as train")
         if self.std is not None:
             _check(all(s > 0 for s in self.std), "data.std", self.std, "positive numbers")
 
@@ -167,6 +173,9 @@ class PretrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 1.0
     grad_clip: float | None = None
+    max_bad_steps: int = 0
+    """Skip up to this many steps with a non-finite loss (checked every step) before stopping.
+    0: stop at the first one (checked at each log interval on CUDA, every step on CPU)."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
     precision: str = "auto"
@@ -214,6 +223,7 @@ class PretrainConfig:
             _check(getattr(self, name) >= 1, name, getattr(self, name), "a positive int")
         _check(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "0 or more")
         _check(self.keep_last >= 0, "keep_last", self.keep_last, "0 or more")
+        _check(self.max_bad_steps >= 0, "max_bad_steps", self.max_bad_steps, "0 or more")
         if not isinstance(self.model_args, dict):
             raise ConfigError(f"invalid model_args={self.model_args!r}: a mapping of ModelConfig fields")
         known = {f.name for f in fields(ModelConfig)}

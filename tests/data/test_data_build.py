@@ -102,6 +102,14 @@ def test_unknown_dataset():
         build_dataset(DataConfig(name="imagenet-1k"), img_size=8, in_chans=3, train=True, transform=None)
 
 
+@pytest.mark.parametrize("split, expected", [("train", (10, True)), ("test", (10, True)),
+                                             ("train+unlabeled", (10, False)), ("unlabeled", (None, False))])
+def test_stl10_info(split, expected):
+    ds = datasets.STL10.__new__(datasets.STL10)  # no files needed for the metadata
+    ds.split, ds.classes = split, [f"c{i}" for i in range(10)]
+    assert dataset_info(ds) == expected
+
+
 def test_subset_info():
     ds = build_dataset(DataConfig(num_samples=8), img_size=8, in_chans=3, train=True, transform=None)
     assert dataset_info(Subset(ds, [0, 1])) == (10, True)

@@ -233,6 +233,15 @@ def test_large_png_reduced(tmp_path):
     assert 300 <= min(img.size) < 600 and np.all(np.asarray(img) == 200)
 
 
+@pytest.mark.parametrize("mode, ext", [("1", "png"), ("P", "png"), ("I;16", "png"), ("CMYK", "jpg"),
+                                       ("LA", "png"), ("RGBA", "png"), ("F", "tif"), ("RGB", "webp")])
+def test_reduced_any_mode(tmp_path, mode, ext):
+    p = tmp_path / f"m.{ext}"
+    Image.new(mode, (200, 100)).save(p)
+    img = load_image(p, target_size=20)
+    assert img.mode == "RGB" and 20 <= min(img.size) < 40 and img.width == 2 * img.height
+
+
 def test_too_large_refused(tmp_path, monkeypatch):
     p = tmp_path / "big.png"
     Image.new("L", (100, 100)).save(p)

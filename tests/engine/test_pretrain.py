@@ -1,6 +1,7 @@
 """End-to-end pre-training on CPU: outputs, loss falls, exact resume, failure handling."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -120,3 +121,32 @@ def test_real_cifar10_folder(tmp_path, cifar10_dir):
     result = pretrain(cfg, progress=False, max_steps=3)
     assert result.step == 3 and torch.isfinite(torch.tensor(result.final_loss))
     assert (tmp_path / "run" / "checkpoints" / LAST).exists()
+
+
+def _poison_forward(trainer, bad_calls):
+    """Make the model's forward return a NaN loss on the given (1-based) calls."""
+    from maelab.models.mae import MAEOutput
+
+    real = trainer.stepper.forward
+    calls = {"n": 0}
+
+    def forward(imgs, noise=None):
+        calls["n"] += 1
+        out = real(imgs, noise=noise)
+        return MAEOutput(out.loss * float("nan"), out.pred, out.mask) if calls["n"] in bad_calls else out
+
+    trainer.stepper.forward = forward
+
+
+def test_max_bad_steps_skips_non_finite_updates(tmp_path):
+    trainer = Pretrainer(tiny_cfg(tmp_path / "run", max_bad_steps=1), progress=False)
+    _poison_forward(trainer, {3})
+    result = trainer.run()
+    assert result.epoch == 2 and trainer.bad_steps == 1 and math.isfinite(result.final_loss)
+    state = torch.load(tmp_path / "run" / "checkpoints" / LAST, weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    trainer = Pretrainer(tiny_cfg(tmp_path / "run2", max_bad_steps=1), progress=False)
+    _poison_forward(trainer, {2, 6})
+    with pytest.raises(NonFiniteLossError):
+        trainer.run()

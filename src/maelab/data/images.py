@@ -87,7 +87,10 @@ def _has_transparency(img: Image.Image) -> bool:
 
 
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:
-    """Convert a loaded image of any Pillow mode to 8-bit ``mode`` ('RGB' or 'L')."""
+    """Convert a loaded image of any Pillow mode to 8-bit ``mode`` ('RGB' or 'L').
+
+    Returns ``img`` itself when it already has that mode.
+    """
     if img.mode.startswith("I;16") or img.mode == "I":
         gray = Image.fromarray(_scale_to_uint8(np.asarray(img), sixteen_bit=True), "L")
         return gray if mode == "L" else gray.convert(mode)
@@ -95,11 +98,11 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
         gray = Image.fromarray(_scale_to_uint8(np.asarray(img), sixteen_bit=False), "L")
         return gray if mode == "L" else gray.convert(mode)
     if _has_transparency(img):
-        rgba = img.convert("RGBA")
+        rgba = img.convert("LA" if img.mode == "La" else img.mode).convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert(mode)
     if img.mode == mode:
-        return img.copy()
+        return img
     if img.mode not in ("1", "L", "P", "RGB", "CMYK", "YCbCr", "RGBX"):
         img = img.convert("RGB")  # LAB, HSV, ... go through RGB first
     return img.convert(mode)
@@ -152,13 +155,12 @@ def load_image(path: str | Path, channels: int = 3, target_size: int | None = No
                 draft_mode = mode if img.mode in ("RGB", "L") else None
                 img.draft(draft_mode, (target_size, target_size))
             img.load()
+            out = _to_mode(img, mode)
             if target_size is not None:
-                factor = _reduce_factor(img.size, target_size)
-                if factor > 1 and img.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK",
-                                               "I", "F"):
-                    img = img.convert("RGBA") if img.mode == "P" else img
-                    img = img.reduce(factor)
-            return _to_mode(img, mode)
+                factor = _reduce_factor(out.size, target_size)
+                if factor > 1:
+                    out = out.reduce(factor)
+            return out
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is a data problem

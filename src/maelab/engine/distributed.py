@@ -64,6 +64,15 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return out / info.world_size
 
 
+def all_reduce_min(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Minimum of a tensor over ranks (identity for a single process)."""
+    if not info.enabled:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

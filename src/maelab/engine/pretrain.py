@@ -24,7 +24,7 @@ from maelab.config import PretrainConfig, save_yaml, to_dict
 from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
-from maelab.engine.distributed import all_reduce_mean, barrier, device_for, init_distributed
+from maelab.engine.distributed import all_reduce_mean, all_reduce_min, barrier, device_for, init_distributed
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import (autocast, resolve_device, resolve_precision, rng_state, seed_everything,
@@ -145,7 +145,10 @@ class Pretrainer:
         self.stepper = TrainStep(self.model, self.optimizer, self.device, self.dtype, self.scaler, cfg.grad_clip,
                                  self.mask_gen, forward=self.forward, rank=self.dist.rank,
                                  world_size=self.dist.world_size,
-                                 no_sync=self.ddp.no_sync if self.ddp is not None else None)
+                                 no_sync=self.ddp.no_sync if self.ddp is not None else None,
+                                 skip_nonfinite=cfg.max_bad_steps > 0,
+                                 all_reduce_min=lambda t: all_reduce_min(t, self.dist))
+        self.bad_steps = 0
         self.step = 0
         self.epoch = 0
         self.epoch_loss_sum = 0.0  # host-side, for resumed mid-epoch statistics
@@ -186,7 +189,8 @@ class Pretrainer:
     def _vis_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Fixed images (no augmentation) and fixed noise for comparable reconstruction figures."""
         ds = build_dataset(self.cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans,
-                           train=True, transform=eval_transform(self.model_cfg.img_size, self.mean, self.std),
+                           train=True, transform=eval_transform(self.model_cfg.img_size, self.mean, self.std,
+                                                                  self.cfg.data.crop_pct),
                            seed=self.cfg.seed)
         n = min(NUM_VIS_SAMPLES, len(ds))
         step = max(len(ds) // n, 1)
@@ -207,6 +211,7 @@ class Pretrainer:
             "batch_in_epoch": batch_in_epoch,
             "epoch_loss_sum": self.epoch_loss_sum,
             "epoch_steps_done": self.epoch_steps_done,
+            "bad_steps": self.bad_steps,
             "mask_gen": self.mask_gen.get_state(),
             "rng": rng_state(),
             "config": to_dict(self.cfg),
@@ -245,6 +250,7 @@ class Pretrainer:
         self._resume_batch = state["batch_in_epoch"]
         self.epoch_loss_sum = state.get("epoch_loss_sum", 0.0)
         self.epoch_steps_done = state.get("epoch_steps_done", 0)
+        self.bad_steps = state.get("bad_steps", 0)
         self.mask_gen.set_state(state["mask_gen"])
         set_rng_state(state["rng"])
         if self.is_main:
@@ -256,10 +262,18 @@ class Pretrainer:
         return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
                      peak_lr=self.peak_lr, min_lr=self.cfg.min_lr)
 
-    def train_step(self, batches: list[torch.Tensor]) -> torch.Tensor:
-        """One optimizer step over ``accum_steps`` micro-batches; returns the mean loss (on device)."""
+    def train_step(self, batches: list[torch.Tensor]) -> torch.Tensor | None:
+        """One optimizer step over ``accum_steps`` micro-batches; returns the mean loss (on device),
+        or None when a non-finite loss was skipped (``max_bad_steps``)."""
         loss = self.stepper(batches, self.lr())
         self.step += 1
+        if getattr(self.stepper, "last_skipped", False):
+            self.bad_steps += 1
+            if self.bad_steps > self.cfg.max_bad_steps:
+                self._check_finite(float("nan"))
+            log.warning("non-finite loss at step %d: update skipped (%d of max_bad_steps=%d)", self.step,
+                        self.bad_steps, self.cfg.max_bad_steps)
+            return None
         return loss
 
     def _check_finite(self, loss_value: float) -> None:
@@ -300,9 +314,10 @@ class Pretrainer:
                     loss = self.train_step(pending)
                     imgs_seen += sum(b.shape[0] for b in pending) * self.dist.world_size
                     pending = []
-                    window += loss
-                    window_steps += 1
-                    if self.step % check_every == 0 or self.step % cfg.log_every == 0:
+                    if loss is not None:  # None: a skipped non-finite step
+                        window += loss
+                        window_steps += 1
+                    if window_steps and (self.step % check_every == 0 or self.step % cfg.log_every == 0):
                         value = all_reduce_mean(window, self.dist).item() / window_steps  # the only host sync
                         stop.agree(self.dist)
                         self._check_finite(value)

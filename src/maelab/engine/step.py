@@ -27,7 +27,9 @@ class TrainStep:
                  dtype: torch.dtype, scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
                  generator: torch.Generator | None = None,
                  forward: Callable[..., MAEOutput] | None = None, rank: int = 0, world_size: int = 1,
-                 no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> None:
+                 no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 skip_nonfinite: bool = False,
+                 all_reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -39,6 +41,9 @@ class TrainStep:
         self.rank = rank
         self.world_size = world_size
         self.no_sync = no_sync
+        self.skip_nonfinite = skip_nonfinite
+        self.all_reduce_min = all_reduce_min
+        self.last_skipped = False
         cfg = model.cfg
         self._noise_args = (cfg.mask_type, cfg.grid_size, cfg.mask_ratio)
 
@@ -62,6 +67,15 @@ class TrainStep:
                     loss = self.forward(imgs, noise=self.noise(imgs.shape[0])).loss
                 self.scaler.scale(loss / len(batches)).backward()
             total += loss.detach().float()
+        self.last_skipped = False
+        if self.skip_nonfinite:  # one host sync per step, only when skipping is asked for
+            finite = torch.isfinite(total).float()
+            if self.all_reduce_min is not None:
+                finite = self.all_reduce_min(finite)
+            if not bool(finite.item()):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.last_skipped = True
+                return total / len(batches)
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)

@@ -69,7 +69,9 @@ class LinearProbe(nn.Module):
 
     def train(self, mode: bool = True) -> LinearProbe:
         super().train(mode)
-        if mode:
+        if mode and self.train_blocks == 0:
+            self.encoder.eval()
+        elif mode:
             frozen_to_eval(self.encoder, self.train_blocks)
         return self
 

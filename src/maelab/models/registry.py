@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from maelab.config import ModelConfig
+from maelab.config import ModelConfig, from_dict, to_dict
 from maelab.errors import ConfigError
 
 _PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -59,13 +58,11 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The preset's ModelConfig with field overrides (validated)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(list_models())} (see `maelab models`)")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"unknown model argument {unknown[0]!r}: allowed are {sorted(known)}")
-    if isinstance(overrides.get("img_size"), list):
-        overrides["img_size"] = tuple(overrides["img_size"])
-    return dataclasses.replace(PRESETS[name], **overrides)
+    base = to_dict(PRESETS[name])
+    try:
+        return from_dict(ModelConfig, {**base, **overrides}, prefix="model_args.")
+    except ConfigError as e:
+        raise ConfigError(f"{e} (model {name})") from None
 
 
 def create_model(name: str, **overrides: Any):  # -> MaskedAutoencoder

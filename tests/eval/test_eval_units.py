@@ -1,0 +1,252 @@
+"""Unit tests of the evaluation building blocks (no training runs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import maelab
+from maelab.config import DataConfig, build_config
+from maelab.errors import CheckpointError, ConfigError
+from maelab.eval.classifier import (build_classifier, frozen_to_eval, layer_decay_param_groups,
+                                    set_trainable_blocks)
+from maelab.eval.common import check_architecture
+from maelab.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig
+from maelab.eval.features import extract_features, pool_tokens
+from maelab.eval.knn import knn_accuracy, knn_predict
+from maelab.eval.linprobe import LinearProbe, build_probe_optimizer, probe_param_groups
+from maelab.models.registry import get_config
+
+DEPTH = 3
+TINY = dict(embed_dim=64, depth=DEPTH, num_heads=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1)
+
+
+@pytest.fixture(scope="module")
+def mae():
+    torch.manual_seed(0)
+    return maelab.create_model("mae_vit_pico_patch4_32", **TINY).eval()
+
+
+# ---------------------------------------------------------------------------------- configs
+def test_config_defaults_are_the_papers():
+    ft = FinetuneConfig(checkpoint="x")
+    assert (ft.base_lr, ft.layer_decay, ft.weight_decay, ft.drop_path) == (1e-3, 0.75, 0.05, 0.1)
+    assert (ft.mixup, ft.cutmix, ft.smoothing, ft.reprob) == (0.8, 1.0, 0.1, 0.25)
+    assert ft.auto_augment == "rand-m9-mstd0.5-inc1" and ft.betas == (0.9, 0.999) and ft.pool == "avg"
+    assert (ft.epochs, ft.warmup_epochs) == (100, 5)
+    lp = LinprobeConfig(checkpoint="x")
+    assert (lp.optimizer, lp.base_lr, lp.weight_decay, lp.pool, lp.epochs, lp.warmup_epochs) == \
+        ("lars", 0.1, 0.0, "cls", 90, 10)
+    kn = KnnConfig(checkpoint="x")
+    assert (kn.k, kn.temperature) == (20, 0.07)
+
+
+@pytest.mark.parametrize("cls, kwargs, field", [
+    (FinetuneConfig, dict(checkpoint="x", pool="max"), "pool"),
+    (FinetuneConfig, dict(checkpoint="x", layer_decay=1.5), "layer_decay"),
+    (FinetuneConfig, dict(checkpoint="x", batch_size=7), "batch_size"),  # odd batch with mixup
+    (FinetuneConfig, dict(), "checkpoint"),
+    (FinetuneConfig, dict(checkpoint="x", from_scratch=True), "checkpoint"),
+    (LinprobeConfig, dict(checkpoint="x", optimizer="adam"), "optimizer"),
+    (LinprobeConfig, dict(checkpoint="x", train_blocks=-1), "train_blocks"),
+    (KnnConfig, dict(checkpoint="x", temperature=0), "temperature"),
+    (KnnConfig, dict(), "checkpoint"),
+])
+def test_config_errors_name_the_field(cls, kwargs, field):
+    with pytest.raises(ConfigError, match=field) as e:
+        cls(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_config_from_yaml_and_overrides(tmp_path):
+    f = tmp_path / "ft.yaml"
+    f.write_text("checkpoint: a.pt\ndata: {name: synthetic, num_classes: 4}\nbetas: [0.9, 0.99]\nauto_augment: none\n")
+    cfg = build_config(FinetuneConfig, f, {"layer_decay": 0.65, "data.num_workers": 0})
+    assert cfg.layer_decay == 0.65 and cfg.data.num_classes == 4 and cfg.data.num_workers == 0
+    assert cfg.betas == (0.9, 0.99) and cfg.auto_augment is None
+    with pytest.raises(ConfigError, match="unknown config key"):
+        build_config(LinprobeConfig, None, {"checkpoint": "x", "layer_decay": 0.5})
+
+
+def test_linprobe_cache_only_without_augmentation_and_tuning():
+    assert LinprobeConfig(checkpoint="x", augment=False).uses_cache
+    assert not LinprobeConfig(checkpoint="x", augment=True).uses_cache
+    assert not LinprobeConfig(checkpoint="x", augment=False, train_blocks=1).uses_cache
+    assert not LinprobeConfig(checkpoint="x", augment=False, cache_features=False).uses_cache
+
+
+# ---------------------------------------------------------------------------------- classifier
+def test_classifier_carries_the_encoder_weights(mae):
+    clf = build_classifier(mae, 5, pool="cls", drop_path=0.0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(clf.forward_features(x), mae.forward_features(x))
+    assert clf.head.weight.shape == (5, 64)
+    assert clf.head.weight.std().item() < 1e-4 and torch.all(clf.head.bias == 0)  # trunc_normal(std=2e-5)
+
+
+def test_avg_pool_classifier_drops_norm_and_adds_fc_norm(mae):
+    clf = build_classifier(mae, 3, pool="avg").eval()
+    assert isinstance(clf.norm, torch.nn.Identity) and isinstance(clf.fc_norm, torch.nn.LayerNorm)
+    enc = mae.encoder_state_dict()
+    for k, v in clf.state_dict().items():
+        if k.startswith(("blocks.", "patch_embed.", "cls_token", "pos_embed")):
+            assert torch.equal(v, enc[k]), k
+    assert torch.equal(clf.fc_norm.weight, torch.ones(64)) and torch.equal(clf.fc_norm.bias, torch.zeros(64))
+
+
+def test_classifier_resamples_position_embedding_for_another_resolution(mae):
+    clf = build_classifier(mae, 3, img_size=48)
+    assert clf.pos_embed.shape == (1, 1 + 12 * 12, 64)
+    assert clf(torch.randn(1, 3, 48, 48)).shape == (1, 3)
+
+
+def test_mismatched_weights_are_one_line_checkpoint_errors(mae):
+    other = maelab.create_model("mae_vit_pico_patch4_32", **{**TINY, "embed_dim": 32, "num_heads": 1})
+    clf = build_classifier(None, 3, model_cfg=other.cfg)
+    from maelab.eval.classifier import load_encoder_weights
+
+    with pytest.raises(CheckpointError, match="do not fit") as e:
+        load_encoder_weights(clf, mae.encoder_state_dict(), source="ckpt.pt")
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="does not match model='mae_vit_tiny_patch4_32'") as e:
+        check_architecture(mae.cfg, get_config("mae_vit_tiny_patch4_32"), "ckpt.pt", "mae_vit_tiny_patch4_32")
+    assert "embed_dim=64" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------- layer decay, weight decay
+def test_layer_decay_gives_each_block_its_scale(mae):
+    clf = build_classifier(mae, 4, pool="avg")
+    decay = 0.75
+    groups = layer_decay_param_groups(clf, weight_decay=0.05, layer_decay=decay)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    seen = 0
+    for name, p in clf.named_parameters():
+        if name.startswith("blocks."):
+            i = int(name.split(".")[1])
+            expected = decay ** (DEPTH - i)  # official MAE: block i of L -> decay ** (L - i)
+        elif name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+            expected = decay ** (DEPTH + 1)
+        else:  # fc_norm, head
+            assert name.startswith(("fc_norm.", "head.")), name
+            expected = 1.0
+        assert math.isclose(scale_of[id(p)], expected, rel_tol=1e-12), name
+        seen += 1
+    assert seen == len(scale_of)
+
+
+def test_no_weight_decay_on_norms_biases_and_tokens(mae):
+    clf = build_classifier(mae, 4, pool="avg")
+    groups = layer_decay_param_groups(clf, weight_decay=0.05, layer_decay=0.75)
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, p in clf.named_parameters():
+        no_decay = p.ndim <= 1 or name in ("cls_token", "pos_embed")
+        assert wd_of[id(p)] == (0.0 if no_decay else 0.05), name
+    names = {n for n, p in clf.named_parameters() if wd_of[id(p)] == 0.0}
+    assert {"cls_token", "pos_embed", "fc_norm.weight", "blocks.0.norm1.weight", "head.bias"} <= names
+    assert "head.weight" not in names and "blocks.0.attn.qkv.weight" not in names
+
+
+def test_probe_optimizer_groups_follow_the_official_lars():
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(8, affine=False), torch.nn.Linear(8, 3))
+    groups = probe_param_groups(head, 0.1, lars=True)
+    assert [len(g["params"]) for g in groups] == [1, 1]
+    assert groups[0]["params"][0].ndim == 2 and groups[0]["always_adapt"] and groups[0]["weight_decay"] == 0.1
+    assert groups[1]["params"][0].ndim == 1 and not groups[1]["always_adapt"] and groups[1]["weight_decay"] == 0.0
+    from timm.optim import Lars
+
+    opt = build_probe_optimizer(head, LinprobeConfig(checkpoint="x"), lr=0.1)
+    assert isinstance(opt, Lars) and opt.param_groups[0]["trust_coeff"] == 0.001
+
+
+# ---------------------------------------------------------------------------------- partial fine-tuning
+@pytest.mark.parametrize("k", [0, 1, DEPTH])
+def test_train_blocks_selects_exactly_the_last_blocks(mae, k):
+    clf = build_classifier(mae, 4, pool="avg")
+    trainable = set(set_trainable_blocks(clf, k))
+    assert trainable == {n for n, p in clf.named_parameters() if p.requires_grad}
+    for name in (n for n, _ in clf.named_parameters()):
+        if name.startswith(("head.", "fc_norm.")):
+            assert name in trainable
+        elif name.startswith("blocks."):
+            assert (name in trainable) == (int(name.split(".")[1]) >= DEPTH - k), name
+        else:  # patch_embed, cls_token, pos_embed
+            assert name not in trainable, name
+    clf.train()
+    frozen_to_eval(clf, k)
+    assert [b.training for b in clf.blocks] == [i >= DEPTH - k for i in range(DEPTH)]
+    assert clf.head.training and not clf.patch_embed.training
+
+
+def test_too_many_train_blocks_is_a_config_error(mae):
+    clf = build_classifier(mae, 4)
+    with pytest.raises(ConfigError, match="only 3 blocks"):
+        set_trainable_blocks(clf, 4)
+
+
+def test_linear_probe_tunes_only_its_head_and_the_last_blocks(mae):
+    import copy
+
+    probe = LinearProbe(copy.deepcopy(mae.encoder), 4, "cls", train_blocks=0)
+    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {"head.1.weight", "head.1.bias"}
+    assert isinstance(probe.head[0], torch.nn.BatchNorm1d) and not probe.head[0].affine
+    probe.train()
+    assert not probe.encoder.training and probe.head.training
+    probe = LinearProbe(copy.deepcopy(mae.encoder), 4, "cls", train_blocks=1)
+    tuned = {n for n, p in probe.named_parameters() if p.requires_grad}
+    assert tuned == {"head.1.weight", "head.1.bias", "encoder.norm.weight", "encoder.norm.bias"} | {
+        n for n, _ in probe.named_parameters() if n.startswith(f"encoder.blocks.{DEPTH - 1}.")}
+
+
+# ---------------------------------------------------------------------------------- features, kNN
+def test_pool_tokens():
+    t = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3)
+    assert torch.equal(pool_tokens(t, "cls"), t[:, 0])
+    assert torch.allclose(pool_tokens(t, "avg"), t[:, 1:].mean(1))
+
+
+def test_extract_features_is_eval_mode_and_restores_it(mae):
+    ds = torch.utils.data.TensorDataset(torch.randn(5, 3, 32, 32), torch.arange(5))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2)
+    mae.encoder.train()
+    f, y = extract_features(mae.encoder, loader, "cls", "cpu")
+    assert mae.encoder.training
+    assert f.shape == (5, 64) and torch.equal(y, torch.arange(5))
+    mae.encoder.eval()
+    with torch.no_grad():
+        assert torch.allclose(f, mae.forward_features(ds.tensors[0])[:, 0], atol=1e-6)
+
+
+def test_knn_weighted_votes_match_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(50, 8, generator=g)
+    labels = torch.randint(0, 3, (50,), generator=g)
+    test = torch.randn(7, 8, generator=g)
+    scores = knn_predict(train, labels, test, 3, k=5, temperature=0.1, chunk=3)
+    tn, qn = torch.nn.functional.normalize(train, dim=1), torch.nn.functional.normalize(test, dim=1)
+    for i in range(7):
+        sim = tn @ qn[i]
+        top = sim.topk(5)
+        expected = torch.zeros(3)
+        for s, j in zip(top.values, top.indices):
+            expected[labels[j]] += math.exp(s.item() / 0.1)
+        assert torch.allclose(scores[i], expected, rtol=1e-5)
+    assert torch.allclose(scores, knn_predict(train, labels, test, 3, k=5, temperature=0.1, chunk=1000))
+
+
+def test_knn_recovers_clustered_classes():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(6, 16, generator=g) * 3
+    y_train, y_test = torch.arange(300) % 6, torch.arange(60) % 6
+    train = centers[y_train] + torch.randn(300, 16, generator=g)
+    test = centers[y_test] + torch.randn(60, 16, generator=g)
+    acc = knn_accuracy(train, y_train, test, y_test, 6)
+    assert acc["top1"] > 90 and acc["top5"] >= acc["top1"]
+    assert "top5" not in knn_accuracy(train, y_train % 4, test, y_test % 4, 4)  # top-5 of 4 classes is trivial
+
+
+def test_default_data_config_is_accepted():
+    cfg = FinetuneConfig(from_scratch=True, data=DataConfig(num_classes=3))
+    assert cfg.checkpoint is None and cfg.data.num_classes == 3
