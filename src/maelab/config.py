@@ -181,6 +181,9 @@ class PretrainConfig:
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32."""
     compile: bool = False
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over ranks (torch fully_shard) instead of DDP:
+    for ViT-L/H and larger under torchrun. Checkpoints are saved unsharded, so they reload at any world size."""
     seed: int = 0
     deterministic: bool = False
     """torch.use_deterministic_algorithms: bit-identical reruns (slower on GPU)."""

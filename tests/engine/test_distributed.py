@@ -26,11 +26,14 @@ def _weights(run):
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
-    _run(["pretrain", "--output", str(tmp_path / "one"), "--batch-size", "16", *COMMON])
-    proc = _run(["pretrain", "--output", str(tmp_path / "two"), "--batch-size", "8", *COMMON], nproc=2)
-    assert proc.stdout.count("finished") == 1  # only rank 0 reports
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "one"
+    _run(["pretrain", "--output", str(out), "--batch-size", "16", *COMMON])
+    return out
+
+
+def assert_close_weights(one, two):
     for k in one:
         a, b = one[k], two[k]
         if k.endswith("attn.qkv.bias"):
@@ -41,5 +44,36 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             keep[width:2 * width] = False
             a, b = a[keep], b[keep]
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=k)
-    recs = [(tmp_path / r / "metrics.jsonl").read_text().splitlines() for r in ("one", "two")]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path, one_process_run):
+    proc = _run(["pretrain", "--output", str(tmp_path / "two"), "--batch-size", "8", *COMMON], nproc=2)
+    assert proc.stdout.count("finished") == 1  # only rank 0 reports
+    assert_close_weights(_weights(one_process_run), _weights(tmp_path / "two"))
+    recs = [(d / "metrics.jsonl").read_text().splitlines() for d in (one_process_run, tmp_path / "two")]
     assert len(recs[0]) == len(recs[1]) == 2
+
+
+def test_fsdp_checkpoint_reloads_at_another_world_size(tmp_path, one_process_run):
+    # 2 FSDP ranks stop mid-epoch; one plain process finishes the run.
+    out = tmp_path / "fsdp"
+    _run(["pretrain", "--output", str(out), "--batch-size", "8", "fsdp=true", "--max-steps", "3", *COMMON], nproc=2)
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert state["model"]["cls_token"].shape == (1, 1, TINY_MODEL_ARGS["embed_dim"])  # unsharded
+    _run(["pretrain", "--output", str(out), "--batch-size", "16", "--resume", *COMMON])
+    assert_close_weights(_weights(one_process_run), _weights(out))
+
+    # and the other way: a one-process checkpoint continues on 2 FSDP ranks
+    out2 = tmp_path / "to_fsdp"
+    _run(["pretrain", "--output", str(out2), "--batch-size", "16", "--max-steps", "5", *COMMON])
+    _run(["pretrain", "--output", str(out2), "--batch-size", "8", "fsdp=true", "--resume", *COMMON], nproc=2)
+    assert_close_weights(_weights(one_process_run), _weights(out2))
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path):
+    out = tmp_path / "run"
+    _run(["pretrain", "--output", str(out), "--batch-size", "16", "--max-steps", "1", *COMMON])
+    proc = subprocess.run([sys.executable, "-m", "maelab", "pretrain", "--output", str(out), "--batch-size", "8",
+                           "--resume", *COMMON], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "global batch of 16" in proc.stderr

@@ -156,7 +156,6 @@ def test_partial_finetuning_changes_only_the_last_blocks(ckpts, tmp_path):
         tuned = name.startswith(("blocks.1.", "norm."))
         assert p.requires_grad == tuned, name
         if tuned:
-            assert p.grad is None or True  # zero_grad(set_to_none) after each step
             if p.ndim > 1:
                 assert not torch.equal(p.detach(), original[name]), f"{name} did not change"
         else:
@@ -227,7 +226,7 @@ def test_finetune_partial_freezes_exactly_the_early_layers(ckpts, tmp_path):
 def test_finetune_from_scratch(tmp_path):
     out = tmp_path / "scratch"
     argv = ["finetune", "--from-scratch", "--model", "mae_vit_pico_patch4_32", "model_args.depth=1",
-            "--output", str(out), "--epochs", "1", "--batch-size", "32"] + synth(64)
+            "--output", str(out), "--epochs", "1", "--batch-size", "32", "warmup_epochs=0"] + synth(64)
     assert run_cli(argv) == 0
     ev = read_eval(out)
     assert ev["checkpoint"] == "scratch" and ev["metrics"]["epochs"] == 1
@@ -236,9 +235,10 @@ def test_finetune_from_scratch(tmp_path):
 def test_evaluation_uses_no_augmentation(ckpts, tmp_path):
     data = DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0)
     ft = Finetuner(FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "ft"), epochs=1,
-                                  batch_size=32, eval_crop_pct=1.0), progress=False)
+                                  warmup_epochs=0, batch_size=32, eval_crop_pct=1.0), progress=False)
     lp = LinearProber(LinprobeConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "lp"),
-                                     augment=True, batch_size=32, eval_crop_pct=1.0), progress=False)
+                                     augment=True, epochs=1, warmup_epochs=0, batch_size=32, eval_crop_pct=1.0),
+                      progress=False)
     tf = eval_transform(32, ft.mean, ft.std, crop_pct=1.0)
     for obj in (ft, lp):
         raw, _ = obj.val_ds.raw(5)

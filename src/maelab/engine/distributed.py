@@ -81,3 +81,63 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------- FSDP
+def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``): each transformer block is one unit, the rest is the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _is_dtensor(value: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def full_tensors(tree: object) -> object:
+    """Replace every DTensor in a nested dict/list by its full tensor on CPU (a collective)."""
+    if _is_dtensor(tree):
+        return tree.full_tensor().cpu()  # type: ignore[attr-defined]
+    if isinstance(tree, dict):
+        return {k: full_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [full_tensors(v) for v in tree]
+    return tree
+
+
+def shard_like(full: dict[str, torch.Tensor], sharded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut full tensors into this rank's shards, laid out like ``sharded`` (same keys)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {}
+    for key, value in full.items():
+        ref = sharded.get(key)
+        if ref is not None and _is_dtensor(ref):
+            out[key] = distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+        else:
+            out[key] = value
+    return out
+
+
+def load_full_optimizer_state(optimizer: torch.optim.Optimizer, full_state: dict) -> None:
+    """Load an unsharded optimizer state dict into an optimizer over FSDP-sharded parameters."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for idx, entry in full_state["state"].items():
+        p = params[int(idx)]
+        new = {}
+        for name, value in entry.items():
+            if _is_dtensor(p) and torch.is_tensor(value) and value.shape == p.shape:
+                new[name] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+            else:
+                new[name] = value
+        state[idx] = new
+    optimizer.load_state_dict({"state": state, "param_groups": full_state["param_groups"]})

@@ -9,11 +9,13 @@ and their states are saved in every checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +26,8 @@ from maelab.config import PretrainConfig, save_yaml, to_dict
 from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
-from maelab.engine.distributed import all_reduce_mean, all_reduce_min, barrier, device_for, init_distributed
+from maelab.engine.distributed import (all_reduce_mean, all_reduce_min, barrier, device_for, full_tensors,
+                                      init_distributed, load_full_optimizer_state, shard_like, shard_model)
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import (autocast, resolve_device, resolve_precision, rng_state, seed_everything,
@@ -90,6 +93,16 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(model: torch.nn.Module):  # type: ignore[no-untyped-def]
+    """FSDP2's counterpart of DDP.no_sync: skip the gradient reduce-scatter for a micro-batch."""
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
 class Pretrainer:
     """Holds the state of one pre-training run. ``run()`` trains to the end (or ``max_steps``)."""
 
@@ -106,12 +119,20 @@ class Pretrainer:
         self.model_cfg = get_config(cfg.model, **cfg.model_args)
         self.model = MaskedAutoencoder(self.model_cfg).to(self.device)
         wrapped: torch.nn.Module = self.model
-        if self.dist.enabled:
+        self.fsdp = cfg.fsdp and self.dist.enabled
+        self.ddp = None
+        no_sync = None
+        if cfg.fsdp and not self.dist.enabled:
+            log.warning("fsdp=true needs torchrun with more than one process: training unsharded")
+        if self.fsdp:
+            shard_model(self.model, [*self.model.encoder.blocks, *self.model.decoder_blocks])
+            no_sync = partial(_fsdp_no_sync, self.model)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(self.model, device_ids=ids)
-        self.ddp = wrapped if self.dist.enabled else None
+            wrapped = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            no_sync = self.ddp.no_sync
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
 
         self.out = Path(cfg.output)
@@ -145,7 +166,7 @@ class Pretrainer:
         self.stepper = TrainStep(self.model, self.optimizer, self.device, self.dtype, self.scaler, cfg.grad_clip,
                                  self.mask_gen, forward=self.forward, rank=self.dist.rank,
                                  world_size=self.dist.world_size,
-                                 no_sync=self.ddp.no_sync if self.ddp is not None else None,
+                                 no_sync=no_sync,
                                  skip_nonfinite=cfg.max_bad_steps > 0,
                                  all_reduce_min=lambda t: all_reduce_min(t, self.dist))
         self.bad_steps = 0
@@ -166,7 +187,7 @@ class Pretrainer:
         if self.is_main:
             save_yaml(cfg, self.out / "config.yaml")
         self.tb = self._tensorboard() if cfg.tensorboard and self.is_main else None
-        self.vis_batch = self._vis_batch() if self.is_main else None
+        self.vis_batch = self._vis_batch() if self.is_main or self.fsdp else None
 
     # ------------------------------------------------------------------ setup helpers
     def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -202,9 +223,14 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, batch_in_epoch: int) -> dict[str, Any]:
+        """Everything needed to resume; unsharded (under FSDP this is a collective)."""
+        model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
+        if self.fsdp:
+            model_sd, optim_sd = full_tensors(model_sd), full_tensors(optim_sd)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "world_size": self.dist.world_size,
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.epoch,
@@ -221,10 +247,12 @@ class Pretrainer:
     def save(self, batch_in_epoch: int, periodic: str | None = None) -> Path:
         """Write ``last.pt`` (and a periodic copy named ``periodic``) atomically; rotate old ones.
 
-        Only rank 0 writes (the weights are identical on every rank)."""
-        if not self.is_main:
+        Only rank 0 writes (the weights are identical on every rank; FSDP shards are gathered first)."""
+        if not self.is_main and not self.fsdp:
             return self.ckpt_dir / LAST
         state = self.state_dict(batch_in_epoch)
+        if not self.is_main:
+            return self.ckpt_dir / LAST
         path = atomic_save(state, self.ckpt_dir / LAST)
         if periodic:
             atomic_save(state, self.ckpt_dir / periodic)
@@ -238,16 +266,27 @@ class Pretrainer:
         if diff:
             raise CheckpointError(f"{path}: checkpoint was trained with a different model ({'; '.join(diff)})")
         saved_cfg = state.get("config", {})
-        for key in ("batch_size", "accum_steps", "seed"):
-            if key in saved_cfg and saved_cfg[key] != getattr(self.cfg, key):
-                raise CheckpointError(f"{path}: resuming with {key}={getattr(self.cfg, key)!r} but the run used "
-                                      f"{saved_cfg[key]!r}; keep it the same to resume exactly")
-        self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_world = state.get("world_size", 1)
+        saved_batch = saved_cfg.get("batch_size", self.cfg.batch_size) * saved_cfg.get("accum_steps", 1) * saved_world
+        now_batch = self.cfg.effective_batch(self.dist.world_size)
+        if saved_batch != now_batch:
+            raise CheckpointError(f"{path}: the run used a global batch of {saved_batch} images per step, now it would be "
+                                  f"{now_batch} (batch_size x accum_steps x world_size): keep it the same to resume")
+        if saved_cfg.get("seed", self.cfg.seed) != self.cfg.seed:
+            raise CheckpointError(f"{path}: the run used seed={saved_cfg['seed']}, now seed={self.cfg.seed}: "
+                                  "keep it the same to resume exactly")
+        if self.fsdp:
+            self.model.load_state_dict(shard_like(state["model"], self.model.state_dict()), strict=True)
+            load_full_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"], strict=True)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.epoch = state["epoch"]
-        self._resume_batch = state["batch_in_epoch"]
+        # position in the epoch, in this run's per-rank batches (the world size may have changed)
+        samples_done = state["batch_in_epoch"] * saved_cfg.get("batch_size", self.cfg.batch_size) * saved_world
+        self._resume_batch = samples_done // (self.cfg.batch_size * self.dist.world_size)
         self.epoch_loss_sum = state.get("epoch_loss_sum", 0.0)
         self.epoch_steps_done = state.get("epoch_steps_done", 0)
         self.bad_steps = state.get("bad_steps", 0)
@@ -369,11 +408,9 @@ class Pretrainer:
                 final = self.epoch == cfg.epochs
                 if final or self.epoch % cfg.save_every == 0:
                     self.save(0, periodic=None if final else f"epoch_{self.epoch:04d}.pt")
-                if not self.is_main:
-                    pass
-                elif final or self.epoch % cfg.vis_every == 0:
+                if final or self.epoch % cfg.vis_every == 0:
                     self.write_figures()
-                else:
+                elif self.is_main:
                     self.write_loss_curve()
                 if on_epoch_end is not None:
                     on_epoch_end(self)
@@ -401,11 +438,15 @@ class Pretrainer:
         """Reconstruction grid of the fixed visualization batch, and the loss curve."""
         from maelab.viz import default_title, reconstruct, save_reconstruction_grid
 
+        if self.vis_batch is None:  # not rank 0 (and no FSDP collective to join)
+            return self.fig_dir
         self.model.eval()
         imgs, noise = self.vis_batch
         with autocast(self.device, self.dtype):
             out = self.model(imgs.to(self.device), noise=noise.to(self.device))
         self.model.train()
+        if not self.is_main:
+            return self.fig_dir
         images = reconstruct(imgs, out.pred.float().cpu(), out.mask.cpu(), self.model_cfg.patch_size,
                              self.model_cfg.norm_pix_loss)
         path = self.fig_dir / f"reconstruction_epoch{self.epoch:04d}.png"
