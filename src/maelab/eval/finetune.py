@@ -179,7 +179,10 @@ class Finetuner:
             mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)  # type: ignore[arg-type]
             self.model_cfg = mae.cfg
             self.source = str(cfg.checkpoint)
-        self.img_size = cfg.img_size if cfg.img_size is not None else self.model_cfg.img_size
+        saved_size = state["config"].get("img_size") if state is not None else None
+        if isinstance(saved_size, list):
+            saved_size = tuple(saved_size)
+        self.img_size = next(s for s in (cfg.img_size, saved_size, self.model_cfg.img_size) if s is not None)
 
         # data
         c = self.model_cfg.in_chans
@@ -268,7 +271,7 @@ class Finetuner:
         if state.get("kind") != "finetune" or "encoder_config" not in state:
             raise CheckpointError(f"{path}: not a fine-tuning checkpoint; --resume continues a `maelab finetune` run")
         saved = state.get("config", {})
-        for key in ("batch_size", "accum_steps", "seed", "pool"):
+        for key in ("batch_size", "accum_steps", "seed", "pool", "train_blocks"):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise CheckpointError(f"{path}: resuming with {key}={getattr(self.cfg, key)!r} but the run used "
                                       f"{saved[key]!r}; keep it the same to resume")
