@@ -9,18 +9,26 @@ from typing import Any
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """All readable records (blank or corrupt lines, e.g. from a crash, are skipped)."""
+    """All records of a ``metrics.jsonl`` ([] if it does not exist).
+
+    Blank, truncated or otherwise corrupt lines (a crash mid-write, a file being written by a
+    live run), non-UTF-8 bytes and lines that are not JSON objects are skipped.
+    """
     p = Path(path)
     if not p.exists():
         return []
     out = []
-    for line in p.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
     return out
 
 

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from maelab.engine.metrics import read_records
 from maelab.viz.reconstruction import _atomic_savefig
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a ``metrics.jsonl`` file, one JSON object a line.
-
-    Blank, truncated or otherwise corrupt lines (and lines that are not JSON objects) are
-    skipped, so a file being written by a live run can be read. Raises FileNotFoundError
-    if the file does not exist.
-    """
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-    return records
+    """Records of a ``metrics.jsonl`` file (corrupt lines skipped); FileNotFoundError if missing."""
+    if not Path(path).exists():
+        raise FileNotFoundError(path)
+    return read_records(path)
 
 
 def _number(v: Any) -> float | None:
