@@ -110,11 +110,11 @@ def test_knn_monitor_returns_top1_and_keeps_train_mode(ckpts):
 def test_linprobe_end_to_end_cached(ckpts, tmp_path):
     out = tmp_path / "lp"
     argv = ["linprobe", "--checkpoint", str(ckpts["pt"]), "--output", str(out), "--no-augment", "--epochs", "30",
-            "--batch-size", "64", "--base-lr", "4", "warmup_epochs=3"] + synth(1024)
+            "--batch-size", "64", "--optimizer", "sgd", "--base-lr", "0.4", "warmup_epochs=3"] + synth(1024)
     assert run_cli(argv) == 0
     ev = read_eval(out)
-    assert ev["protocol"] == "linprobe" and ev["cached_features"] is True and ev["config"]["optimizer"] == "lars"
-    assert ev["metrics"]["top1"] > CHANCE + 10, ev["metrics"]
+    assert ev["protocol"] == "linprobe" and ev["cached_features"] is True and ev["config"]["optimizer"] == "sgd"
+    assert ev["metrics"]["top1"] > CHANCE + 15, ev["metrics"]
     recs = records(out)
     assert [r["epoch"] for r in recs] == list(range(1, 31)) and all("top1" in r and "lr" in r for r in recs)
     assert (out / "checkpoints" / "best.pt").is_file() and (out / "checkpoints" / "last.pt").is_file()
@@ -314,3 +314,16 @@ def test_main_cli_exposes_the_commands(ckpts, tmp_path, capsys):
     assert cli.main(["knn", "--checkpoint", str(ckpts["pt"]), "--data", str(folder), "--num-workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("maelab: error:") and "has no labels" in err and "\n" not in err
+
+
+def test_shared_cifar10_copy_feeds_every_protocol(ckpts, cifar10_dir, tmp_path):
+    """The real CIFAR-10 ImageFolder copy (when present): labeled train/test splits, 10 classes."""
+    data = DataConfig(name=str(cifar10_dir), num_workers=0)
+    ft = Finetuner(FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "ft"), epochs=1,
+                                  warmup_epochs=0, eval_crop_pct=1.0), progress=False)
+    assert (len(ft.train_ds), len(ft.val_ds), ft.num_classes) == (50000, 10000, 10)
+    img, label = ft.val_ds[0]
+    assert img.shape == (3, 32, 32) and label == 0
+    lp = LinearProber(LinprobeConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "lp"),
+                                     augment=False, epochs=1, warmup_epochs=0, eval_crop_pct=1.0), progress=False)
+    assert lp.cached and lp.num_classes == 10

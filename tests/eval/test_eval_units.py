@@ -250,3 +250,22 @@ def test_knn_recovers_clustered_classes():
 def test_default_data_config_is_accepted():
     cfg = FinetuneConfig(from_scratch=True, data=DataConfig(num_classes=3))
     assert cfg.checkpoint is None and cfg.data.num_classes == 3
+
+
+def test_recipes_are_valid_configs():
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+    kinds = {"finetune": FinetuneConfig, "linprobe": LinprobeConfig, "knn": KnnConfig}
+    found = 0
+    for path in sorted(recipes.glob("*.yaml")):
+        prefix = path.name.split("_")[0]
+        if prefix in kinds:
+            cfg = build_config(kinds[prefix], path)
+            assert cfg.output.startswith("runs/"), path.name
+            found += 1
+    assert found >= 8
+    paper = build_config(FinetuneConfig, recipes / "finetune_imagenet_vit_base_paper.yaml")
+    assert paper.effective_batch() == 1024 and paper.resolved_lr() == pytest.approx(4e-3)
+    probe = build_config(LinprobeConfig, recipes / "linprobe_imagenet_vit_base_paper.yaml")
+    assert probe.resolved_lr() == pytest.approx(6.4) and probe.pool == "cls" and probe.optimizer == "lars"

@@ -171,8 +171,8 @@ def save_reconstruction_grid(images: Mapping[str, torch.Tensor], path: str | Pat
 
     h, w = images["original"].shape[-2:]
     cell = 2.0
-    head = 0.6 if title else 0.3
-    fig = Figure(figsize=(cell * 4, cell * rows * h / w + head))
+    head = 0.3 + (0.2 * (title.count("\n") + 1) if title else 0.0)
+    fig = Figure(figsize=(cell * 4, cell * rows * h / w + head), layout="constrained")
     axes = fig.subplots(rows, 4, squeeze=False)
     for r in range(rows):
         for j, key in enumerate(_KEYS):
@@ -185,5 +185,4 @@ def save_reconstruction_grid(images: Mapping[str, torch.Tensor], path: str | Pat
                 ax.set_title(COLUMNS[j], fontsize=9)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return _atomic_savefig(fig, path)
