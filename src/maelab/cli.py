@@ -1,4 +1,4 @@
-"""``maelab <command>``: pretrain, visualize, export, models, bench.
+"""``maelab <command>``: pretrain, finetune, linprobe, knn, visualize, export, models, bench.
 
 Every user mistake ends with one line on stderr (``maelab: error: ...``) and exit code 2;
 internal bugs keep their traceback.
@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write results to this JSON file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. mask_ratio=0.9")
     p.set_defaults(func=cmd_bench)
+
+    from maelab.eval.cli import add_eval_commands
+
+    add_eval_commands(sub)
     return parser
 
 

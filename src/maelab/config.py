@@ -199,6 +199,14 @@ class PretrainConfig:
     keep_last: int = 3
     """Periodic checkpoints kept besides last.pt."""
     tensorboard: bool = False
+    knn_every: int = 0
+    """Epochs between kNN accuracy checks of the encoder (0 = off), logged as knn_top1 in metrics.jsonl."""
+    knn_data: str | None = None
+    """Labeled validation set for the kNN check (name or folder); default: the test split of ``data``."""
+    knn_max_train: int = 10000
+    """At most this many training images form the kNN memory bank (an evenly spaced subset)."""
+    knn_k: int = 20
+    knn_temperature: float = 0.07
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -227,6 +235,10 @@ class PretrainConfig:
         _check(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "0 or more")
         _check(self.keep_last >= 0, "keep_last", self.keep_last, "0 or more")
         _check(self.max_bad_steps >= 0, "max_bad_steps", self.max_bad_steps, "0 or more")
+        _check(self.knn_every >= 0, "knn_every", self.knn_every, "0 (off) or a positive number of epochs")
+        _check(self.knn_max_train >= 1, "knn_max_train", self.knn_max_train, "a positive int")
+        _check(self.knn_k >= 1, "knn_k", self.knn_k, "a positive int")
+        _check(self.knn_temperature > 0, "knn_temperature", self.knn_temperature, "a positive number")
         if not isinstance(self.model_args, dict):
             raise ConfigError(f"invalid model_args={self.model_args!r}: a mapping of ModelConfig fields")
         known = {f.name for f in fields(ModelConfig)}

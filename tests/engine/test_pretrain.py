@@ -149,3 +149,16 @@ def test_max_bad_steps_skips_non_finite_updates(tmp_path):
     _poison_forward(trainer, {2, 6})
     with pytest.raises(NonFiniteLossError):
         trainer.run()
+
+
+def test_online_knn_monitoring_is_logged(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", epochs=2, knn_every=1, knn_k=5, **{"data.num_classes": 4})
+    pretrain(cfg, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in records) and len(records) == 2
+
+
+def test_online_knn_refuses_the_training_folder_as_validation(tmp_path, cifar10_dir):
+    cfg = tiny_cfg(tmp_path / "run", knn_every=1, **{"data.name": str(cifar10_dir / "train")})
+    with pytest.raises(ConfigError, match="knn_data"):
+        Pretrainer(cfg, progress=False)

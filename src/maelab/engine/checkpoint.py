@@ -129,6 +129,9 @@ def load_pretrained(path: str | Path, **overrides: Any):  # -> MaskedAutoencoder
         model.encoder.load_state_dict(load_file(str(p)), strict=True)
         return model
     raw = read_checkpoint(p)
+    if isinstance(raw, dict) and raw.get("kind") in ("finetune", "linprobe"):
+        raise CheckpointError(f"{p}: a {raw['kind']} checkpoint (a classifier), not a pre-trained MAE; "
+                              "pass the pre-training run or file it started from")
     if isinstance(raw, dict) and "model_config" in raw:
         cfg = from_dict(ModelConfig, {**raw["model_config"], **overrides})
         model = MaskedAutoencoder(cfg)

@@ -14,7 +14,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from maelab.config import PretrainConfig, save_yaml, to_dict
 from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
+from maelab.data.build import EVAL_SPLIT_DIRS
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
 from maelab.engine.distributed import (all_reduce_mean, all_reduce_min, barrier, device_for, full_tensors,
@@ -188,6 +189,7 @@ class Pretrainer:
             save_yaml(cfg, self.out / "config.yaml")
         self.tb = self._tensorboard() if cfg.tensorboard and self.is_main else None
         self.vis_batch = self._vis_batch() if self.is_main or self.fsdp else None
+        self.knn_sets = self._knn_sets() if cfg.knn_every and self.is_main else None
 
     # ------------------------------------------------------------------ setup helpers
     def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -220,6 +222,41 @@ class Pretrainer:
         noise = make_noise(self.model_cfg.mask_type, n, self.model_cfg.grid_size, self.model_cfg.mask_ratio,
                            "cpu", generator=gen)
         return imgs, noise
+
+    def _knn_sets(self) -> tuple[Any, Any] | None:
+        """(memory bank, queries) with the evaluation transform, for the online kNN check."""
+        from torch.utils.data import Subset
+
+        from maelab.data import dataset_info
+
+        if self.fsdp:
+            log.warning("knn_every is ignored with fsdp=true (sharded forward passes need every rank)")
+            return None
+        tf = eval_transform(self.model_cfg.img_size, self.mean, self.std, self.cfg.data.crop_pct)
+        kw = dict(img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans, transform=tf, seed=self.cfg.seed)
+        train = build_dataset(self.cfg.data, train=True, **kw)
+        root = Path(self.cfg.data.name)
+        if self.cfg.knn_data is None and root.is_dir() and not any((root / d).is_dir() for d in EVAL_SPLIT_DIRS):
+            raise ConfigError(f"knn_every needs validation images apart from the training folder {root}: "
+                              "set knn_data=PATH (a labeled folder, e.g. .../test)")
+        val_cfg = self.cfg.data if self.cfg.knn_data is None else replace(self.cfg.data, name=self.cfg.knn_data)
+        val = build_dataset(val_cfg, train=False, **kw)
+        if not (dataset_info(train)[1] and dataset_info(val)[1]):
+            raise ConfigError(f"knn_every={self.cfg.knn_every} needs labeled data: {self.cfg.data.name!r} "
+                              "(or knn_data) has no labels; set knn_every=0")
+        if len(train) > self.cfg.knn_max_train:
+            step = len(train) / self.cfg.knn_max_train
+            train = Subset(train, [int(i * step) for i in range(self.cfg.knn_max_train)])
+        return train, val
+
+    def knn_top1(self) -> float:
+        """kNN top-1 (%) of the current encoder on the monitoring sets."""
+        from maelab.eval.knn import knn_monitor
+
+        train, val = self.knn_sets
+        return knn_monitor(self.model, train, val, self.device, k=self.cfg.knn_k, T=self.cfg.knn_temperature,
+                           batch_size=max(self.cfg.batch_size, 64), num_workers=self.cfg.data.num_workers,
+                           dtype=self.dtype)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, batch_in_epoch: int) -> dict[str, Any]:
@@ -401,6 +438,9 @@ class Pretrainer:
                 record = {"epoch": self.epoch, "step": self.step, "loss": epoch_loss, "lr": self.lr(),
                           "img_per_s": imgs_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed,
                           "time": time.time()}
+                if self.knn_sets is not None and self.epoch % cfg.knn_every == 0:
+                    record["knn_top1"] = self.knn_top1()
+                    bar.write(f"epoch {self.epoch}: kNN top-1 {record['knn_top1']:.2f}%")
                 if self.is_main:
                     self.metrics.append(record)
                 if self.tb is not None:

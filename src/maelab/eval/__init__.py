@@ -10,7 +10,11 @@ Each protocol is its own module on one shared frozen-feature builder (:mod:`.fea
 Configs are in :mod:`.config`; :func:`maelab.eval.cli.add_eval_commands` adds the commands.
 """
 
-from maelab.eval.classifier import build_classifier, layer_decay_param_groups, set_trainable_blocks
+from maelab.eval.classifier import (
+    build_classifier,
+    layer_decay_param_groups,
+    set_trainable_blocks,
+)
 from maelab.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig
 from maelab.eval.features import extract_features, pool_tokens
 from maelab.eval.finetune import evaluate, finetune

@@ -112,7 +112,7 @@ def _add_shared(p: argparse.ArgumentParser, batch_help: str = "per-device batch 
     p.add_argument("--num-workers", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. layer_decay=0.65 data.num_workers=8")
+                   help="config overrides, e.g. warmup_epochs=5 data.num_workers=8 ")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:

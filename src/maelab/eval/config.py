@@ -32,8 +32,6 @@ def _check_common(cfg: Any) -> None:
     _check(cfg.device == "auto" or cfg.device in ("cpu", "mps") or cfg.device.startswith("cuda"),
            "device", cfg.device, "auto, cpu, cuda or cuda:N")
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"one of {PRECISIONS}")
-    _check(0.0 < cfg.eval_crop_pct <= 1.0, "eval_crop_pct", cfg.eval_crop_pct,
-           "a number in (0, 1] (1.0 for low-resolution data such as CIFAR)")
     if not isinstance(cfg.model_args, dict):
         raise ConfigError(f"invalid model_args={cfg.model_args!r}: a mapping of ModelConfig fields")
     known = {f.name for f in fields(ModelConfig)}
@@ -43,9 +41,7 @@ def _check_common(cfg: Any) -> None:
 
 def _check_source(cfg: Any, scratch_allowed: bool) -> None:
     if scratch_allowed and cfg.from_scratch:
-        _check(cfg.checkpoint is None, "checkpoint", cfg.checkpoint,
-               "must be empty with from_scratch=true (a random-init baseline loads no weights)")
-        return
+        return  # a checkpoint (e.g. from a recipe) is ignored
     hint = " (or from_scratch=true for the random-init baseline)" if scratch_allowed else ""
     _check(bool(cfg.checkpoint), "checkpoint", cfg.checkpoint,
            "required: a pre-training run directory, a maelab .pt, an official MAE .pth or an exported "
@@ -82,7 +78,7 @@ class FinetuneConfig:
     checkpoint: str | None = None
     """Pre-trained weights: run directory, maelab .pt, official MAE .pth or exported .safetensors."""
     from_scratch: bool = False
-    """Random (timm) initialization instead of a checkpoint: the paper's supervised baseline."""
+    """Random (timm) initialization, ignoring any checkpoint: the paper's supervised baseline."""
     model: str | None = None
     """Preset for from_scratch runs; with a checkpoint it is only checked against the checkpoint."""
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -131,8 +127,6 @@ class FinetuneConfig:
     recount: int = 1
     crop_min_scale: float = 0.08
     """RandomResizedCrop lower scale bound of the training transform."""
-    eval_crop_pct: float = 0.875
-    """Evaluation: resize to size / crop_pct, center crop (1.0: plain resize, for 32 px data)."""
     grad_clip: float | None = None
     ema: bool = False
     """Keep an exponential moving average of the weights (timm ModelEmaV3) and evaluate it too."""
@@ -232,7 +226,6 @@ class LinprobeConfig:
     augment: bool = True
     """RandomResizedCrop + flip on the training images (paper); false enables the feature cache."""
     crop_min_scale: float = 0.08
-    eval_crop_pct: float = 0.875
     train_blocks: int = 0
     """Partial fine-tuning (paper Fig. 9): also tune the last K blocks and the final norm; 0 = linear probe."""
     cache_features: bool = True
@@ -275,7 +268,6 @@ class KnnConfig:
     temperature: float = 0.07
     batch_size: int = 256
     """Images per feature-extraction batch."""
-    eval_crop_pct: float = 0.875
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0

@@ -22,9 +22,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,14 +38,32 @@ from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, load_resume_state
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
-from maelab.engine.runtime import (autocast, resolve_device, resolve_precision, rng_state, seed_everything,
-                                   set_rng_state)
+from maelab.engine.runtime import (
+    autocast,
+    resolve_device,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from maelab.engine.schedule import lr_at
 from maelab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
-from maelab.eval.classifier import (build_classifier, classifier_kwargs, frozen_to_eval, layer_decay_param_groups,
-                                    set_trainable_blocks)
-from maelab.eval.common import (evaluation_transform, load_encoder_model, plain_loader, reset_metrics,
-                                resolve_stats, train_and_test_sets, write_eval_json)
+from maelab.eval.classifier import (
+    build_classifier,
+    classifier_kwargs,
+    frozen_to_eval,
+    layer_decay_param_groups,
+    set_trainable_blocks,
+)
+from maelab.eval.common import (
+    evaluation_transform,
+    load_encoder_model,
+    plain_loader,
+    reset_metrics,
+    resolve_stats,
+    train_and_test_sets,
+    write_eval_json,
+)
 from maelab.eval.config import DEFAULT_SCRATCH_MODEL, FinetuneConfig
 from maelab.eval.knn import topk_accuracy
 
@@ -173,6 +192,8 @@ class Finetuner:
         elif cfg.from_scratch:
             from maelab.models.registry import get_config
 
+            if cfg.checkpoint:
+                log.warning("from_scratch=true: not loading checkpoint=%s (random initialization)", cfg.checkpoint)
             self.model_cfg = get_config(cfg.model or DEFAULT_SCRATCH_MODEL, **cfg.model_args)
             self.source = "scratch"
         else:
@@ -190,7 +211,7 @@ class Finetuner:
         self.train_ds, self.val_ds, self.num_classes = train_and_test_sets(
             cfg.data, img_size=self.img_size, in_chans=c,
             train_transform=finetune_train_transform(cfg, self.img_size, c, self.mean, self.std),
-            test_transform=evaluation_transform(self.img_size, self.mean, self.std, cfg.eval_crop_pct),
+            test_transform=evaluation_transform(self.img_size, self.mean, self.std, cfg.data.crop_pct),
             seed=cfg.seed, protocol="finetune")
         if len(self.train_ds) < cfg.batch_size * cfg.accum_steps:
             raise DataError(f"dataset {cfg.data.name!r} has {len(self.train_ds)} training images, fewer than "
@@ -422,7 +443,7 @@ class Finetuner:
                    "epochs": self.epoch, "steps": self.step}
         write_eval_json(self.out, "finetune", metrics, self.cfg, num_classes=self.num_classes,
                         num_train=len(self.train_ds), num_test=len(self.val_ds), pool=self.cfg.pool,
-                        train_blocks=self.cfg.train_blocks, source=self.source,
+                        train_blocks=self.cfg.train_blocks,
                         trainable_params=sum(p.numel() for p in self.trainable))
         return FinetuneResult(self.out, metrics, self.epoch, self.step)
 

@@ -26,8 +26,14 @@ from maelab.config import save_yaml
 from maelab.data import dataset_info
 from maelab.engine.runtime import resolve_device, resolve_precision, seed_everything
 from maelab.errors import DataError
-from maelab.eval.common import (evaluation_transform, load_encoder_model, plain_loader, resolve_stats,
-                                train_and_test_sets, write_eval_json)
+from maelab.eval.common import (
+    evaluation_transform,
+    load_encoder_model,
+    plain_loader,
+    resolve_stats,
+    train_and_test_sets,
+    write_eval_json,
+)
 from maelab.eval.config import KnnConfig
 from maelab.eval.features import extract_features
 
@@ -122,7 +128,7 @@ def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
     mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)  # type: ignore[arg-type]
     mcfg = mae.cfg
     mean, std = resolve_stats(cfg.data, mcfg.in_chans)
-    tf = evaluation_transform(mcfg.img_size, mean, std, cfg.eval_crop_pct)
+    tf = evaluation_transform(mcfg.img_size, mean, std, cfg.data.crop_pct)
     train_ds, test_ds, num_classes = train_and_test_sets(cfg.data, img_size=mcfg.img_size, in_chans=mcfg.in_chans,
                                                          train_transform=tf, test_transform=tf, seed=cfg.seed,
                                                          protocol="knn")

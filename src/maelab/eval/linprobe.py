@@ -37,12 +37,24 @@ from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
-from maelab.engine.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from maelab.engine.runtime import (
+    autocast,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from maelab.engine.schedule import lr_at
 from maelab.errors import DataError, NonFiniteLossError
 from maelab.eval.classifier import frozen_to_eval, set_trainable_blocks
-from maelab.eval.common import (evaluation_transform, load_encoder_model, plain_loader, reset_metrics,
-                                resolve_stats, train_and_test_sets, write_eval_json)
+from maelab.eval.common import (
+    evaluation_transform,
+    load_encoder_model,
+    plain_loader,
+    reset_metrics,
+    resolve_stats,
+    train_and_test_sets,
+    write_eval_json,
+)
 from maelab.eval.config import LinprobeConfig
 from maelab.eval.features import encode, extract_features
 from maelab.eval.knn import topk_accuracy
@@ -132,7 +144,7 @@ class LinearProber:
         mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)  # type: ignore[arg-type]
         self.model_cfg = mcfg = mae.cfg
         self.mean, self.std = resolve_stats(cfg.data, mcfg.in_chans)
-        test_tf = evaluation_transform(mcfg.img_size, self.mean, self.std, cfg.eval_crop_pct)
+        test_tf = evaluation_transform(mcfg.img_size, self.mean, self.std, cfg.data.crop_pct)
         train_tf = (pretrain_transform(mcfg.img_size, self.mean, self.std, min_scale=cfg.crop_min_scale,
                                        hflip=cfg.data.hflip) if cfg.augment else test_tf)
         self.train_ds, self.val_ds, self.num_classes = train_and_test_sets(
@@ -241,10 +253,8 @@ class LinearProber:
                        else self._streamed_batches(loader))
             t_epoch, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             window, window_steps, t_window = torch.zeros((), device=self.device), 0, time.perf_counter()
-            done = 0
-            for feats, labels in batches:
+            for done, (feats, labels) in enumerate(batches, start=1):
                 loss = self.train_step(feats, labels)
-                done += 1
                 seen += feats.shape[0]
                 window += loss
                 window_steps += 1
