@@ -133,6 +133,11 @@ class DataConfig:
     hflip: bool = True
     strict: bool = False
     """Fail on the first unreadable image instead of skipping it."""
+    gpu_resident: str | bool = "auto"
+    """Pre-training: keep the decoded training set on the device as uint8 and crop/flip/normalize whole batches
+    there (maelab.data.gpu). auto: on for CUDA when the data is synthetic/cifar10/cifar100/stl10 with images of at
+    most 64 px that fit in a quarter of the free GPU memory; on: always (folders are resized to the model's input
+    size once); off: the per-sample CPU DataLoader."""
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):
@@ -146,6 +151,9 @@ class DataConfig:
         _check(0.0 < self.min_scale <= 1.0, "data.min_scale", self.min_scale, "a number in (0, 1]")
         _check(0.0 < self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "a number in (0, 1]")
         _check(bool(self.split), "data.split", self.split, "a split name such as train")
+        if isinstance(self.gpu_resident, bool):  # YAML reads a bare on / off as true / false
+            object.__setattr__(self, "gpu_resident", "on" if self.gpu_resident else "off")
+        _check(self.gpu_resident in ("auto", "on", "off"), "data.gpu_resident", self.gpu_resident, "auto, on or off")
         if self.std is not None:
             _check(all(s > 0 for s in self.std), "data.std", self.std, "positive numbers")
 

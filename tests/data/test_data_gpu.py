@@ -16,8 +16,15 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from maelab.data import pretrain_transform
-from maelab.data.gpu import (GPUBatchLoader, batched_resized_crop, fits_in_memory, load_uint8_tensor,
-                             random_resized_crop_params, uint8_transform, use_gpu_resident)
+from maelab.data.gpu import (
+    GPUBatchLoader,
+    batched_resized_crop,
+    fits_in_memory,
+    load_uint8_tensor,
+    random_resized_crop_params,
+    uint8_transform,
+    use_gpu_resident,
+)
 from maelab.data.loader import ResumableSampler
 from maelab.data.synthetic import SyntheticShapes
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +65,8 @@ __all__ = [
     "fits_in_memory",
     "load_uint8_tensor",
     "random_resized_crop_params",
-    "use_gpu_resident",
     "uint8_transform",
+    "use_gpu_resident",
 ]
 
 
@@ -207,9 +206,9 @@ def random_resized_crop_params(n: int, height: int, width: int,
     # torchvision's fallback: the center crop, aspect ratio clamped to the range
     in_ratio = float(width) / float(height)
     if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
+        fw, fh = width, round(width / min(ratio))
     elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
+        fw, fh = round(height * max(ratio)), height
     else:
         fw, fh = width, height
     w = torch.where(accepted, w, torch.full_like(w, fw))

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from maelab.config import PretrainConfig, save_yaml, to_dict
 from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
 from maelab.data.build import EVAL_SPLIT_DIRS
+from maelab.data.gpu import FIXED_SIZE_DATASETS, GPUBatchLoader, load_uint8_tensor, uint8_transform, use_gpu_resident
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
 from maelab.engine.distributed import (all_reduce_mean, all_reduce_min, barrier, device_for, full_tensors,
@@ -142,16 +143,28 @@ class Pretrainer:
 
         mean, std = self._stats()
         self.mean, self.std = mean, std
-        transform = pretrain_transform(self.model_cfg.img_size, mean, std, cfg.data.min_scale, cfg.data.hflip)
-        self.dataset = build_dataset(cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans,
-                                     train=True, transform=transform, seed=cfg.seed)
+        self.dataset = self._gpu_dataset()  # None: the per-sample CPU pipeline
+        self.gpu_resident = self.dataset is not None
+        if self.dataset is None:
+            transform = pretrain_transform(self.model_cfg.img_size, mean, std, cfg.data.min_scale, cfg.data.hflip)
+            self.dataset = build_dataset(cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans,
+                                         train=True, transform=transform, seed=cfg.seed)
         if len(self.dataset) < cfg.batch_size:
             raise DataError(f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than "
                             f"batch_size={cfg.batch_size}: lower --batch-size")
         self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
                                         world_size=self.dist.world_size)
-        self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
-                                   pin_memory=self.device.type == "cuda")
+        self.loader: Any
+        if self.gpu_resident:
+            images, labels = load_uint8_tensor(self.dataset, num_workers=cfg.data.num_workers,
+                                               progress=self.progress and self.is_main)
+            self.loader = GPUBatchLoader(images.to(self.device), labels, cfg.batch_size, self.sampler,
+                                         self.model_cfg.img_size, mean, std, min_scale=cfg.data.min_scale,
+                                         hflip=cfg.data.hflip, seed=cfg.seed)
+            log.info("data: %r", self.loader)
+        else:
+            self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
+                                       pin_memory=self.device.type == "cuda")
         self.batches_per_epoch = len(self.sampler) // cfg.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.accum_steps
         if self.steps_per_epoch == 0:
@@ -201,6 +214,20 @@ class Pretrainer:
             raise ConfigError(f"invalid data.mean/std: need {c} values each (model in_chans={c}), "
                               f"got {len(mean)} and {len(std)}")
         return tuple(mean), tuple(std)
+
+    def _gpu_dataset(self) -> Any:
+        """The training set as uint8 images for the GPU-resident path, or None (``data.gpu_resident``)."""
+        cfg, mode = self.cfg, self.cfg.data.gpu_resident
+        fixed = cfg.data.name.lower() in FIXED_SIZE_DATASETS
+        if mode == "off" or (mode == "auto" and (self.device.type != "cuda" or not fixed)):
+            return None
+        # fixed-size sets keep their stored size (the crop is resized to img_size, as on the CPU path);
+        # folders are resized to the model's input size once
+        ds = build_dataset(cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans, train=True,
+                           transform=uint8_transform(None if fixed else self.model_cfg.img_size), seed=cfg.seed)
+        if not use_gpu_resident(mode, self.device, len(ds), ds[0][0].shape):
+            return None
+        return ds
 
     def _tensorboard(self) -> Any:
         try:
