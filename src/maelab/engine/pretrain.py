@@ -111,65 +111,23 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
+        self.out = Path(cfg.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.fig_dir = self.out / "figures"
+        if not resume and (self.ckpt_dir / LAST).exists():
+            raise ConfigError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to continue it "
+                              "or choose another --output")
         device = resolve_device(cfg.device)
         self.dist = init_distributed(device.type)
         self.is_main = self.dist.is_main
         self.device = device_for(self.dist, device)
         self.dtype = resolve_precision(cfg.precision, self.device)
-        seed_everything(cfg.seed, cfg.deterministic)  # same on every rank: identical init, identical masking noise stream
+        seed_everything(cfg.seed, cfg.deterministic)  # same on every rank: identical init and masking noise
 
         self.model_cfg = get_config(cfg.model, **cfg.model_args)
-        self.model = MaskedAutoencoder(self.model_cfg).to(self.device)
-        wrapped: torch.nn.Module = self.model
-        self.fsdp = cfg.fsdp and self.dist.enabled
-        self.ddp = None
-        no_sync = None
-        if cfg.fsdp and not self.dist.enabled:
-            log.warning("fsdp=true needs torchrun with more than one process: training unsharded")
-        if self.fsdp:
-            shard_model(self.model, [*self.model.encoder.blocks, *self.model.decoder_blocks])
-            no_sync = partial(_fsdp_no_sync, self.model)
-        elif self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
-            no_sync = self.ddp.no_sync
-        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
-
-        self.out = Path(cfg.output)
-        self.ckpt_dir = self.out / "checkpoints"
-        self.fig_dir = self.out / "figures"
-
-        mean, std = self._stats()
-        self.mean, self.std = mean, std
-        self.dataset = self._gpu_dataset()  # None: the per-sample CPU pipeline
-        self.gpu_resident = self.dataset is not None
-        if self.dataset is None:
-            transform = pretrain_transform(self.model_cfg.img_size, mean, std, cfg.data.min_scale, cfg.data.hflip)
-            self.dataset = build_dataset(cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans,
-                                         train=True, transform=transform, seed=cfg.seed)
-        if len(self.dataset) < cfg.batch_size:
-            raise DataError(f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than "
-                            f"batch_size={cfg.batch_size}: lower --batch-size")
-        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
-                                        world_size=self.dist.world_size)
-        self.loader: Any
-        if self.gpu_resident:
-            images, labels = load_uint8_tensor(self.dataset, num_workers=cfg.data.num_workers,
-                                               progress=self.progress and self.is_main)
-            self.loader = GPUBatchLoader(images.to(self.device), labels, cfg.batch_size, self.sampler,
-                                         self.model_cfg.img_size, mean, std, min_scale=cfg.data.min_scale,
-                                         hflip=cfg.data.hflip, seed=cfg.seed)
-            log.info("data: %r", self.loader)
-        else:
-            self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
-                                       pin_memory=self.device.type == "cuda")
-        self.batches_per_epoch = len(self.sampler) // cfg.batch_size
-        self.steps_per_epoch = self.batches_per_epoch // cfg.accum_steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"invalid accum_steps={cfg.accum_steps}: an epoch has only "
-                              f"{self.batches_per_epoch} batches; lower accum_steps or batch_size")
+        self.mean, self.std = self._stats()
+        no_sync = self._setup_model()
+        self._setup_data()
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = cfg.resolved_lr(self.dist.world_size)
@@ -179,8 +137,7 @@ class Pretrainer:
         self.mask_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.stepper = TrainStep(self.model, self.optimizer, self.device, self.dtype, self.scaler, cfg.grad_clip,
                                  self.mask_gen, forward=self.forward, rank=self.dist.rank,
-                                 world_size=self.dist.world_size,
-                                 no_sync=no_sync,
+                                 world_size=self.dist.world_size, no_sync=no_sync,
                                  skip_nonfinite=cfg.max_bad_steps > 0,
                                  all_reduce_min=lambda t: all_reduce_min(t, self.dist))
         self.bad_steps = 0
@@ -194,9 +151,6 @@ class Pretrainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         if resume:
             self._resume()
-        elif (self.ckpt_dir / LAST).exists():
-            raise ConfigError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to continue it "
-                              "or choose another --output")
         barrier(self.dist)  # every rank has read the checkpoint before rank 0 writes anything
         if self.is_main:
             save_yaml(cfg, self.out / "config.yaml")
@@ -205,6 +159,59 @@ class Pretrainer:
         self.knn_sets = self._knn_sets() if cfg.knn_every and self.is_main else None
 
     # ------------------------------------------------------------------ setup helpers
+    def _setup_model(self) -> Callable[[], Any] | None:
+        """Model on the device, wrapped for DDP or sharded with FSDP; returns the no-sync context."""
+        self.model = MaskedAutoencoder(self.model_cfg).to(self.device)
+        wrapped: torch.nn.Module = self.model
+        self.fsdp = self.cfg.fsdp and self.dist.enabled
+        self.ddp = None
+        no_sync = None
+        if self.cfg.fsdp and not self.dist.enabled:
+            log.warning("fsdp=true needs torchrun with more than one process: training unsharded")
+        if self.fsdp:
+            shard_model(self.model, [*self.model.encoder.blocks, *self.model.decoder_blocks])
+            no_sync = partial(_fsdp_no_sync, self.model)
+        elif self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+            no_sync = self.ddp.no_sync
+        self.forward = torch.compile(wrapped) if self.cfg.compile else wrapped
+        return no_sync
+
+    def _setup_data(self) -> None:
+        """Training set, this rank's resumable sampler, and the loader (GPU-resident or DataLoader)."""
+        cfg = self.cfg
+        self.dataset = self._gpu_dataset()  # None: the per-sample CPU pipeline
+        self.gpu_resident = self.dataset is not None
+        if self.dataset is None:
+            transform = pretrain_transform(self.model_cfg.img_size, self.mean, self.std, cfg.data.min_scale,
+                                           cfg.data.hflip)
+            self.dataset = build_dataset(cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans,
+                                         train=True, transform=transform, seed=cfg.seed)
+        if len(self.dataset) < cfg.batch_size * self.dist.world_size:
+            raise DataError(f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than one global batch "
+                            f"(batch_size={cfg.batch_size} x {self.dist.world_size} processes): lower --batch-size")
+        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
+                                        world_size=self.dist.world_size)
+        self.loader: Any
+        if self.gpu_resident:
+            images, labels = load_uint8_tensor(self.dataset, num_workers=cfg.data.num_workers,
+                                               progress=self.progress and self.is_main)
+            self.loader = GPUBatchLoader(images.to(self.device), labels, cfg.batch_size, self.sampler,
+                                         self.model_cfg.img_size, self.mean, self.std, min_scale=cfg.data.min_scale,
+                                         hflip=cfg.data.hflip, seed=cfg.seed)
+            log.info("data: %r", self.loader)
+        else:
+            self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
+                                       pin_memory=self.device.type == "cuda")
+        self.batches_per_epoch = len(self.sampler) // cfg.batch_size
+        self.steps_per_epoch = self.batches_per_epoch // cfg.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"invalid accum_steps={cfg.accum_steps}: an epoch has only "
+                              f"{self.batches_per_epoch} batches; lower accum_steps or batch_size")
+
     def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         mean_d, std_d = default_stats(self.model_cfg.in_chans)
         mean = self.cfg.data.mean or mean_d
