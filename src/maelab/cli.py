@@ -132,7 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     run_bench(model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
               device=args.device or "auto", precision=args.precision or "auto", compile=args.compile,
-              reference=not args.no_reference, json_path=args.json, model_args=_model_args(args.overrides))
+              reference=not args.no_reference, json_path=args.json, model_args=_model_args(args.overrides),
+              data=args.data, num_workers=args.num_workers, gpu_resident=args.gpu_resident)
     return 0
 
 
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the Hugging Face reference")
     p.add_argument("--json", help="write results to this JSON file")
+    p.add_argument("--data", help="also time the data loader and the end-to-end loop on this dataset")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers for --data")
+    p.add_argument("--gpu-resident", choices=["auto", "on", "off"], default="auto",
+                   help="GPU-resident data path for --data")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. mask_ratio=0.9")
     p.set_defaults(func=cmd_bench)
 

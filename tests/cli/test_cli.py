@@ -79,11 +79,15 @@ def test_models_lists_presets(capsys):
 def test_bench_on_cpu_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--device", "cpu", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--json",
-                 str(path), *(f"{k}={v}" for k, v in TINY_MODEL_ARGS.items())]) == 0
+                 str(path), "--data", "synthetic", "--num-workers", "0",
+                 *(f"{k}={v}" for k, v in TINY_MODEL_ARGS.items())]) == 0
     report = json.loads(path.read_text())
     ours = report["results"][0]
     assert ours["name"] == "maelab" and ours["img_per_s"] > 0 and ours["peak_memory_gb"] > 0
     assert ours["flops_per_image"] > 0 and report["environment"]["torch"] == torch.__version__
+    rows = {r["name"]: r for r in report["results"]}
+    assert rows["data:loader"]["img_per_s"] > 0 and rows["data:end_to_end"]["img_per_s"] > 0
+    assert rows["data:loader"]["gpu_resident"] is False  # CPU: the DataLoader path
     assert "img/s" in capsys.readouterr().out
 
 

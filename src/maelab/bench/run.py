@@ -94,8 +94,10 @@ def _reference(cfg: ModelConfig, batch_size: int, device: torch.device,
 def run_bench(model: str | None = None, batch_size: int | None = None, steps: int = 20, warmup: int = 5,
               device: str = "auto", precision: str = "auto", compile: bool = False, reference: bool = True,
               json_path: str | None = None, model_args: dict[str, Any] | None = None,
-              quiet: bool = False) -> dict[str, Any]:
-    """Benchmark our train step (and the HF reference); print a table, optionally write JSON."""
+              quiet: bool = False, data: str | None = None, num_workers: int | None = None,
+              gpu_resident: str = "auto") -> dict[str, Any]:
+    """Benchmark our train step (and the HF reference, and with ``data`` the loader and the
+    end-to-end loop); print a table, optionally write JSON."""
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     name = model or ("mae_vit_base_patch16" if dev.type == "cuda" else "mae_vit_pico_patch4_32")
@@ -117,6 +119,9 @@ def run_bench(model: str | None = None, batch_size: int | None = None, steps: in
             results[0]["speedup_vs_reference"] = results[0]["img_per_s"] / results[1]["img_per_s"]
         else:
             log.warning("skipping the Hugging Face reference: it supports square images only")
+    if data is not None:
+        results += run_data_bench(data, name, bs, steps=max(steps, 20), warmup=warmup, device=device,
+                                  num_workers=num_workers, gpu_resident=gpu_resident, model_args=model_args)
     report = {
         "command": " ".join(["maelab", *sys.argv[1:]]) if sys.argv and "maelab" in sys.argv[0] else None,
         "model": name, "model_config": to_dict(cfg), "batch_size": bs, "precision": str(dtype).removeprefix("torch."),
@@ -138,8 +143,62 @@ def format_table(report: dict[str, Any]) -> str:
              f"{report['matmul_peak_tflops']:.1f} TFLOP/s)",
              f"{'impl':<20}{'img/s':>10}{'step ms':>10}{'peak GB':>10}{'GFLOP/img':>11}{'MFU':>8}{'vs ref':>8}"]
     for r in report["results"]:
+        if r["name"].startswith("data:"):
+            where = "GPU-resident" if r["gpu_resident"] else f"{r['num_workers']} workers"
+            lines.append(f"{r['name']:<20}{r['img_per_s']:>10.1f}{r['step_ms_median']:>10.1f}   ({where})")
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         ratio = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else ""
         lines.append(f"{r['name']:<20}{r['img_per_s']:>10.1f}{r['step_ms_median']:>10.1f}"
                      f"{r['peak_memory_gb']:>10.2f}{r['flops_per_image'] / 1e9:>11.2f}{mfu:>8}{ratio:>8}")
     return "\n".join(lines)
+
+
+def run_data_bench(data: str, model: str, batch_size: int, steps: int = 50, warmup: int = 5, device: str = "auto",
+                   num_workers: int | None = None, gpu_resident: str = "auto",
+                   model_args: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Loader-only and end-to-end (loader + real train step) images/s of a pre-training setup.
+
+    Builds a real :class:`~maelab.engine.pretrain.Pretrainer` (in a temporary run directory)
+    and times ``steps`` batches after ``warmup``; the clock stops after a device sync.
+    """
+    import tempfile
+    import time
+
+    from maelab.config import PretrainConfig, build_config
+    from maelab.engine.pretrain import Pretrainer
+
+    overrides: dict[str, Any] = {"model": model, "batch_size": batch_size, "device": device, "epochs": 1,
+                                 "warmup_epochs": 0, "data.name": data, "data.gpu_resident": gpu_resident,
+                                 **{f"model_args.{k}": v for k, v in (model_args or {}).items()}}
+    if num_workers is not None:
+        overrides["data.num_workers"] = num_workers
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides["output"] = tmp
+        trainer = Pretrainer(build_config(PretrainConfig, None, overrides), progress=False)
+        sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+        for mode in ("loader", "end_to_end"):
+            trainer.sampler.set_epoch(0)
+            batches = iter(trainer.loader)
+            needed = min(warmup + steps, len(trainer.loader))
+            if needed <= warmup:
+                raise ValueError(f"{data}: only {len(trainer.loader)} batches of {batch_size}: too few to time")
+            t0 = 0.0
+            for i in range(needed):
+                if i == warmup:
+                    sync()
+                    t0 = time.perf_counter()
+                imgs, _ = next(batches)
+                if mode == "end_to_end":
+                    trainer.train_step([imgs])
+                else:
+                    imgs = imgs.to(trainer.device, non_blocking=True)
+            sync()
+            elapsed = time.perf_counter() - t0
+            timed = needed - warmup
+            results.append({"name": f"data:{mode}", "img_per_s": timed * batch_size / elapsed,
+                            "step_ms_median": 1e3 * elapsed / timed, "gpu_resident": trainer.gpu_resident,
+                            "num_workers": trainer.cfg.data.num_workers, "data": data})
+            del batches
+    return results
