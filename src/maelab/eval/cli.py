@@ -4,11 +4,16 @@ Each command reads an optional YAML recipe (``--config``), applies the explicit 
 ``key=value`` overrides on top, runs, writes ``eval.json`` (metrics, encoder source, config)
 into ``--output`` and prints a one-line summary. User mistakes raise
 :class:`~maelab.errors.MaelabError` subclasses, which the main CLI prints as one line.
+
+All three run under ``torchrun`` too (e.g. ``torchrun --nproc_per_node 8 -m maelab finetune ...``):
+``--batch-size`` is then per process, only rank 0 writes outputs and prints the summary, and
+the process group is closed when the command is done.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 FLAG_KEYS = {
@@ -46,6 +51,21 @@ def eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- commands
+def _is_main() -> bool:
+    """Rank 0 of a torchrun launch, or a plain single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _close_process_group() -> None:
+    """Leave the process group the command joined under torchrun (nothing otherwise)."""
+    import torch.distributed as dist
+
+    from maelab.engine.distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from maelab.config import build_config
     from maelab.eval.config import FinetuneConfig
@@ -53,6 +73,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = build_config(FinetuneConfig, args.config, eval_overrides(args))
     result = finetune(cfg, resume=args.resume, progress=not args.no_progress)
+    _close_process_group()
+    if not _is_main():
+        return 0
     m = result.metrics
     top5 = f", top-5 {m['top5']:.2f}" if "top5" in m else ""
     ema = f", EMA top-1 {m['ema_top1']:.2f}" if "ema_top1" in m else ""
@@ -68,6 +91,9 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
 
     cfg = build_config(LinprobeConfig, args.config, eval_overrides(args))
     result = linprobe(cfg, progress=not args.no_progress)
+    _close_process_group()
+    if not _is_main():
+        return 0
     m = result.metrics
     top5 = f", top-5 {m['top5']:.2f}" if "top5" in m else ""
     what = "linear probe" if cfg.train_blocks == 0 else f"partial fine-tune ({cfg.train_blocks} blocks)"
@@ -83,6 +109,9 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
     cfg = build_config(KnnConfig, args.config, eval_overrides(args))
     result = run_knn(cfg, progress=not args.no_progress)
+    _close_process_group()
+    if not _is_main():
+        return 0
     m = result.metrics
     top5 = f", top-5 {m['top5']:.2f}" if "top5" in m else ""
     print(f"kNN (k={cfg.k}, T={cfg.temperature}, {cfg.pool} features): top-1 {m['top1']:.2f}{top5}; "
@@ -95,7 +124,7 @@ _SOURCE_HELP = ("pre-trained weights: a pre-training run directory, a maelab .pt
                 "or an encoder exported by `maelab export` (.safetensors)")
 
 
-def _add_shared(p: argparse.ArgumentParser, batch_help: str = "per-device batch size") -> None:
+def _add_shared(p: argparse.ArgumentParser, batch_help: str = "per-device (per-process) batch size") -> None:
     p.add_argument("--config", help="YAML recipe (see recipes/finetune_*.yaml, linprobe_*.yaml, knn_*.yaml)")
     p.add_argument("--checkpoint", help=_SOURCE_HELP)
     p.add_argument("--model", help="preset name; with --checkpoint it is checked against the checkpoint")

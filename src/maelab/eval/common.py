@@ -4,6 +4,12 @@ Every protocol reads its encoder with :func:`load_encoder_model` (anything
 :func:`maelab.engine.checkpoint.load_pretrained` accepts: a pre-training run directory, a
 maelab ``.pt``, an official MAE ``.pth``, an exported ``.safetensors``), builds labeled
 train/test splits with :func:`labeled_dataset`, and ends with :func:`write_eval_json`.
+
+Under ``torchrun`` (see :mod:`maelab.engine.distributed`) :func:`shard` gives each rank its
+own slice of an evaluation split (``rank::world_size``, no padding, so nothing is counted
+twice), :func:`all_reduce_sum` adds per-rank counts, :func:`all_gather_interleaved` puts
+per-rank rows back into dataset order, and :func:`percent_metrics` turns summed counts into
+percentages.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from maelab.config import DataConfig, ModelConfig, to_dict
 from maelab.data import build_dataset, dataset_info, default_stats, eval_transform
+from maelab.engine.distributed import DistInfo
 from maelab.errors import CheckpointError, ConfigError, DataError
 from maelab.models.mae import MaskedAutoencoder
 
@@ -106,6 +113,54 @@ def plain_loader(ds: Dataset, batch_size: int, num_workers: int, device: torch.d
     """Sequential, non-dropping loader for evaluation and feature extraction."""
     return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                       pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+# ---------------------------------------------------------------------------------- torchrun helpers
+def shard(ds: Dataset, info: DistInfo) -> Dataset:
+    """This rank's items of an evaluation split: indices ``rank, rank + W, ...`` (W = world size).
+
+    Unlike ``DistributedSampler`` nothing is padded: the shards are disjoint and together hold
+    every item exactly once, so summed counts are exact. A single process gets ``ds`` itself."""
+    if not info.enabled:
+        return ds
+    return Subset(ds, range(info.rank, len(ds), info.world_size))  # type: ignore[arg-type]
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of a tensor over ranks (identity for a single process)."""
+    if not info.enabled:
+        return value
+    import torch.distributed as dist
+
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_gather_interleaved(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
+    """Rows of :func:`shard`-ed data from every rank, back in dataset order: [total, ...].
+
+    ``local`` holds this rank's rows (items ``rank::world_size``); shards differ in length by at
+    most one row, so each is padded to the longest for ``all_gather`` and cut back afterwards."""
+    if not info.enabled:
+        return local
+    import torch.distributed as dist
+
+    world = info.world_size
+    longest = -(-total // world)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    out = local.new_empty((total, *local.shape[1:]))
+    for r, part in enumerate(parts):
+        out[r::world] = part[: len(range(r, total, world))]
+    return out
+
+
+def percent_metrics(correct: dict[str, torch.Tensor | float], n: int) -> dict[str, float]:
+    """``{'top1': 100 * correct / n, ...}`` from (summed) correct counts."""
+    return {k: 100.0 * float(v) / n for k, v in correct.items()}
 
 
 def checkpoint_source(cfg: Any) -> str:

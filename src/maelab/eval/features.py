@@ -7,6 +7,9 @@ A feature is the encoder's output for the full, unmasked image, pooled one of tw
 
 ``encoder`` is the timm ``VisionTransformer`` of a :class:`~maelab.models.mae.MaskedAutoencoder`
 (``mae.encoder``), i.e. ``forward_features(imgs) -> [B, prefix + L, D]``.
+
+:func:`extract_split` is the ``torchrun``-aware entry point: each rank encodes its own shard
+of a split and the shards are all-gathered back into dataset order (or kept local).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from maelab.engine.distributed import DistInfo
 from maelab.engine.runtime import autocast
 
 POOLS = ("cls", "avg")
@@ -72,3 +76,34 @@ def extract_features(encoder: nn.Module, loader: DataLoader, pool: str, device: 
     if not feats:
         raise ValueError("extract_features: the loader yielded no batches")
     return torch.cat(feats), torch.cat(labels)
+
+
+def extract_split(encoder: nn.Module, ds: Dataset, pool: str, device: torch.device | str, *,
+                  batch_size: int, num_workers: int = 0, dtype: torch.dtype = torch.float32,
+                  info: DistInfo | None = None, gather: bool = True, progress: bool = False,
+                  desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features and labels of every item of ``ds``, in dataset order.
+
+    Under torchrun (``info.enabled``) each rank encodes only its shard (items
+    ``rank::world_size``, :func:`maelab.eval.common.shard`); with ``gather`` the shards are
+    all-gathered so that every rank holds the whole split, else each rank keeps its shard.
+    A single process is :func:`extract_features` over a sequential loader.
+    """
+    from maelab.eval.common import all_gather_interleaved, plain_loader, shard
+
+    info = info or DistInfo()
+    device = torch.device(device)
+    part = shard(ds, info)
+    if len(part) > 0 or not info.enabled:  # type: ignore[arg-type]
+        loader = plain_loader(part, batch_size, num_workers, device)
+        feats, labels = extract_features(encoder, loader, pool, device, dtype,
+                                         progress=progress and info.is_main, desc=desc)
+    else:  # fewer items than ranks: this rank has nothing to encode but still joins the gather
+        dim = int(getattr(encoder, "num_features", getattr(encoder, "embed_dim", 0)))
+        feats = torch.zeros(0, dim, device=device)
+        labels = torch.zeros(0, dtype=torch.long, device=device)
+    if gather and info.enabled:
+        total = len(ds)  # type: ignore[arg-type]
+        feats = all_gather_interleaved(feats, total, info)
+        labels = all_gather_interleaved(labels, total, info)
+    return feats, labels

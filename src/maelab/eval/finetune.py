@@ -14,10 +14,20 @@ with per-iteration warmup + cosine lr (``lr = base_lr * batch / 256``). Each epo
 evaluated (top-1 / top-5); ``checkpoints/last.pt`` and ``checkpoints/best.pt`` are written
 atomically, ``metrics.jsonl`` gets one record per epoch and ``eval.json`` the final result.
 ``--resume`` continues from ``last.pt`` at the next epoch.
+
+Under ``torchrun`` the classifier is wrapped in ``DistributedDataParallel``; each rank reads
+its interleaved slice of the epoch's permutation (``ResumableSampler``), so N processes with
+batch ``b`` see the global batches of one process with batch ``N x b``, and the lr follows
+the global batch (``batch_size x accum_steps x world_size``). Every rank starts from the same
+seed, so Mixup/CutMix draw the same lambda (and box) on every rank, as one global batch would.
+Evaluation is sharded (disjoint slices, no padding) and the correct counts are summed over
+ranks; the EMA is updated on every rank. Only rank 0 writes checkpoints, metrics and
+``eval.json`` and shows progress; on ``--resume`` every rank loads ``last.pt``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -36,6 +46,13 @@ from maelab.config import ModelConfig, from_dict, save_yaml, to_dict
 from maelab.data import pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, load_resume_state
+from maelab.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    device_for,
+    init_distributed,
+)
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
 from maelab.engine.runtime import (
@@ -61,11 +78,12 @@ from maelab.eval.common import (
     plain_loader,
     reset_metrics,
     resolve_stats,
+    shard,
     train_and_test_sets,
     write_eval_json,
 )
 from maelab.eval.config import DEFAULT_SCRATCH_MODEL, FinetuneConfig
-from maelab.eval.knn import topk_accuracy
+from maelab.eval.knn import summed_topk, topk_correct
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +92,11 @@ BEST = "best.pt"
 
 # ---------------------------------------------------------------------------------- transforms
 class _SeedPythonRandom:
-    """Seed python's ``random`` (used by timm's crops, RandAugment, erasing) from torch's RNG,
-    which ``SeededDataset`` seeds per sample: augmentation then depends only on (seed, epoch, index).
+    """Seed python's ``random`` (used by timm's crops, RandAugment, erasing) and numpy's global RNG
+    (RandAugment picks its ops with ``np.random.choice``) from torch's RNG, which ``SeededDataset``
+    seeds per sample: augmentation then depends only on (seed, epoch, index), not on which samples
+    a process loaded before (the number of workers or of torchrun ranks). numpy's state is
+    restored afterwards, so the training loop's own numpy draws (Mixup) do not depend on the data.
     uint8 tensors [C, H, W] (the synthetic data) become PIL images first."""
 
     def __init__(self, transform: Callable[[Any], Any], to_pil: bool) -> None:
@@ -83,12 +104,20 @@ class _SeedPythonRandom:
         self.to_pil = to_pil
 
     def __call__(self, img: Any) -> torch.Tensor:
-        random.seed(int(torch.randint(0, 2**62, ()).item()))
+        import numpy as np
+
+        seed = int(torch.randint(0, 2**62, ()).item())
+        random.seed(seed)
         if self.to_pil and isinstance(img, torch.Tensor):
             from torchvision.transforms.functional import to_pil_image
 
             img = to_pil_image(img)
-        return self.transform(img)
+        np_state = np.random.get_state()
+        np.random.seed(seed % 2**32)
+        try:
+            return self.transform(img)
+        finally:
+            np.random.set_state(np_state)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform!r})"
@@ -126,32 +155,47 @@ def finetune_train_transform(cfg: FinetuneConfig, img_size: int | tuple[int, int
 # ---------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype = torch.float32,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False, info: DistInfo | None = None,
+             num_classes: int | None = None) -> dict[str, float]:
     """Top-1 / top-5 (percent; top-5 only with more than 5 classes) and mean cross-entropy.
 
     The model runs in eval mode (its mode is restored); the loader must carry the
-    deterministic evaluation transform.
+    deterministic evaluation transform. Under torchrun (``info.enabled``) the loader holds
+    this rank's shard (:func:`maelab.eval.common.shard`: disjoint, not padded) and the
+    correct counts, loss sums and image counts are added over ranks, so every rank returns
+    the metrics of the whole split. ``num_classes`` defaults to the logits' width.
     """
+    info = info or DistInfo()
     was_training = model.training
     model.eval()
-    correct: dict[str, float] = {}
-    loss_sum, n = 0.0, 0
+    correct: dict[str, torch.Tensor] = {}
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
     try:
-        for imgs, target in tqdm(loader, disable=not progress, desc="eval", leave=False, dynamic_ncols=True):
+        for imgs, target in tqdm(loader, disable=not (progress and info.is_main), desc="eval", leave=False,
+                                 dynamic_ncols=True):
             imgs = imgs.to(device, non_blocking=True)
             target = torch.as_tensor(target).to(device)
             with autocast(device, dtype):
                 logits = model(imgs)
             logits = logits.float()
-            loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-            for key, acc in topk_accuracy(logits, target).items():
-                correct[key] = correct.get(key, 0.0) + acc * imgs.shape[0] / 100.0
+            num_classes = num_classes or logits.shape[1]
+            loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").double()
+            for key, count in topk_correct(logits, target, num_classes=num_classes).items():
+                correct[key] = correct[key] + count if key in correct else count
             n += imgs.shape[0]
     finally:
         model.train(was_training)
-    if n == 0:
+    if not correct:  # an empty split (or an empty shard, which still joins the sums)
+        if info.enabled and num_classes is None:
+            raise ValueError("evaluate() under torchrun needs num_classes when a rank holds no images")
+        correct = {f"top{k}": torch.zeros((), dtype=torch.long, device=device)
+                   for k in (1, 5) if k == 1 or k < (num_classes or 0)}
+    out, total = summed_topk(correct, n, info, extra={"loss": loss_sum.item()})
+    if total == 0:
         raise DataError("the evaluation split is empty")
-    return {**{k: 100.0 * v / n for k, v in correct.items()}, "loss": loss_sum / n, "num_images": n}
+    loss = out.pop("loss")
+    return {**out, "loss": loss / total, "num_images": total}
 
 
 def _eval_record(ev: dict[str, float]) -> dict[str, float]:
@@ -174,12 +218,16 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
-        self.device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
+        self.dist = init_distributed(device.type)
+        self.is_main = self.dist.is_main
+        self.world_size = self.dist.world_size
+        self.device = device_for(self.dist, device)
         self.dtype = resolve_precision(cfg.precision, self.device)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # the same on every rank: identical initialization and Mixup draws
         self.out = Path(cfg.output)
         self.ckpt_dir = self.out / "checkpoints"
-        state = self._resume_state() if resume else None
+        state = self._resume_state() if resume else None  # every rank reads the checkpoint
         if state is None and (self.ckpt_dir / LAST).exists():
             raise ConfigError(f"{self.out} already holds a fine-tuning run (checkpoints/last.pt): pass --resume to "
                               "continue it or choose another --output")
@@ -213,9 +261,11 @@ class Finetuner:
             train_transform=finetune_train_transform(cfg, self.img_size, c, self.mean, self.std),
             test_transform=evaluation_transform(self.img_size, self.mean, self.std, cfg.data.crop_pct),
             seed=cfg.seed, protocol="finetune")
-        if len(self.train_ds) < cfg.batch_size * cfg.accum_steps:
+        if len(self.train_ds) < cfg.effective_batch(self.world_size):
+            ranks = f" x world_size ({self.world_size} processes)" if self.dist.enabled else ""
             raise DataError(f"dataset {cfg.data.name!r} has {len(self.train_ds)} training images, fewer than "
-                            f"batch_size x accum_steps = {cfg.batch_size * cfg.accum_steps}: lower --batch-size")
+                            f"batch_size x accum_steps{ranks} = {cfg.effective_batch(self.world_size)}: "
+                            "lower --batch-size")
         if state is not None:
             saved = state.get("num_classes")
             if saved != self.num_classes:
@@ -231,7 +281,7 @@ class Finetuner:
         self.model.to(self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         groups = layer_decay_param_groups(self.model, cfg.weight_decay, cfg.layer_decay)
-        self.peak_lr = cfg.resolved_lr()
+        self.peak_lr = cfg.resolved_lr(self.world_size)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=cfg.betas, fused=fused or None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -241,13 +291,15 @@ class Finetuner:
         if cfg.ema:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)  # on every rank (the weights agree)
 
-        # loaders
-        self.sampler = ResumableSampler(len(self.train_ds), seed=cfg.seed, shuffle=True)
+        # loaders: an interleaved slice of each epoch's permutation per rank; a disjoint shard of the test split
+        self.sampler = ResumableSampler(len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
+                                        world_size=self.world_size)
         pin = self.device.type == "cuda"
         self.loader = build_loader(self.train_ds, cfg.batch_size, self.sampler, cfg.data.num_workers, pin_memory=pin)
-        self.val_loader = plain_loader(self.val_ds, cfg.batch_size, cfg.data.num_workers, self.device)
+        self.val_loader = plain_loader(shard(self.val_ds, self.dist), cfg.batch_size, cfg.data.num_workers,
+                                       self.device)
         self.batches_per_epoch = len(self.sampler) // cfg.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.accum_steps
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -257,13 +309,23 @@ class Finetuner:
         self.epoch = 0
         self.best: dict[str, Any] = {"top1": -1.0, "epoch": 0}
         self.last_eval: dict[str, Any] = {}
-        self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         if state is not None:
             self._load_state(state)
-        else:
-            reset_metrics(self.metrics.path)
-        save_yaml(cfg, self.out / "config.yaml")
+        barrier(self.dist)  # every rank has read the checkpoint before rank 0 writes anything
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            reset_metrics(self.metrics.path, self.epoch)
+            save_yaml(cfg, self.out / "config.yaml")
+
+        # DDP after the weights are final (it broadcasts rank 0's parameters once more)
+        self.forward: nn.Module = self.model
+        self.ddp: nn.Module | None = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
 
     # ------------------------------------------------------------------ setup helpers
     def _mixup(self) -> Any:
@@ -292,10 +354,19 @@ class Finetuner:
         if state.get("kind") != "finetune" or "encoder_config" not in state:
             raise CheckpointError(f"{path}: not a fine-tuning checkpoint; --resume continues a `maelab finetune` run")
         saved = state.get("config", {})
-        for key in ("batch_size", "accum_steps", "seed", "pool", "train_blocks"):
+        saved_world = state.get("world_size", 1)
+        keys = ("batch_size", "accum_steps") if saved_world == self.world_size else ()
+        for key in (*keys, "seed", "pool", "train_blocks"):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise CheckpointError(f"{path}: resuming with {key}={getattr(self.cfg, key)!r} but the run used "
                                       f"{saved[key]!r}; keep it the same to resume")
+        saved_batch = (saved.get("batch_size", self.cfg.batch_size) * saved.get("accum_steps", self.cfg.accum_steps)
+                       * saved_world)
+        now_batch = self.cfg.effective_batch(self.world_size)
+        if saved_batch != now_batch:
+            raise CheckpointError(f"{path}: the run used a global batch of {saved_batch} images per step, now it "
+                                  f"would be {now_batch} (batch_size x accum_steps x world_size): keep it the same "
+                                  "to resume")
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -312,8 +383,7 @@ class Finetuner:
         self.step, self.epoch = state["step"], state["epoch"]
         self.best = state.get("best", self.best)
         self.last_eval = state.get("last_eval", {})
-        set_rng_state(state["rng"])
-        reset_metrics(self.metrics.path, self.epoch)
+        set_rng_state(state["rng"])  # rank 0's state on every rank: they stay alike
         log.info("resumed %s at epoch %d, step %d", self._resume_path, self.epoch, self.step)
 
     def state_dict(self, full: bool = True) -> dict[str, Any]:
@@ -329,6 +399,7 @@ class Finetuner:
             "source": self.source,
             "step": self.step,
             "epoch": self.epoch,
+            "world_size": self.world_size,
             "best": self.best,
             "last_eval": self.last_eval,
         }
@@ -351,15 +422,19 @@ class Finetuner:
         """One optimizer step over ``accum_steps`` micro-batches; returns the mean loss (on device)."""
         set_lr(self.optimizer, self.lr())
         total = torch.zeros((), device=self.device)
-        for imgs, target in batches:
+        for i, (imgs, target) in enumerate(batches):
             imgs = imgs.to(self.device, non_blocking=True)
             target = torch.as_tensor(target).to(self.device, non_blocking=True)
             if self.mixup is not None:
                 imgs, target = self.mixup(imgs, target)
-            with autocast(self.device, self.dtype):
-                logits = self.model(imgs)
-            loss = self.criterion(logits.float(), target)
-            self.scaler.scale(loss / len(batches)).backward()
+            # DDP: all-reduce (average) the gradients once, on the last micro-batch
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()  # type: ignore[operator]
+            with sync:
+                with autocast(self.device, self.dtype):
+                    logits = self.forward(imgs)
+                loss = self.criterion(logits.float(), target)
+                self.scaler.scale(loss / len(batches)).backward()
             total += loss.detach()
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -380,8 +455,8 @@ class Finetuner:
     def run(self) -> FinetuneResult:
         cfg = self.cfg
         check_every = 1 if self.device.type == "cpu" else cfg.log_every
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and self.is_main),
+                   unit="step", dynamic_ncols=True, smoothing=0.1)
         while self.epoch < cfg.epochs:
             bar.set_description(f"finetune {self.epoch + 1}/{cfg.epochs}")
             self.sampler.set_epoch(self.epoch)
@@ -396,17 +471,18 @@ class Finetuner:
                 if len(pending) < cfg.accum_steps:
                     continue
                 loss = self.train_step(pending)
-                seen += sum(b[0].shape[0] for b in pending)
+                seen += sum(b[0].shape[0] for b in pending) * self.world_size
                 pending = []
                 steps_done += 1
                 window += loss
                 window_steps += 1
                 if self.step % check_every == 0 or self.step % cfg.log_every == 0 or steps_done == self.steps_per_epoch:
-                    value = window.item() / window_steps
+                    value = all_reduce_mean(window, self.dist).item() / window_steps  # the same on every rank
                     self._check_finite(value)
                     loss_sum += value * window_steps
                     loss_steps += window_steps
-                    rate = window_steps * cfg.effective_batch() / max(time.perf_counter() - t_window, 1e-9)
+                    rate = (window_steps * cfg.effective_batch(self.world_size)
+                            / max(time.perf_counter() - t_window, 1e-9))
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr():.2e}", img_s=f"{rate:.0f}")
                     window, window_steps, t_window = torch.zeros((), device=self.device), 0, time.perf_counter()
                 bar.update(1)
@@ -419,32 +495,39 @@ class Finetuner:
                                       "epoch_time_s": elapsed}
             final = self.epoch == cfg.epochs
             if final or self.epoch % cfg.eval_every == 0:
-                ev = evaluate(self.model, self.val_loader, self.device, self.dtype)
+                # sharded under torchrun; the summed metrics are the same on every rank
+                ev = evaluate(self.model, self.val_loader, self.device, self.dtype, info=self.dist,
+                              num_classes=self.num_classes)
                 record.update(_eval_record(ev))
                 if self.ema is not None:
-                    ev_ema = evaluate(self.ema.module, self.val_loader, self.device, self.dtype)
+                    ev_ema = evaluate(self.ema.module, self.val_loader, self.device, self.dtype, info=self.dist,
+                                      num_classes=self.num_classes)
                     record.update({f"ema_{k}": v for k, v in _eval_record(ev_ema).items()})
                 self.last_eval = {k: v for k, v in record.items() if k.startswith(("top", "ema_", "val_"))}
                 improved = ev["top1"] > self.best["top1"]
                 if improved:
                     self.best = {"top1": ev["top1"], "epoch": self.epoch, **({"top5": ev["top5"]} if "top5" in ev else {})}
                 record["best_top1"] = self.best["top1"]
-                bar.write(f"epoch {self.epoch}: loss {record['loss']:.4f}, val top-1 {ev['top1']:.2f}"
-                          + (f", top-5 {ev['top5']:.2f}" if "top5" in ev else "")
-                          + (f", ema top-1 {record['ema_top1']:.2f}" if "ema_top1" in record else "")
-                          + f" (best {self.best['top1']:.2f} @ {self.best['epoch']})")
-                if improved:
+                if self.is_main:
+                    bar.write(f"epoch {self.epoch}: loss {record['loss']:.4f}, val top-1 {ev['top1']:.2f}"
+                              + (f", top-5 {ev['top5']:.2f}" if "top5" in ev else "")
+                              + (f", ema top-1 {record['ema_top1']:.2f}" if "ema_top1" in record else "")
+                              + f" (best {self.best['top1']:.2f} @ {self.best['epoch']})")
+                if improved and self.is_main:
                     atomic_save(self.state_dict(full=False), self.ckpt_dir / BEST)
             record["time"] = time.time()
-            self.metrics.append(record)
-            atomic_save(self.state_dict(), self.ckpt_dir / LAST)
+            if self.is_main:  # the weights, optimizer and EMA are identical on every rank
+                self.metrics.append(record)
+                atomic_save(self.state_dict(), self.ckpt_dir / LAST)
         bar.close()
         metrics = {**self.last_eval, "best_top1": self.best["top1"], "best_epoch": self.best["epoch"],
                    "epochs": self.epoch, "steps": self.step}
-        write_eval_json(self.out, "finetune", metrics, self.cfg, num_classes=self.num_classes,
-                        num_train=len(self.train_ds), num_test=len(self.val_ds), pool=self.cfg.pool,
-                        train_blocks=self.cfg.train_blocks,
-                        trainable_params=sum(p.numel() for p in self.trainable))
+        if self.is_main:
+            write_eval_json(self.out, "finetune", metrics, self.cfg, num_classes=self.num_classes,
+                            num_train=len(self.train_ds), num_test=len(self.val_ds), pool=self.cfg.pool,
+                            train_blocks=self.cfg.train_blocks,
+                            trainable_params=sum(p.numel() for p in self.trainable), world_size=self.world_size)
+        barrier(self.dist)  # the outputs exist when any rank returns
         return FinetuneResult(self.out, metrics, self.epoch, self.step)
 
 

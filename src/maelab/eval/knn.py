@@ -7,7 +7,10 @@ bounded by ``chunk x N_train`` similarities.
 
 - :func:`knn_predict` / :func:`knn_accuracy`: the classifier on feature tensors.
 - :func:`knn_monitor`: kNN top-1 of a MaskedAutoencoder during pre-training.
-- :func:`run_knn`: the ``maelab knn`` command (writes ``eval.json``).
+- :func:`run_knn`: the ``maelab knn`` command (writes ``eval.json``). Under ``torchrun`` each
+  rank encodes a shard of both splits; the training features are all-gathered (every rank
+  holds the whole memory bank), each rank classifies its own test shard, and the correct
+  counts are summed over ranks. Rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -24,18 +27,21 @@ from torch.utils.data import Dataset
 
 from maelab.config import save_yaml
 from maelab.data import dataset_info
+from maelab.engine.distributed import DistInfo, barrier, device_for, init_distributed
 from maelab.engine.runtime import resolve_device, resolve_precision, seed_everything
 from maelab.errors import DataError
 from maelab.eval.common import (
+    all_reduce_sum,
     evaluation_transform,
     load_encoder_model,
+    percent_metrics,
     plain_loader,
     resolve_stats,
     train_and_test_sets,
     write_eval_json,
 )
 from maelab.eval.config import KnnConfig
-from maelab.eval.features import extract_features
+from maelab.eval.features import extract_features, extract_split
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,42 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
         pred = scores.topk(k, dim=1).indices
         out[f"top{k}"] = (pred == labels[:, None]).any(dim=1).float().mean().item() * 100.0
     return out
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5),
+                 num_classes: int | None = None) -> dict[str, torch.Tensor]:
+    """Numbers of correct top-k predictions (int64 tensors on ``scores.device``), for the same k
+    as :func:`topk_accuracy`; counts of disjoint shards can be summed (``all_reduce``)."""
+    labels = labels.to(scores.device).long()
+    num_classes = scores.shape[1] if num_classes is None else num_classes
+    out: dict[str, torch.Tensor] = {}
+    for k in ks:
+        if k > 1 and k >= num_classes:
+            continue
+        if scores.shape[0] == 0:
+            out[f"top{k}"] = torch.zeros((), dtype=torch.long, device=scores.device)
+            continue
+        pred = scores.topk(k, dim=1).indices
+        out[f"top{k}"] = (pred == labels[:, None]).any(dim=1).sum()
+    return out
+
+
+def summed_topk(correct: dict[str, torch.Tensor], n: int, info: DistInfo,
+                extra: dict[str, float] | None = None) -> tuple[dict[str, float], int]:
+    """Percentages from per-rank ``topk_correct`` counts, ``n`` items and optional sums
+    (e.g. a loss sum) added over ranks: ``({'top1': %, ..., **extra sums}, total n)``."""
+    keys = list(correct)
+    extra = extra or {}
+    device = next(iter(correct.values())).device if correct else torch.device("cpu")
+    packed = torch.tensor([float(correct[k]) for k in keys] + [float(v) for v in extra.values()] + [float(n)],
+                          dtype=torch.float64, device=device)
+    packed = all_reduce_sum(packed, info).tolist()
+    total = round(packed[-1])
+    out: dict[str, float] = {}
+    if total > 0:
+        out = percent_metrics(dict(zip(keys, packed[: len(keys)])), total)
+    out.update({k: packed[len(keys) + i] for i, k in enumerate(extra)})
+    return out, total
 
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
@@ -132,18 +174,28 @@ def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
     train_ds, test_ds, num_classes = train_and_test_sets(cfg.data, img_size=mcfg.img_size, in_chans=mcfg.in_chans,
                                                          train_transform=tf, test_transform=tf, seed=cfg.seed,
                                                          protocol="knn")
+    info = init_distributed(device.type)
+    device = device_for(info, device)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
     encoder = mae.encoder.to(device)
     t0 = time.perf_counter()
-    nw = cfg.data.num_workers
-    train_f, train_y = extract_features(encoder, plain_loader(train_ds, cfg.batch_size, nw, device), cfg.pool,
-                                        device, dtype, progress=progress, desc="train features")
-    test_f, test_y = extract_features(encoder, plain_loader(test_ds, cfg.batch_size, nw, device), cfg.pool,
-                                      device, dtype, progress=progress, desc="test features")
-    metrics = knn_accuracy(train_f, train_y, test_f, test_y, num_classes, cfg.k, cfg.temperature)
-    metrics = {**metrics, "k": cfg.k, "temperature": cfg.temperature}
-    write_eval_json(out, "knn", metrics, cfg, num_classes=num_classes, num_train=len(train_ds),  # type: ignore[arg-type]
-                    num_test=len(test_ds), pool=cfg.pool, seconds=time.perf_counter() - t0)
+    kw: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": cfg.data.num_workers, "dtype": dtype,
+                          "info": info, "progress": progress}
+    # the memory bank is needed whole on every rank; the queries stay sharded
+    train_f, train_y = extract_split(encoder, train_ds, cfg.pool, device, desc="train features", **kw)
+    test_f, test_y = extract_split(encoder, test_ds, cfg.pool, device, desc="test features", gather=False, **kw)
+    if test_f.shape[0] > 0:
+        scores = knn_predict(train_f, train_y, test_f, num_classes, cfg.k, cfg.temperature)
+    else:  # more ranks than test images: this rank only joins the sum
+        scores = torch.zeros(0, num_classes, device=device)
+    acc, _ = summed_topk(topk_correct(scores, test_y, num_classes=num_classes), test_f.shape[0], info)
+    metrics = {**acc, "k": cfg.k, "temperature": cfg.temperature}
+    if info.is_main:
+        write_eval_json(out, "knn", metrics, cfg, num_classes=num_classes, num_train=len(train_ds),  # type: ignore[arg-type]
+                        num_test=len(test_ds), pool=cfg.pool, seconds=time.perf_counter() - t0,
+                        world_size=info.world_size)
+    barrier(info)  # eval.json exists when any rank returns
     return KnnResult(out, metrics)
