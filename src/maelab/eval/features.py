@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from maelab.engine.distributed import DistInfo
 from maelab.engine.runtime import autocast
+from maelab.eval.common import all_gather_interleaved, plain_loader, shard
 
 POOLS = ("cls", "avg")
 
@@ -89,8 +90,6 @@ def extract_split(encoder: nn.Module, ds: Dataset, pool: str, device: torch.devi
     all-gathered so that every rank holds the whole split, else each rank keeps its shard.
     A single process is :func:`extract_features` over a sequential loader.
     """
-    from maelab.eval.common import all_gather_interleaved, plain_loader, shard
-
     info = info or DistInfo()
     device = torch.device(device)
     part = shard(ds, info)

@@ -169,8 +169,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
     was_training = model.training
     model.eval()
     correct: dict[str, torch.Tensor] = {}
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
+    loss_sum, n = 0.0, 0
     try:
         for imgs, target in tqdm(loader, disable=not (progress and info.is_main), desc="eval", leave=False,
                                  dynamic_ncols=True):
@@ -180,7 +179,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
                 logits = model(imgs)
             logits = logits.float()
             num_classes = num_classes or logits.shape[1]
-            loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").double()
+            loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
             for key, count in topk_correct(logits, target, num_classes=num_classes).items():
                 correct[key] = correct[key] + count if key in correct else count
             n += imgs.shape[0]
@@ -191,7 +190,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
             raise ValueError("evaluate() under torchrun needs num_classes when a rank holds no images")
         correct = {f"top{k}": torch.zeros((), dtype=torch.long, device=device)
                    for k in (1, 5) if k == 1 or k < (num_classes or 0)}
-    out, total = summed_topk(correct, n, info, extra={"loss": loss_sum.item()})
+    out, total = summed_topk(correct, n, info, extra={"loss": loss_sum})
     if total == 0:
         raise DataError("the evaluation split is empty")
     loss = out.pop("loss")

@@ -106,10 +106,10 @@ def summed_topk(correct: dict[str, torch.Tensor], n: int, info: DistInfo,
     (e.g. a loss sum) added over ranks: ``({'top1': %, ..., **extra sums}, total n)``."""
     keys = list(correct)
     extra = extra or {}
-    device = next(iter(correct.values())).device if correct else torch.device("cpu")
-    packed = torch.tensor([float(correct[k]) for k in keys] + [float(v) for v in extra.values()] + [float(n)],
-                          dtype=torch.float64, device=device)
-    packed = all_reduce_sum(packed, info).tolist()
+    packed = [float(correct[k]) for k in keys] + [float(v) for v in extra.values()] + [float(n)]
+    if info.enabled:  # one collective for everything, on the backend's device (NCCL: the GPU)
+        device = next(iter(correct.values())).device if correct else torch.device("cpu")
+        packed = all_reduce_sum(torch.tensor(packed, dtype=torch.float64, device=device), info).tolist()
     total = round(packed[-1])
     out: dict[str, float] = {}
     if total > 0:
