@@ -61,3 +61,13 @@ def test_augmentation_depends_only_on_seed_epoch_index_not_workers_or_resume():
 def test_sample_seeds_are_distinct():
     seeds = {sample_seed(0, e, i) for e in range(5) for i in range(1000)}
     assert len(seeds) == 5000
+
+
+def test_main_process_loading_leaves_the_global_rng_alone():
+    s = ResumableSampler(20, seed=0)
+    s.set_epoch(0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _collect(build_loader(RandomDraw(), 4, s, 0))
+    assert torch.equal(torch.rand(3), expected)

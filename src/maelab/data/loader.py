@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 _MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
@@ -82,8 +82,12 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
-        torch.manual_seed(seed)
-        return self.dataset[index]
+        if get_worker_info() is not None:  # a worker process: its RNG serves only the data
+            torch.manual_seed(seed)
+            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):  # main process: leave its RNG (dropout, ...) alone
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 def build_loader(dataset: Dataset, batch_size: int, sampler: ResumableSampler, num_workers: int,
@@ -93,4 +97,5 @@ def build_loader(dataset: Dataset, batch_size: int, sampler: ResumableSampler, n
         SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),  # its base seed is unused: samples seed themselves
     )

@@ -250,8 +250,12 @@ class LinprobeConfig:
         """True when the encoder's output for an image never changes during training."""
         return self.cache_features and not self.augment and self.train_blocks == 0
 
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+    def effective_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * world_size
+
+    def resolved_lr(self, world_size: int = 1) -> float:
+        """Peak lr: ``lr`` if set, else ``base_lr * global batch / 256``."""
+        return self.lr if self.lr is not None else self.base_lr * self.effective_batch(world_size) / 256
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,7 @@ class LinearProber:
         seed_everything(cfg.seed)  # the head's init depends on the seed only (the same on every rank)
         self.model = LinearProbe(mae.encoder, self.num_classes, cfg.pool, cfg.train_blocks).to(self.device)
         self.cached = cfg.uses_cache
-        self.peak_lr = probe_lr(cfg, self.world_size)
+        self.peak_lr = cfg.resolved_lr(self.world_size)
         self.optimizer = build_probe_optimizer(self.model, cfg, self.peak_lr)
         # streaming: this rank's interleaved slice of each epoch's permutation; the cache path reads the
         # global order in global batches (the union of the ranks' batches: the same samples)
@@ -448,11 +448,6 @@ class LinearProber:
         return {"kind": "linprobe", "probe": self.model.trainable_state_dict(), "num_classes": self.num_classes,
                 "encoder_config": to_dict(self.model_cfg), "config": to_dict(self.cfg), "epoch": self.epoch,
                 "step": self.step}
-
-
-def probe_lr(cfg: LinprobeConfig, world_size: int = 1) -> float:
-    """Peak lr: ``lr`` if set, else ``base_lr * batch_size * world_size / 256`` (the global batch)."""
-    return cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size * world_size / 256
 
 
 def linprobe(cfg: LinprobeConfig, progress: bool = True) -> LinprobeResult:
