@@ -1,6 +1,5 @@
 import json
 import pytest
-import torch
 from maelab.config import PretrainConfig, build_config
 from maelab.data.gpu import GPUBatchLoader
 from maelab.engine.pretrain import Pretrainer, pretrain

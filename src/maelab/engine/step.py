@@ -37,7 +37,7 @@ class TrainStep:
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.grad_clip = grad_clip
         self.generator = generator
-        self.forward = forward or model
+        self.forward = forward if forward is not None else model
         self.rank = rank
         self.world_size = world_size
         self.no_sync = no_sync
