@@ -129,3 +129,28 @@ def test_strict_data_names_the_bad_file(tmp_path, capsys):
             "--batch-size", "8", "--num-workers", "0", *TINY]
     assert "000_broken.jpg" in _error_line(capsys, [*args, "--strict-data"])
     assert main([*args, "--output", str(tmp_path / "r2")]) == 0  # default: skipped with a warning
+
+
+def test_pretrain_survives_a_dirty_folder(tmp_path, capsys, caplog):
+    """Every kind of bad or odd file in one unlabeled tree: the run finishes, bad files are counted."""
+    import numpy as np
+
+    root = tmp_path / "dirty" / "nested"
+    root.mkdir(parents=True)
+    for i in range(24):
+        Image.new("RGB", (40, 30), (i * 10, 50, 200)).save(root / f"ok_{i}.jpg")
+    Image.new("CMYK", (33, 33), (10, 200, 30, 0)).save(root / "cmyk.jpg")
+    Image.new("L", (20, 20), 99).save(root / "gray.png")
+    Image.new("P", (20, 20), 3).save(root / "palette.png")
+    Image.new("RGBA", (20, 20), (1, 2, 3, 100)).save(root / "rgba.png")
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(root / "deep16.png")
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(root / "one_pixel.png")
+    Image.new("RGB", (4000, 3000), (0, 90, 0)).save(root / "large.jpg")
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes((root / "ok_0.jpg").read_bytes()[:100])
+    (root / "notes.png").write_text("not an image at all")
+    args = ["pretrain", "--data", str(tmp_path / "dirty"), "--output", str(tmp_path / "r"), "--no-progress",
+            "--epochs", "2", "--batch-size", "8", "--num-workers", "0", *TINY]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "finished: epoch 2/2" in capsys.readouterr().out
+    assert "truncated.jpg" in caplog.text or "zero.jpg" in caplog.text or "notes.png" in caplog.text

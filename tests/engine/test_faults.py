@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import TINY_MODEL_ARGS
@@ -41,9 +42,15 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> bool:
     raise TimeoutError(path)
 
 
-def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref), check=True, capture_output=True, timeout=300)
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> Path:
+    """An uninterrupted run: what every interrupted-and-resumed run must end with."""
+    out = tmp_path_factory.mktemp("faults") / "ref"
+    subprocess.run(_cmd(out), check=True, capture_output=True, timeout=300)
+    return out
+
+
+def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, ref):
     out = tmp_path / "killed"
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     kills = 0
@@ -62,9 +69,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
     _assert_same(_weights(ref), _weights(out))
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(tmp_path):
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref), check=True, capture_output=True, timeout=300)
+def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, ref):
     out = tmp_path / "term"
     proc = subprocess.Popen(_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for(out / "config.yaml", proc)
@@ -75,5 +80,18 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(tmp_path):
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     if state["epoch"] < 3:  # the signal arrived before the run ended
         assert "stopped" in stdout and "received signal" in stderr
+    subprocess.run(_cmd(out, "--resume"), check=True, capture_output=True, timeout=300)
+    _assert_same(_weights(ref), _weights(out))
+
+
+def test_ctrl_c_saves_and_resumes_exactly(tmp_path, ref):
+    out = tmp_path / "int"
+    proc = subprocess.Popen(_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for(out / "config.yaml", proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert (out / "checkpoints" / "last.pt").exists()
     subprocess.run(_cmd(out, "--resume"), check=True, capture_output=True, timeout=300)
     _assert_same(_weights(ref), _weights(out))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from maelab.config import ModelConfig, from_dict, to_dict
+from maelab.config import ModelConfig, from_dict
 from maelab.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,11 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def load_pretrained(path: str | Path, **overrides: Any):  # -> MaskedAutoencoder
     """A MaskedAutoencoder from a run dir, a maelab checkpoint, an official MAE ``.pth``, or
     an encoder exported by ``maelab export`` (the decoder then stays freshly initialized)."""
+    return load_pretrained_with_config(path, **overrides)[0]
+
+
+def load_pretrained_with_config(path: str | Path, **overrides: Any) -> tuple[Any, dict[str, Any] | None]:
+    """``load_pretrained`` plus the pre-training run's config dict (None for other sources)."""
     from maelab.models.mae import MaskedAutoencoder
     from maelab.models.weights import load_official_checkpoint, read_checkpoint, read_export_metadata
 
@@ -127,7 +132,7 @@ def load_pretrained(path: str | Path, **overrides: Any):  # -> MaskedAutoencoder
         from safetensors.torch import load_file
 
         model.encoder.load_state_dict(load_file(str(p)), strict=True)
-        return model
+        return model, None
     raw = read_checkpoint(p)
     if isinstance(raw, dict) and raw.get("kind") in ("finetune", "linprobe"):
         raise CheckpointError(f"{p}: a {raw['kind']} checkpoint (a classifier), not a pre-trained MAE; "
@@ -139,9 +144,5 @@ def load_pretrained(path: str | Path, **overrides: Any):  # -> MaskedAutoencoder
             model.load_state_dict(raw["model"], strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{p}: weights do not match its recorded architecture ({e})") from e
-        return model
-    return load_official_checkpoint(raw, **overrides)
-
-
-def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    return to_dict(cfg)
+        return model, raw.get("config")
+    return load_official_checkpoint(raw, **overrides), None

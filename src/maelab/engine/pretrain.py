@@ -58,14 +58,16 @@ class RunResult:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGUSR1 (preemption): the loop saves a checkpoint and exits cleanly."""
+    """Set by SIGTERM/SIGUSR1 (preemption) or a first Ctrl-C: the loop saves a checkpoint and
+    exits cleanly. A second Ctrl-C aborts at once (the last checkpoint stays intact)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._received: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
             if sig is None:
                 continue
             try:
@@ -75,9 +77,11 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self._received is not None:
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)")
         self._received = signum
-
-    _received: int | None = None
 
     def agree(self, info: Any) -> None:
         """Make the signal visible (on every rank at the same step, under torch.distributed)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from maelab.data import default_stats, eval_transform, load_image
-from maelab.engine.checkpoint import load_pretrained
+from maelab.engine.checkpoint import load_pretrained_with_config
 from maelab.engine.runtime import resolve_device
 from maelab.errors import DataError
 from maelab.models.masking import make_noise
@@ -36,15 +36,17 @@ def collect_images(inputs: list[str], limit: int) -> list[Path]:
 def visualize_images(checkpoint: str, inputs: list[str], output: str, mask_ratio: float | None = None,
                      seed: int = 0, device: str = "auto", max_images: int = 8) -> Path:
     """Write a reconstruction grid for the given images; returns the PNG path."""
-    model = load_pretrained(checkpoint)
+    model, run_cfg = load_pretrained_with_config(checkpoint)
     cfg = model.cfg
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
     if not 0.0 <= ratio < 1.0:
         raise DataError(f"invalid --mask-ratio {ratio}: a number in [0, 1)")
     dev = resolve_device(device)
     model.to(dev).eval()
-    mean, std = default_stats(cfg.in_chans)
-    transform = eval_transform(cfg.img_size, mean, std)
+    mean, std = default_stats(cfg.in_chans)  # the run's own normalization when it recorded one
+    data_cfg = (run_cfg or {}).get("data", {})
+    mean, std = tuple(data_cfg.get("mean") or mean), tuple(data_cfg.get("std") or std)
+    transform = eval_transform(cfg.img_size, mean, std, data_cfg.get("crop_pct", 0.875))
     paths = collect_images(inputs, max_images)
     imgs = torch.stack([transform(load_image(p, channels=cfg.in_chans)) for p in paths])
     gen = torch.Generator().manual_seed(seed)
