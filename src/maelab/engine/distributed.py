@@ -55,22 +55,28 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
     return device
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of a tensor over ranks (identity for a single process)."""
+def _all_reduce(value: torch.Tensor, info: DistInfo, op: dist.ReduceOp) -> torch.Tensor:
+    """A reduced copy of ``value`` over ranks (``value`` itself for a single process)."""
     if not info.enabled:
         return value
     out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / info.world_size
+    dist.all_reduce(out, op=op)
+    return out
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of a tensor over ranks."""
+    return _all_reduce(value, info, dist.ReduceOp.SUM)
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of a tensor over ranks."""
+    return _all_reduce(value, info, dist.ReduceOp.SUM) / info.world_size
 
 
 def all_reduce_min(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Minimum of a tensor over ranks (identity for a single process)."""
-    if not info.enabled:
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out
+    """Minimum of a tensor over ranks."""
+    return _all_reduce(value, info, dist.ReduceOp.MIN)
 
 
 def barrier(info: DistInfo) -> None:

@@ -7,7 +7,7 @@ train/test splits with :func:`labeled_dataset`, and ends with :func:`write_eval_
 
 Under ``torchrun`` (see :mod:`maelab.engine.distributed`) :func:`shard` gives each rank its
 own slice of an evaluation split (``rank::world_size``, no padding, so nothing is counted
-twice), :func:`all_reduce_sum` adds per-rank counts, :func:`all_gather_interleaved` puts
+twice), :func:`maelab.engine.distributed.all_reduce_sum` adds per-rank counts, :func:`all_gather_interleaved` puts
 per-rank rows back into dataset order, and :func:`percent_metrics` turns summed counts into
 percentages.
 """
@@ -124,17 +124,6 @@ def shard(ds: Dataset, info: DistInfo) -> Dataset:
     if not info.enabled:
         return ds
     return Subset(ds, range(info.rank, len(ds), info.world_size))  # type: ignore[arg-type]
-
-
-def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum of a tensor over ranks (identity for a single process)."""
-    if not info.enabled:
-        return value
-    import torch.distributed as dist
-
-    out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
 
 
 def all_gather_interleaved(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:

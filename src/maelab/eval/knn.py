@@ -27,11 +27,10 @@ from torch.utils.data import Dataset
 
 from maelab.config import save_yaml
 from maelab.data import dataset_info
-from maelab.engine.distributed import DistInfo, barrier, device_for, init_distributed
+from maelab.engine.distributed import DistInfo, all_reduce_sum, barrier, device_for, init_distributed
 from maelab.engine.runtime import resolve_device, resolve_precision, seed_everything
 from maelab.errors import DataError
 from maelab.eval.common import (
-    all_reduce_sum,
     evaluation_transform,
     load_encoder_model,
     percent_metrics,
