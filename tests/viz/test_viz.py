@@ -154,3 +154,13 @@ def test_read_metrics_and_loss_curve(tmp_path):
     assert (tmp_path / "empty.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError):
         read_metrics(tmp_path / "missing.jsonl")
+
+
+def test_epoch_records_that_also_carry_a_step_are_plotted_per_epoch():
+    from maelab.viz.curves import split_records
+
+    epoch_recs = [{"epoch": 1, "step": 10, "loss": 1.0}, {"epoch": 2, "step": 20, "loss": 0.5, "knn_top1": 30.0}]
+    step_recs = [{"step": 5, "loss": 1.2}]
+    main, steps = split_records(epoch_recs + step_recs, "epoch")
+    assert main == epoch_recs and steps == step_recs
+    assert split_records(epoch_recs + step_recs, "step") == (epoch_recs + step_recs, [])

@@ -41,24 +41,27 @@ def _maybe_log(ax, values: list[float]) -> None:
         ax.set_yscale("log")
 
 
+def split_records(records: Sequence[dict[str, Any]], x: str = "epoch") -> tuple[list[dict], list[dict]]:
+    """(records plotted against ``x``, step-level records without ``x``)."""
+    records = [r for r in records if isinstance(r, dict)]
+    if x == "step":
+        return records, []
+    return [r for r in records if x in r], [r for r in records if x not in r and "step" in r]
+
+
 def save_loss_curve(records: Sequence[dict[str, Any]], path: str | Path,
                     keys: Sequence[str] = ("loss",), x: str = "epoch") -> Path:
     """Write a PNG of ``keys`` against ``x`` (default: loss vs epoch).
 
-    Records with a ``step`` key are step-level; when ``x`` is not ``"step"`` they are drawn
-    in a second panel against ``step`` (the first panel keeps the other records). The y axis
+    Records without ``x`` but with a ``step`` key are step-level; they are drawn in a second
+    panel against ``step`` (see :func:`split_records`). The y axis
     is logarithmic when the values span more than 10x. ``knn_top1``, where present, is drawn
     on a twin y axis of the first panel. Non-numeric and non-finite values are left out.
     The file is written atomically; parent folders are created.
     """
     from matplotlib.figure import Figure
 
-    records = [r for r in records if isinstance(r, dict)]
-    if x == "step":
-        main, steps = records, []
-    else:
-        main = [r for r in records if "step" not in r]
-        steps = [r for r in records if "step" in r]
+    main, steps = split_records(records, x)
     step_series = {k: _series(steps, "step", k) for k in keys}
     has_steps = any(xs for xs, _ in step_series.values())
 
