@@ -50,6 +50,9 @@ class ModelConfig:
     """random (paper), block (BEiT-style) or grid (keep one patch of every 2x2)."""
     norm_pix_loss: bool = False
     """Regress per-patch normalized pixels (paper's better-representation setting)."""
+    mask_token_in_encoder: bool = False
+    """Paper ablation (Table 1c, SimMIM-style): the encoder sees all patches, masked ones replaced by a
+    learned token; the decoder then gets no extra mask tokens. Off (the paper's MAE) by default."""
     timm_name: str = "vit_base_patch16_224"
     """timm model name the encoder is created from (weights load into it with these kwargs)."""
     grad_checkpointing: bool = False

@@ -27,7 +27,8 @@ from maelab.models.pos_embed import sincos_2d
 from maelab.models.targets import masked_mse, pixel_target
 
 ENCODER_PREFIX = "encoder."
-DECODER_KEYS = ("mask_token", "decoder_")
+TOP_LEVEL_KEYS = ("mask_token", "decoder_", "encoder_mask_token")
+"""Parameters of the MAE itself (not of the timm encoder): their names get no ``encoder.`` prefix."""
 
 
 class MAEOutput(NamedTuple):
@@ -76,6 +77,9 @@ class MaskedAutoencoder(nn.Module):
         )
         self.decoder_norm = layer_norm(d)
         self.decoder_pred = nn.Linear(d, cfg.patch_size**2 * cfg.in_chans, bias=True)
+        if cfg.mask_token_in_encoder:
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+            self.mask_token.requires_grad_(False)  # unused: the decoder gets every position from the encoder
 
         self.initialize_weights()
         self._register_state_dict_hook(_drop_encoder_prefix)
@@ -91,6 +95,8 @@ class MaskedAutoencoder(nn.Module):
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.normal_(self.encoder.cls_token, std=0.02)
             nn.init.normal_(self.mask_token, std=0.02)
+            if self.cfg.mask_token_in_encoder:
+                nn.init.normal_(self.encoder_mask_token, std=0.02)
         self.apply(_init_linear_and_norm)
 
     # ------------------------------------------------------------------ stages
@@ -129,6 +135,18 @@ class MaskedAutoencoder(nn.Module):
         x = self._run_blocks(enc.blocks, x)
         return enc.norm(x)
 
+    def forward_encoder_with_mask_tokens(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Ablation encoder: all patches, masked ones replaced by a learned token.
+
+        imgs [B, C, H, W], mask [B, L] bool -> latent [B, 1 + L, D] (cls first, normed)."""
+        enc = self.encoder
+        x = enc.patch_embed(imgs)  # [B, L, D]
+        x = torch.where(mask.unsqueeze(-1), self.encoder_mask_token.to(x.dtype), x)
+        x = x + enc.pos_embed[:, 1:, :]
+        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = self._run_blocks(enc.blocks, torch.cat([cls, x], dim=1))
+        return enc.norm(x)
+
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent [B, 1 + K, D], ids_restore [B, L] -> pred [B, L, p*p*C]."""
         x = self.decoder_embed(latent)
@@ -154,8 +172,14 @@ class MaskedAutoencoder(nn.Module):
         """imgs [B, C, H, W]; noise [B, L] optional (same noise -> same mask as the official code)."""
         self._check_input(imgs)
         masking = self.make_masking(imgs.shape[0], imgs.device, mask_ratio, noise)
-        latent = self.forward_encoder(imgs, masking.ids_keep)
-        pred = self.forward_decoder(latent, masking.ids_restore)
+        if self.cfg.mask_token_in_encoder:
+            latent = self.forward_encoder_with_mask_tokens(imgs, masking.mask)
+            # every position is already present: the identity "unshuffle" adds no mask tokens
+            ids = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
+            pred = self.forward_decoder(latent, ids)
+        else:
+            latent = self.forward_encoder(imgs, masking.ids_keep)
+            pred = self.forward_decoder(latent, masking.ids_restore)
         loss = self.forward_loss(imgs, pred, masking.mask)
         return MAEOutput(loss, pred, masking.mask)
 
@@ -177,7 +201,8 @@ class MaskedAutoencoder(nn.Module):
     # ------------------------------------------------------------------ parameter groups
     def no_weight_decay(self) -> set[str]:
         """Names (as in ``named_parameters``) of tokens and position embeddings."""
-        return {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
+        names = {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
+        return names | ({"encoder_mask_token"} if self.cfg.mask_token_in_encoder else set())
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights under timm's own key names (no decoder, no head)."""
@@ -194,8 +219,8 @@ def _init_linear_and_norm(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _is_decoder_key(name: str) -> bool:
-    return name.startswith(DECODER_KEYS)
+def _is_top_level_key(name: str) -> bool:
+    return name.startswith(TOP_LEVEL_KEYS)
 
 
 def _drop_encoder_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -203,7 +228,7 @@ def _drop_encoder_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: 
     inner = prefix + ENCODER_PREFIX
     for key in [k for k in state_dict if k.startswith(inner)]:
         state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
-    for key in [k for k in state_dict if k.startswith(prefix) and _is_decoder_key(k[len(prefix):])]:
+    for key in [k for k in state_dict if k.startswith(prefix) and _is_top_level_key(k[len(prefix):])]:
         state_dict[key] = state_dict.pop(key)  # official order: encoder keys first, then decoder
 
 
@@ -212,5 +237,5 @@ def _add_encoder_prefix(state_dict: dict[str, Any], prefix: str, local_metadata:
     """Load pre-hook: official ``{prefix}X`` -> ``{prefix}encoder.X`` for encoder keys."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix):]
-        if not _is_decoder_key(rest) and not rest.startswith(ENCODER_PREFIX):
+        if not _is_top_level_key(rest) and not rest.startswith(ENCODER_PREFIX):
             state_dict[prefix + ENCODER_PREFIX + rest] = state_dict.pop(key)
