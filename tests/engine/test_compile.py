@@ -25,3 +25,21 @@ def test_compiled_train_steps_match_eager():
         losses[name] = [step([imgs], 1e-3).item() for _ in range(3)]
     assert losses["eager"] == pytest.approx(losses["compiled"], rel=1e-4)
     assert_weights_close(eager.state_dict(), compiled.state_dict(), rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_autocast_loss_matches_fp32_within_bf16_tolerance():
+    """The default CUDA precision path (bf16 autocast) computes the fp32 loss up to bf16 rounding (CPU autocast)."""
+    from maelab.engine.runtime import autocast
+
+    torch.manual_seed(0)
+    model = maelab.create_model("mae_vit_pico_patch4_32", norm_pix_loss=True, **TINY_MODEL_ARGS)
+    imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 64)
+    with torch.no_grad():
+        fp32 = model(imgs, noise=noise)
+        with autocast(torch.device("cpu"), torch.bfloat16):
+            bf16 = model(imgs, noise=noise)
+    assert bf16.loss.dtype == torch.float32  # the loss is reduced in fp32
+    assert torch.equal(bf16.mask, fp32.mask)
+    rel = ((bf16.pred.float() - fp32.pred).norm() / fp32.pred.norm()).item()
+    assert rel < 2e-2, rel  # bf16 operands: 1e-3 .. 1e-2 relative error expected
+    assert bf16.loss.item() == pytest.approx(fp32.loss.item(), rel=2e-2)
