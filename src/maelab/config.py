@@ -21,7 +21,7 @@ from maelab.errors import ConfigError
 T = TypeVar("T")
 
 MASK_TYPES = ("random", "block", "grid")
-TARGETS = ("pixel", "norm_pixel")
+TARGETS = ("pixels", "hog")
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -50,6 +50,8 @@ class ModelConfig:
     """random (paper), block (BEiT-style) or grid (keep one patch of every 2x2)."""
     norm_pix_loss: bool = False
     """Regress per-patch normalized pixels (paper's better-representation setting)."""
+    target: str = "pixels"
+    """What the decoder predicts: pixels (MAE; see norm_pix_loss) or hog (MaskFeat's HOG features)."""
     mask_token_in_encoder: bool = False
     """Paper ablation (Table 1c, SimMIM-style): the encoder sees all patches, masked ones replaced by a
     learned token; the decoder then gets no extra mask tokens. Off (the paper's MAE) by default."""
@@ -82,6 +84,11 @@ class ModelConfig:
         _check(self.decoder_depth >= 0, "model_args.decoder_depth", self.decoder_depth, "0 or more")
         _check(0.0 <= self.mask_ratio < 1.0, "model_args.mask_ratio", self.mask_ratio, "a number in [0, 1)")
         _check(self.mask_type in MASK_TYPES, "model_args.mask_type", self.mask_type, f"one of {MASK_TYPES}")
+        _check(self.target in TARGETS, "model_args.target", self.target, f"one of {TARGETS}")
+        if self.target == "hog":
+            cell = min(8, self.patch_size)
+            _check(self.patch_size % cell == 0, "model_args.patch_size", self.patch_size,
+                   "the hog target needs a patch size that is a multiple of 8 (or at most 8)")
         if self.mask_type == "grid":
             _check(self.mask_ratio == 0.75, "model_args.mask_ratio", self.mask_ratio,
                    "grid masking keeps one patch of every 2x2, so it needs mask_ratio=0.75")

@@ -162,3 +162,10 @@ def test_online_knn_refuses_the_training_folder_as_validation(tmp_path, cifar10_
     cfg = tiny_cfg(tmp_path / "run", knn_every=1, **{"data.name": str(cifar10_dir / "train")})
     with pytest.raises(ConfigError, match="knn_data"):
         Pretrainer(cfg, progress=False)
+
+
+def test_hog_target_run_writes_curve_but_no_reconstruction(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run", epochs=1, **{"model_args.target": "hog"})
+    result = pretrain(cfg, progress=False)
+    assert math.isfinite(result.final_loss)
+    assert sorted(p.name for p in (tmp_path / "run" / "figures").iterdir()) == ["loss_curve.png"]

@@ -518,6 +518,10 @@ class Pretrainer:
 
         if self.vis_batch is None:  # not rank 0 (and no FSDP collective to join)
             return self.fig_dir
+        if self.model_cfg.target != "pixels":  # HOG predictions have no picture to show
+            if self.is_main:
+                self.write_loss_curve()
+            return self.fig_dir
         self.model.eval()
         imgs, noise = self.vis_batch
         with autocast(self.device, self.dtype):

@@ -24,7 +24,7 @@ from maelab.config import ModelConfig
 from maelab.models.masking import Masking, make_noise, masking_from_noise
 from maelab.models.patches import patchify, unpatchify
 from maelab.models.pos_embed import sincos_2d
-from maelab.models.targets import masked_mse, pixel_target
+from maelab.models.targets import hog_dim, hog_target, masked_mse, pixel_target
 
 ENCODER_PREFIX = "encoder."
 TOP_LEVEL_KEYS = ("mask_token", "decoder_", "encoder_mask_token")
@@ -32,7 +32,7 @@ TOP_LEVEL_KEYS = ("mask_token", "decoder_", "encoder_mask_token")
 
 
 class MAEOutput(NamedTuple):
-    """loss: scalar; pred: [B, L, p*p*C] in target space; mask: [B, L] bool (True = hidden)."""
+    """loss: scalar; pred: [B, L, D] in target space (D = p*p*C for pixels); mask: [B, L] bool (True = hidden)."""
 
     loss: torch.Tensor
     pred: torch.Tensor
@@ -76,7 +76,8 @@ class MaskedAutoencoder(nn.Module):
             for _ in range(cfg.decoder_depth)
         )
         self.decoder_norm = layer_norm(d)
-        self.decoder_pred = nn.Linear(d, cfg.patch_size**2 * cfg.in_chans, bias=True)
+        out_dim = cfg.patch_size**2 * cfg.in_chans if cfg.target == "pixels" else hog_dim(cfg.patch_size, cfg.in_chans)
+        self.decoder_pred = nn.Linear(d, out_dim, bias=True)
         if cfg.mask_token_in_encoder:
             self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
             self.mask_token.requires_grad_(False)  # unused: the decoder gets every position from the encoder
@@ -160,7 +161,9 @@ class MaskedAutoencoder(nn.Module):
         return x[:, 1:, :]
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs [B, C, H, W] -> regression target [B, L, p*p*C]."""
+        """imgs [B, C, H, W] -> regression target [B, L, D] (D = p*p*C for pixels)."""
+        if self.cfg.target == "hog":
+            return hog_target(imgs, self.patch_size)
         return pixel_target(self.patchify(imgs), self.norm_pix_loss)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

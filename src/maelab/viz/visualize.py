@@ -38,6 +38,9 @@ def visualize_images(checkpoint: str, inputs: list[str], output: str, mask_ratio
     """Write a reconstruction grid for the given images; returns the PNG path."""
     model, run_cfg = load_pretrained_with_config(checkpoint)
     cfg = model.cfg
+    if cfg.target != "pixels":
+        raise DataError(f"{checkpoint}: the model predicts {cfg.target} features, not pixels: there is no "
+                        "reconstruction to show")
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
     if not 0.0 <= ratio < 1.0:
         raise DataError(f"invalid --mask-ratio {ratio}: a number in [0, 1)")
