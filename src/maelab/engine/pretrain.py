@@ -155,12 +155,25 @@ class Pretrainer:
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
         if resume:
             self._resume()
+        if self.is_main:
+            log.info(self.summary())
         barrier(self.dist)  # every rank has read the checkpoint before rank 0 writes anything
         if self.is_main:
             save_yaml(cfg, self.out / "config.yaml")
         self.tb = self._tensorboard() if cfg.tensorboard and self.is_main else None
         self.vis_batch = self._vis_batch() if self.is_main or self.fsdp else None
         self.knn_sets = self._knn_sets() if cfg.knn_every and self.is_main else None
+
+    def summary(self) -> str:
+        """One line: what is trained on what, with which batch, lr and length."""
+        params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        data = "GPU-resident" if self.gpu_resident else f"{self.cfg.data.num_workers} workers"
+        return (f"pre-training {self.cfg.model} ({params / 1e6:.1f}M trainable params) on {self.cfg.data.name!r} "
+                f"({len(self.dataset)} images, {data}); batch {self.cfg.batch_size} x {self.cfg.accum_steps} accum x "
+                f"{self.dist.world_size} procs = {self.cfg.effective_batch(self.dist.world_size)}, peak lr "
+                f"{self.peak_lr:.3g}, {self.cfg.epochs} epochs = {self.total_steps} steps, {self.device} "
+                f"{str(self.dtype).removeprefix('torch.')}; output {self.out}"
+                + (f"; resuming at epoch {self.epoch}, step {self.step}" if self.step else ""))
 
     # ------------------------------------------------------------------ setup helpers
     def _setup_model(self) -> Callable[[], Any] | None:
