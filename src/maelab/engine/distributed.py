@@ -48,6 +48,18 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+def setup_process(device: str, precision: str) -> tuple[DistInfo, torch.device, torch.dtype]:
+    """Join torchrun's process group (if any) and pick this rank's device and compute dtype.
+
+    ``device``: auto, cpu, cuda, cuda:N; ``precision``: auto, bf16, fp16, fp32 (see engine.runtime)."""
+    from maelab.engine.runtime import resolve_device, resolve_precision
+
+    dev = resolve_device(device)
+    info = init_distributed(dev.type)
+    dev = device_for(info, dev)
+    return info, dev, resolve_precision(precision, dev)
+
+
 def device_for(info: DistInfo, device: torch.device) -> torch.device:
     """Each rank's own GPU (``cuda:LOCAL_RANK``) under torchrun."""
     if info.enabled and device.type == "cuda":

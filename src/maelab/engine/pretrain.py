@@ -28,11 +28,19 @@ from maelab.data.build import EVAL_SPLIT_DIRS
 from maelab.data.gpu import FIXED_SIZE_DATASETS, GPUBatchLoader, load_uint8_tensor, uint8_transform, use_gpu_resident
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
-from maelab.engine.distributed import (all_reduce_mean, all_reduce_min, barrier, device_for, full_tensors,
-                                      init_distributed, load_full_optimizer_state, shard_like, shard_model)
+from maelab.engine.distributed import (
+    all_reduce_mean,
+    all_reduce_min,
+    barrier,
+    full_tensors,
+    load_full_optimizer_state,
+    setup_process,
+    shard_like,
+    shard_model,
+)
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import build_adamw
-from maelab.engine.runtime import (autocast, resolve_device, resolve_precision, rng_state, seed_everything,
+from maelab.engine.runtime import (autocast, rng_state, seed_everything,
                                    set_rng_state)
 from maelab.engine.schedule import lr_at
 from maelab.engine.step import TrainStep
@@ -121,11 +129,8 @@ class Pretrainer:
         if not resume and (self.ckpt_dir / LAST).exists():
             raise ConfigError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to continue it "
                               "or choose another --output")
-        device = resolve_device(cfg.device)
-        self.dist = init_distributed(device.type)
+        self.dist, self.device, self.dtype = setup_process(cfg.device, cfg.precision)
         self.is_main = self.dist.is_main
-        self.device = device_for(self.dist, device)
-        self.dtype = resolve_precision(cfg.precision, self.device)
         seed_everything(cfg.seed, cfg.deterministic)  # same on every rank: identical init and masking noise
 
         self.model_cfg = get_config(cfg.model, **cfg.model_args)

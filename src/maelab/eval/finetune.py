@@ -46,19 +46,11 @@ from maelab.config import ModelConfig, from_dict, save_yaml, to_dict
 from maelab.data import pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, load_resume_state
-from maelab.engine.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    barrier,
-    device_for,
-    init_distributed,
-)
+from maelab.engine.distributed import all_reduce_mean, barrier, DistInfo, setup_process
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
 from maelab.engine.runtime import (
     autocast,
-    resolve_device,
-    resolve_precision,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -217,12 +209,9 @@ class Finetuner:
     def __init__(self, cfg: FinetuneConfig, resume: bool = False, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
-        device = resolve_device(cfg.device)
-        self.dist = init_distributed(device.type)
+        self.dist, self.device, self.dtype = setup_process(cfg.device, cfg.precision)
         self.is_main = self.dist.is_main
         self.world_size = self.dist.world_size
-        self.device = device_for(self.dist, device)
-        self.dtype = resolve_precision(cfg.precision, self.device)
         seed_everything(cfg.seed)  # the same on every rank: identical initialization and Mixup draws
         self.out = Path(cfg.output)
         self.ckpt_dir = self.out / "checkpoints"

@@ -27,8 +27,8 @@ from torch.utils.data import Dataset
 
 from maelab.config import save_yaml
 from maelab.data import dataset_info
-from maelab.engine.distributed import DistInfo, all_reduce_sum, barrier, device_for, init_distributed
-from maelab.engine.runtime import resolve_device, resolve_precision, seed_everything
+from maelab.engine.distributed import all_reduce_sum, barrier, DistInfo, setup_process
+from maelab.engine.runtime import seed_everything
 from maelab.errors import DataError
 from maelab.eval.common import (
     evaluation_transform,
@@ -163,8 +163,7 @@ class KnnResult:
 
 def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
     """``maelab knn``: features of the train and test splits, weighted kNN, ``eval.json``."""
-    device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
+    info, device, dtype = setup_process(cfg.device, cfg.precision)
     seed_everything(cfg.seed)
     mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)  # type: ignore[arg-type]
     mcfg = mae.cfg
@@ -173,8 +172,6 @@ def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
     train_ds, test_ds, num_classes = train_and_test_sets(cfg.data, img_size=mcfg.img_size, in_chans=mcfg.in_chans,
                                                          train_transform=tf, test_transform=tf, seed=cfg.seed,
                                                          protocol="knn")
-    info = init_distributed(device.type)
-    device = device_for(info, device)
     out = Path(cfg.output)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)

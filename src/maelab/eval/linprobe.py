@@ -47,19 +47,11 @@ from maelab.config import save_yaml, to_dict
 from maelab.data import pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save
-from maelab.engine.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    barrier,
-    device_for,
-    init_distributed,
-)
+from maelab.engine.distributed import all_reduce_mean, barrier, DistInfo, setup_process
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
 from maelab.engine.runtime import (
     autocast,
-    resolve_device,
-    resolve_precision,
     seed_everything,
 )
 from maelab.engine.schedule import lr_at
@@ -230,12 +222,9 @@ class LinearProber:
     def __init__(self, cfg: LinprobeConfig, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
-        device = resolve_device(cfg.device)
-        self.dist = init_distributed(device.type)
+        self.dist, self.device, self.dtype = setup_process(cfg.device, cfg.precision)
         self.is_main = self.dist.is_main
         self.world_size = self.dist.world_size
-        self.device = device_for(self.dist, device)
-        self.dtype = resolve_precision(cfg.precision, self.device)
         mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)  # type: ignore[arg-type]
         self.model_cfg = mcfg = mae.cfg
         self.mean, self.std = resolve_stats(cfg.data, mcfg.in_chans)
