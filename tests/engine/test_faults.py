@@ -69,29 +69,17 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, ref):
     _assert_same(_weights(ref), _weights(out))
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, ref):
-    out = tmp_path / "term"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
+def test_signal_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, ref, sig):
+    out = tmp_path / "stopped"
     proc = subprocess.Popen(_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for(out / "config.yaml", proc)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     if state["epoch"] < 3:  # the signal arrived before the run ended
         assert "stopped" in stdout and "received signal" in stderr
-    subprocess.run(_cmd(out, "--resume"), check=True, capture_output=True, timeout=300)
-    _assert_same(_weights(ref), _weights(out))
-
-
-def test_ctrl_c_saves_and_resumes_exactly(tmp_path, ref):
-    out = tmp_path / "int"
-    proc = subprocess.Popen(_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(out / "config.yaml", proc)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert (out / "checkpoints" / "last.pt").exists()
     subprocess.run(_cmd(out, "--resume"), check=True, capture_output=True, timeout=300)
     _assert_same(_weights(ref), _weights(out))
