@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any, Callable
 
@@ -71,12 +70,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------- commands
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from maelab.config import PretrainConfig, build_config
+    from maelab.engine.distributed import close_process_group, is_main_process
     from maelab.engine.pretrain import pretrain
 
     cfg = build_config(PretrainConfig, args.config, _common_overrides(args))
     result = pretrain(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
+    close_process_group()
     state = "stopped (resume with --resume)" if result.stopped_early else "finished"
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"{state}: epoch {result.epoch}/{cfg.epochs}, step {result.step}, loss {result.final_loss:.4f}; "
               f"outputs in {result.output}")
     return 0

@@ -96,8 +96,14 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a plain single process (from the environment alone)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def close_process_group() -> None:
+    """Leave the process group a command joined under torchrun (nothing otherwise)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -13,8 +13,9 @@ the process group is closed when the command is done.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
+
+from maelab.engine.distributed import close_process_group, is_main_process
 
 FLAG_KEYS = {
     # attribute: dotted config key
@@ -51,21 +52,6 @@ def eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- commands
-def _is_main() -> bool:
-    """Rank 0 of a torchrun launch, or a plain single process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _close_process_group() -> None:
-    """Leave the process group the command joined under torchrun (nothing otherwise)."""
-    import torch.distributed as dist
-
-    from maelab.engine.distributed import launched_by_torchrun
-
-    if launched_by_torchrun() and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     from maelab.config import build_config
     from maelab.eval.config import FinetuneConfig
@@ -73,8 +59,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = build_config(FinetuneConfig, args.config, eval_overrides(args))
     result = finetune(cfg, resume=args.resume, progress=not args.no_progress)
-    _close_process_group()
-    if not _is_main():
+    close_process_group()
+    if not is_main_process():
         return 0
     m = result.metrics
     top5 = f", top-5 {m['top5']:.2f}" if "top5" in m else ""
@@ -91,8 +77,8 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
 
     cfg = build_config(LinprobeConfig, args.config, eval_overrides(args))
     result = linprobe(cfg, progress=not args.no_progress)
-    _close_process_group()
-    if not _is_main():
+    close_process_group()
+    if not is_main_process():
         return 0
     m = result.metrics
     top5 = f", top-5 {m['top5']:.2f}" if "top5" in m else ""
@@ -109,8 +95,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
     cfg = build_config(KnnConfig, args.config, eval_overrides(args))
     result = run_knn(cfg, progress=not args.no_progress)
-    _close_process_group()
-    if not _is_main():
+    close_process_group()
+    if not is_main_process():
         return 0
     m = result.metrics
     top5 = f", top-5 {m['top5']:.2f}" if "top5" in m else ""
