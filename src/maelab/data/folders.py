@@ -44,7 +44,7 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _scan(directory: str) -> list[str]:
+def scan_images(directory: str) -> list[str]:
     """All image files under ``directory`` (recursive, sorted, following links)."""
     out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
@@ -144,7 +144,7 @@ class ImageFolderDataset(Dataset):
                 log.warning("image folder %s has only split folders (%s) used as classes; "
                             "point at one split instead", self.root, ", ".join(self.classes))
         else:
-            self.samples = [(p, -1) for p in _scan(str(self.root))]
+            self.samples = [(p, -1) for p in scan_images(str(self.root))]
         if not self.samples:
             raise _not_found(self.root, "no images in")
         self.targets = [t for _, t in self.samples]

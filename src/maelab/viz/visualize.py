@@ -7,14 +7,12 @@ from pathlib import Path
 import torch
 
 from maelab.data import default_stats, eval_transform, load_image
+from maelab.data.folders import IMG_EXTENSIONS, scan_images
 from maelab.engine.checkpoint import load_pretrained_with_config
 from maelab.engine.runtime import resolve_device
 from maelab.errors import DataError
 from maelab.models.masking import make_noise
 from maelab.viz.reconstruction import default_title, reconstruct, save_reconstruction_grid
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
-
 
 def collect_images(inputs: list[str], limit: int) -> list[Path]:
     """Image files from a list of files and folders (folders searched recursively, sorted)."""
@@ -22,13 +20,13 @@ def collect_images(inputs: list[str], limit: int) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            found += [Path(f) for f in scan_images(str(p))]
         elif p.is_file():
             found.append(p)
         else:
             raise DataError(f"image not found: {p}")
     if not found:
-        raise DataError(f"no images in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DataError(f"no images in {', '.join(inputs)} (looked for {', '.join(IMG_EXTENSIONS)})")
     return found[:limit]
 
 
