@@ -5,7 +5,8 @@ Convention (shared with facebookresearch/mae and Hugging Face ViTMAE):
 - ``mask`` is a bool tensor [B, L]: **True = masked (hidden from the encoder)**.
 - Given ``noise`` [B, L] (uniform in [0, 1) for random masking), the patches with the
   *smallest* noise are kept: ``ids_shuffle = argsort(noise)``,
-  ``ids_keep = ids_shuffle[:, :L_keep]``, ``ids_restore = argsort(ids_shuffle)`` and
+  ``ids_keep = ids_shuffle[:, :L_keep]``, ``ids_restore = argsort(ids_shuffle)`` (computed as the
+  inverse permutation by a scatter, the same values) and
   ``L_keep = int(L * (1 - mask_ratio))``. The same noise gives the same mask as the
   official code.
 
@@ -43,7 +44,9 @@ def masking_from_noise(noise: torch.Tensor, mask_ratio: float) -> Masking:
     b, length = noise.shape
     keep = num_kept(length, mask_ratio)
     ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    # the inverse permutation (the official code's second argsort), written as a scatter: same values, no sort
+    ramp = torch.arange(length, device=noise.device).expand(b, -1)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, ramp)
     ids_keep = ids_shuffle[:, :keep]
     # mask[b, ids_shuffle[b, j]] = (j >= keep), written without a gather of a [B, L] ramp
     mask = torch.ones(b, length, dtype=torch.bool, device=noise.device)
