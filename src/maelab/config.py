@@ -134,7 +134,10 @@ class DataConfig:
     """Synthetic dataset size (ignored for other datasets)."""
     num_classes: int = 10
     """Synthetic dataset class count (ignored for other datasets)."""
-    num_workers: int = 2
+    num_workers: int | str = "auto"
+    """DataLoader worker processes per training process, or auto: the CPUs this process may use
+    (os.sched_getaffinity) divided by the processes on this node (torchrun's LOCAL_WORLD_SIZE), at least 1
+    and at most 16. auto is resolved when the config is built, so config.yaml records the number used."""
     mean: tuple[float, ...] | None = None
     """Per-channel normalization mean (default: ImageNet for 3 channels, 0.5 otherwise)."""
     std: tuple[float, ...] | None = None
@@ -145,9 +148,35 @@ class DataConfig:
     """Fail on the first unreadable image instead of skipping it."""
     gpu_resident: str | bool = "auto"
     """Pre-training: keep the decoded training set on the device as uint8 and crop/flip/normalize whole batches
-    there (maelab.data.gpu). auto: on for CUDA when the data is synthetic/cifar10/cifar100/stl10 with images of at
-    most 64 px that fit in a quarter of the free GPU memory; on: always (folders are resized to the model's input
-    size once); off: the per-sample CPU DataLoader."""
+    there (maelab.data.gpu). auto: on for CUDA when the images have at most 64 px on their longer side
+    (synthetic/cifar10/cifar100/stl10 by their known size; folders by the headers of 32 evenly spaced files, read
+    before anything is decoded) and the set fits in a quarter of the free GPU memory; on: always; off: the
+    per-sample CPU DataLoader. Images are stored at their common size, or at the model's input size when the
+    sizes differ (or the common size is above 64 px). Off with decode=gpu unless set to on."""
+    decode: str = "auto"
+    """Pre-training on an image folder: where JPEGs are decoded. cpu: Pillow in the DataLoader workers, one
+    sample at a time; gpu: the workers only read the files, the training device decodes each batch (TorchCodec's
+    decode_jpeg if installed, else torchvision's; nvJPEG on CUDA) and crops/flips/normalizes it
+    (maelab.data.jpeg_gpu; the same crops and flips as cpu, and on CPU the same pixels); auto: cpu for now (gpu is
+    the option to measure on a GPU before it becomes a default)."""
+    DECODE_MODES = ("auto", "cpu", "gpu")
+    BUILTIN_NAMES = ("synthetic", "cifar10", "cifar100", "stl10")
+    MAX_AUTO_WORKERS = 16
+
+    @classmethod
+    def auto_num_workers(cls) -> int:
+        """``num_workers=auto``: this process's CPUs / processes on the node, clamped to [1, MAX_AUTO_WORKERS]."""
+        import os
+
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS, Windows
+            cpus = os.cpu_count() or 1
+        try:
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        except ValueError:
+            local = 1
+        return max(1, min(cls.MAX_AUTO_WORKERS, cpus // local))
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):
@@ -157,13 +186,21 @@ class DataConfig:
         _check(bool(self.name), "data.name", self.name, "a dataset name or a folder path")
         _check(self.num_samples > 0, "data.num_samples", self.num_samples, "a positive int")
         _check(self.num_classes >= 2, "data.num_classes", self.num_classes, "at least 2")
-        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+        if self.num_workers == "auto":
+            object.__setattr__(self, "num_workers", self.auto_num_workers())
+        workers_ok = isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
+        _check(workers_ok and self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more, or auto")
         _check(0.0 < self.min_scale <= 1.0, "data.min_scale", self.min_scale, "a number in (0, 1]")
         _check(0.0 < self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "a number in (0, 1]")
         _check(bool(self.split), "data.split", self.split, "a split name such as train")
         if isinstance(self.gpu_resident, bool):  # YAML reads a bare on / off as true / false
             object.__setattr__(self, "gpu_resident", "on" if self.gpu_resident else "off")
         _check(self.gpu_resident in ("auto", "on", "off"), "data.gpu_resident", self.gpu_resident, "auto, on or off")
+        _check(self.decode in self.DECODE_MODES, "data.decode", self.decode, "auto, cpu or gpu")
+        _check(self.decode != "gpu" or self.name.lower() not in self.BUILTIN_NAMES, "data.decode", self.decode,
+               f"decoding on the device needs an image folder as data.name, not {self.name!r}; use decode=cpu")
+        _check(self.decode != "gpu" or self.gpu_resident != "on", "data.decode", self.decode,
+               "gpu_resident=on decodes the set once; use decode=cpu with it, or gpu_resident=auto/off")
         if self.std is not None:
             _check(all(s > 0 for s in self.std), "data.std", self.std, "positive numbers")
 

@@ -1,8 +1,17 @@
 import json
+from types import SimpleNamespace
+
 import pytest
+import torch
+from PIL import Image
+
+import maelab.engine.pretrain as pretrain_mod
 from maelab.config import PretrainConfig, build_config
 from maelab.data.gpu import GPUBatchLoader
+from maelab.data.jpeg_gpu import JPEGDecodeLoader
 from maelab.engine.pretrain import Pretrainer, pretrain
+from maelab.errors import ConfigError
+from maelab.models.registry import get_config
 from tests.engine.test_pretrain import tiny_cfg, weights, assert_same_weights
 
 
@@ -35,3 +44,91 @@ def test_gpu_resident_loss_falls(tmp_path):
     pretrain(cfg, progress=False)
     recs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["loss"] < 0.8 * recs[0]["loss"], [r["loss"] for r in recs]
+
+
+# ---------------------------------------------------------------- auto for folders, decided before decoding
+def _folder(root, sizes, classes=("a", "b")):
+    """JPEGs of the given (w, h) sizes, named 000.jpg, 001.jpg, ... and dealt round-robin into class folders."""
+    for k, (w, h) in enumerate(sizes):
+        p = root / classes[k % len(classes)] / f"{k:03d}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(k)
+        arr = (torch.rand((4, 4, 3), generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).resize((w, h), Image.BICUBIC).save(p, quality=90)
+    return root
+
+
+def _fake_cuda_trainer(tmp_path, monkeypatch, free=1 << 30, **kw):
+    """What Pretrainer._gpu_dataset reads, with a CUDA device that is never touched; counts dataset builds."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 4 * free))
+    builds = []
+    real = pretrain_mod.build_dataset
+    monkeypatch.setattr(pretrain_mod, "build_dataset", lambda *a, **k: builds.append(1) or real(*a, **k))
+    cfg = tiny_cfg(tmp_path / "run", **kw)
+    fake = SimpleNamespace(cfg=cfg, model_cfg=get_config(cfg.model, **cfg.model_args), device=torch.device("cuda"),
+                           mean=(0.5,) * 3, std=(0.25,) * 3)
+    return fake, builds
+
+
+def test_auto_folder_of_small_images_goes_resident_at_its_size(tmp_path, monkeypatch):
+    sizes = [(16, 16)] * 40
+    sizes[4] = (20, 12)  # file 4 is not among the 32 peeked of 40: resized to the common size
+    root = _folder(tmp_path / "data", sizes, classes=("a",))
+    fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(root / "a"), "data.num_workers": 0})
+    ds, store = Pretrainer._gpu_dataset(fake)
+    assert store == (16, 16) and len(builds) == 1
+    for i in (0, 4):
+        img, _ = ds[i]
+        assert img.dtype == torch.uint8 and img.shape == (3, 16, 16)
+
+
+def test_auto_folder_mixed_large_or_not_fitting_stays_on_cpu_path(tmp_path, monkeypatch):
+    mixed = _folder(tmp_path / "mixed", [(16, 16), (24, 16)] * 4)
+    fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(mixed)})
+    ds, store = Pretrainer._gpu_dataset(fake)
+    assert store == (32, 32) and ds[1][0].shape == (3, 32, 32) and ds[1][0].dtype == torch.uint8  # model input size
+
+    large = _folder(tmp_path / "large", [(100, 80)] * 8)
+    fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(large)})
+    ds, store = Pretrainer._gpu_dataset(fake)
+    assert store is None and len(builds) == 1
+    assert ds[0][0].dtype == torch.float32 and ds[0][0].shape == (3, 32, 32)  # the per-sample pipeline
+
+    fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, free=1 << 10, **{"data.num_samples": 64})
+    ds, store = Pretrainer._gpu_dataset(fake)  # synthetic 32 px, but only 1 KiB free: built once, CPU path
+    assert store is None and len(builds) == 1 and ds[0][0].dtype == torch.float32
+
+    fake, _ = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(mixed), "data.decode": "gpu"})
+    assert Pretrainer._gpu_dataset(fake)[1] is None  # an explicit decode=gpu turns auto off
+
+
+def test_auto_real_cifar10_folder_is_peeked_not_decoded(cifar10_dir, tmp_path, monkeypatch):
+    fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, free=8 << 30, **{"data.name": str(cifar10_dir)})
+    ds, store = Pretrainer._gpu_dataset(fake)
+    assert store == (32, 32) and len(ds) == 50_000 and len(builds) == 1
+
+
+def test_on_folder_stores_common_size(tmp_path):
+    root = _folder(tmp_path / "data", [(16, 16)] * 32)
+    t = Pretrainer(tiny_cfg(tmp_path / "run", **{"data.name": str(root), "data.gpu_resident": "on"}), progress=False)
+    assert isinstance(t.loader, GPUBatchLoader) and t.loader.images.shape == (32, 3, 16, 16)
+    imgs, _ = next(iter(t.loader))
+    assert imgs.shape == (16, 3, 32, 32)
+
+
+def test_decode_gpu_pretrain_resumes_exactly(tmp_path):
+    """Batches equal the CPU path's (tests/data/test_data_jpeg_gpu.py); here: the wiring and mid-epoch resume."""
+    root = _folder(tmp_path / "data", [(40, 36), (36, 44)] * 16)
+    kw = {"data.name": str(root), "data.decode": "gpu"}
+    t = Pretrainer(tiny_cfg(tmp_path / "probe", **kw), progress=False)
+    assert isinstance(t.loader, JPEGDecodeLoader) and len(t.loader) == 2 and not t.gpu_resident
+    pretrain(tiny_cfg(tmp_path / "full", **kw), progress=False)
+    part = tiny_cfg(tmp_path / "part", **kw)
+    assert pretrain(part, progress=False, max_steps=3).stopped_early  # mid-epoch 2
+    pretrain(part, resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"))
+
+
+def test_decode_gpu_needs_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="needs an image folder"):
+        tiny_cfg(tmp_path, **{"data.decode": "gpu"})

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -27,6 +27,8 @@ from maelab.data.images import exceeds_pil_limit, load_image, pixel_limit_lifted
 from maelab.errors import DataError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff",
                                    ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
@@ -152,7 +154,8 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int) -> Image.Image:
+    def load(self, index: int) -> Image.Image:
+        """File ``index`` as a PIL image ('RGB' or 'L'), no transform and no skipping; DataError if unreadable."""
         return load_image(self.samples[index][0], channels=self.channels,
                           target_size=self.target_size)
 
@@ -167,7 +170,15 @@ class ImageFolderDataset(Dataset):
         elif n > MAX_NAMED_WARNINGS and n & (n - 1) == 0:
             log.warning("skipped %d unreadable images so far in %s", n, self.root)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def first_readable(self, index: int, read: Callable[[int], T]) -> tuple[int, T]:
+        """``(i, read(i))`` for the first ``i`` from ``index`` on (wrapping) that ``read`` accepts.
+
+        This is the skip/strict policy of the dataset for any reader (``read`` raises
+        :class:`~maelab.errors.DataError` for an unreadable file): with ``strict`` the first
+        failure raises; otherwise the file is counted, warned about, remembered and the next
+        one tried. ``__getitem__`` uses it with the PIL loader, the GPU-decode path
+        (:mod:`maelab.data.jpeg_gpu`) with a reader of the encoded bytes.
+        """
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
@@ -177,18 +188,20 @@ class ImageFolderDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                img = self._load(i)
+                return i, read(i)
             except DataError as e:
                 if self.strict:
                     raise
                 self._skip(i, e)
-                continue
-            label = self.samples[i][1]
-            if self.transform is None:
-                return img, label
-            if exceeds_pil_limit(img):  # Pillow re-checks the size when cropping
-                with pixel_limit_lifted():
-                    return self.transform(img), label
-            return self.transform(img), label
         raise DataError(f"no readable image in {self.root}: all {n} files failed to load "
                         "(see the warnings above)")
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        i, img = self.first_readable(index, self.load)
+        label = self.samples[i][1]
+        if self.transform is None:
+            return img, label
+        if exceeds_pil_limit(img):  # Pillow re-checks the size when cropping
+            with pixel_limit_lifted():
+                return self.transform(img), label
+        return self.transform(img), label

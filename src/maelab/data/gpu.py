@@ -18,7 +18,10 @@ batch position), so resuming mid-epoch (``sampler.set_epoch(epoch, start)``) rep
 the uninterrupted run bit for bit (for the same batch size and device).
 
 Intended for data whose stored size is about the training size (CIFAR at 32 px, STL-10 at
-96 px, small synthetic sets). Differences from the CPU path (:func:`pretrain_transform`):
+96 px, small synthetic sets, folders of small images). Whether to use it is decided before
+anything is decoded (:func:`plan_gpu_resident`): from the one known size of a fixed-size set,
+or for a folder from the headers of a few evenly spaced files (:func:`peek_image_sizes`).
+Differences from the CPU path (:func:`pretrain_transform`):
 
 * crop parameters: the same distribution, drawn from a different random stream;
 * ``antialias=True`` (the loader's default) uses the same separable, PIL-style bicubic
@@ -36,7 +39,8 @@ Intended for data whose stored size is about the training size (CIFAR at 32 px, 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +57,8 @@ NUM_ATTEMPTS = 10
 """RandomResizedCrop tries this many (area, aspect) draws before the center-crop fallback."""
 AUTO_MAX_SIDE = 64
 """``gpu_resident='auto'`` turns on only for images whose longer side is at most this."""
+PEEK_COUNT = 32
+"""``gpu_resident='auto'`` reads the headers of this many evenly spaced files of a folder."""
 FIXED_SIZE_DATASETS = ("synthetic", "cifar10", "cifar100", "stl10")
 """Built-in datasets whose images all have one stored size (keep it: ``uint8_transform(None)``)."""
 CPU_MAX_BYTES = 2 * 1024**3
@@ -60,11 +66,16 @@ CPU_MAX_BYTES = 2 * 1024**3
 
 __all__ = [
     "FIXED_SIZE_DATASETS",
+    "DeferredTransform",
     "GPUBatchLoader",
+    "Uint8Image",
     "batched_resized_crop",
     "fits_in_memory",
     "load_uint8_tensor",
+    "peek_image_sizes",
+    "plan_gpu_resident",
     "random_resized_crop_params",
+    "resident_size",
     "uint8_transform",
     "use_gpu_resident",
 ]
@@ -78,21 +89,62 @@ def _hw(size: Size | Sequence[int]) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- decoding once
-def uint8_transform(img_size: Size | None = None) -> v2.Compose:
+class Uint8Image:
+    """PIL image or uint8 tensor -> plain uint8 tensor [C, h, w], no augmentation.
+
+    ``size=None`` keeps the stored size. Otherwise an image of exactly ``size`` (h, w) is
+    passed through untouched, and any other is resized (bicubic, antialiased, aspect ratio
+    kept) to the smallest size covering (h, w), then center-cropped to (h, w).
+    """
+
+    def __init__(self, size: Size | None = None) -> None:
+        self.size = None if size is None else _hw(size)
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        x = v2.functional.to_dtype(v2.functional.to_image(img), torch.uint8, scale=True)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            h, w = self.size
+            ih, iw = (int(s) for s in x.shape[-2:])
+            if h * iw >= w * ih:  # the height governs (torchvision's int(size * long / short) rounding)
+                nh, nw = h, max(w, int(h * iw / ih))
+            else:
+                nh, nw = max(h, int(w * ih / iw)), w
+            x = v2.functional.resize(x, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            x = v2.functional.center_crop(x, [h, w])
+        return x.as_subclass(torch.Tensor)
+
+    def __repr__(self) -> str:
+        return f"Uint8Image(size={self.size})"
+
+
+def uint8_transform(img_size: Size | None = None) -> Uint8Image:
     """PIL image or uint8 tensor -> plain uint8 tensor [C, h, w], no augmentation.
 
     ``img_size=None`` keeps the stored size (every image must then have the same size, as
-    in CIFAR, STL-10 or the synthetic set). Otherwise the short side is resized (bicubic,
-    antialiased) to cover ``img_size`` and the center ``img_size`` is cropped; an image
-    that already has that size is passed through untouched.
+    in CIFAR, STL-10 or the synthetic set). Otherwise images of that size pass through
+    untouched and the others are resized (bicubic, antialiased) to cover ``img_size`` and
+    center-cropped to it (:class:`Uint8Image`).
     """
-    ops: list[v2.Transform] = [v2.ToImage()]
-    if img_size is not None:
-        h, w = _hw(img_size)
-        ops += [v2.Resize(max(h, w), interpolation=InterpolationMode.BICUBIC, antialias=True),
-                v2.CenterCrop((h, w))]
-    ops += [v2.ToDtype(torch.uint8, scale=True), v2.ToPureTensor()]
-    return v2.Compose(ops)
+    return Uint8Image(img_size)
+
+
+class DeferredTransform:
+    """A dataset transform chosen after the dataset is built, so that it is built only once.
+
+    ``build_dataset(..., transform=t)``, inspect the dataset, then ``t.set(...)`` the
+    transform of the path taken (GPU-resident uint8 storage or the per-sample pipeline).
+    """
+
+    def __init__(self) -> None:
+        self.transform: Callable[[Any], Any] | None = None
+
+    def set(self, transform: Callable[[Any], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, img: Any) -> Any:
+        if self.transform is None:
+            raise RuntimeError("DeferredTransform used before set()")
+        return self.transform(img)
 
 
 def load_uint8_tensor(dataset: Dataset, num_workers: int = 0, batch_size: int = 512,
@@ -132,38 +184,105 @@ def load_uint8_tensor(dataset: Dataset, num_workers: int = 0, batch_size: int = 
     return images, labels
 
 
+# ---------------------------------------------------------------------------- deciding
 def fits_in_memory(n: int, c: int, h: int, w: int, device: torch.device | str,
-                   fraction: float = 0.25) -> bool:
+                   fraction: float = 0.25, free_bytes: int | None = None) -> bool:
     """Whether ``n`` uint8 images [c, h, w] take at most ``fraction`` of the free memory.
 
-    On CUDA the free memory is ``torch.cuda.mem_get_info(device)`` now (so call it after
-    the model is on the device); elsewhere the answer is ``bytes < 2 GiB``.
+    On CUDA the free memory is ``free_bytes`` if given, else ``torch.cuda.mem_get_info(device)``
+    now (so call it after the model is on the device); elsewhere the answer is ``bytes < 2 GiB``.
     """
     nbytes = n * c * h * w
     device = torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
         return nbytes <= fraction * free
     return nbytes < CPU_MAX_BYTES
+
+
+def peek_image_sizes(paths: Sequence[str], count: int = PEEK_COUNT) -> list[tuple[int, int]]:
+    """(height, width) of up to ``count`` evenly spaced files of ``paths``, from their headers.
+
+    Pillow only parses the header (no pixel decoding), so this costs well under a millisecond
+    per file. Files Pillow cannot open are left out (the loader's skip/strict policy deals
+    with them later).
+    """
+    from PIL import Image
+
+    n = len(paths)
+    picks = sorted({(k * n) // count for k in range(count)}) if n > count else range(n)
+    sizes: list[tuple[int, int]] = []
+    for k in picks:
+        try:
+            with Image.open(paths[k]) as img:
+                w, h = img.size
+        except Exception:  # noqa: BLE001 - any unreadable file is simply not peeked
+            continue
+        sizes.append((int(h), int(w)))
+    return sizes
+
+
+def resident_size(sizes: Sequence[tuple[int, int]], img_size: Size,
+                  max_side: int = AUTO_MAX_SIDE) -> tuple[int, int]:
+    """The (h, w) to store a GPU-resident set at, from the (h, w) ``sizes`` of (some of) its images.
+
+    Their common size when they all agree and its longer side is at most ``max_side``
+    (images are then cropped at their own resolution, as on the CPU path); otherwise the
+    model's input size ``img_size`` (images are resized to it once).
+    """
+    common = set(sizes)
+    if len(common) == 1:
+        (size,) = common
+        if max(size) <= max_side:
+            return size
+    return _hw(img_size)
+
+
+def plan_gpu_resident(mode: str, device: torch.device | str, num_images: int, channels: int,
+                      sizes: Sequence[tuple[int, int]], img_size: Size, max_side: int = AUTO_MAX_SIDE,
+                      fraction: float = 0.25, free_bytes: int | None = None) -> tuple[int, int] | None:
+    """Resolve ``data.gpu_resident`` before decoding anything: the (h, w) to store the set at, or None.
+
+    Args:
+        mode: ``'on'``, ``'off'`` or ``'auto'``.
+        device: the training device.
+        num_images, channels: the set's size and channel count.
+        sizes: (h, w) of the images looked at: the one known size of a fixed-size set, or a
+            :func:`peek_image_sizes` sample of a folder.
+        img_size: the model's input size (the storage size when ``sizes`` disagree).
+        max_side, fraction, free_bytes: see :func:`fits_in_memory`; ``free_bytes`` replaces
+            the CUDA query (tests, or a caller that already knows).
+
+    ``'auto'`` is on only for CUDA devices when ``sizes`` is not empty, every one of them has a
+    longer side of at most ``max_side``, and the set, stored at :func:`resident_size`, fits in
+    ``fraction`` of the free device memory. ``'on'`` stores at :func:`resident_size`.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"gpu_resident must be auto, on or off, not {mode!r}")
+    if mode == "off":
+        return None
+    store = resident_size(sizes, img_size, max_side)
+    if mode == "on":
+        return store
+    device = torch.device(device)
+    if device.type != "cuda" or not sizes or max(max(s) for s in sizes) > max_side:
+        return None
+    if not fits_in_memory(num_images, channels, *store, device, fraction, free_bytes):
+        return None
+    return store
 
 
 def use_gpu_resident(mode: str, device: torch.device | str, num_images: int,
                      image_shape: Sequence[int], max_side: int = AUTO_MAX_SIDE,
                      fraction: float = 0.25) -> bool:
-    """Resolve a ``data.gpu_resident`` setting: ``'on'``, ``'off'`` or ``'auto'``.
+    """Resolve a ``data.gpu_resident`` setting for images of one known shape [C, H, W].
 
-    ``'auto'`` is on for CUDA devices when the images ([C, H, W] = ``image_shape``) have a
-    longer side of at most ``max_side`` and the whole set fits in ``fraction`` of the free
-    device memory (:func:`fits_in_memory`).
+    ``'auto'`` is on for CUDA devices when the images have a longer side of at most
+    ``max_side`` and the whole set fits in ``fraction`` of the free device memory
+    (:func:`fits_in_memory`). See :func:`plan_gpu_resident` for sets of several sizes.
     """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"gpu_resident must be auto, on or off, not {mode!r}")
-    if mode != "auto":
-        return mode == "on"
-    device = torch.device(device)
     c, h, w = (int(s) for s in image_shape)
-    return (device.type == "cuda" and max(h, w) <= max_side
-            and fits_in_memory(num_images, c, h, w, device, fraction))
+    return plan_gpu_resident(mode, device, num_images, c, [(h, w)], (h, w), max_side, fraction) is not None
 
 
 # ---------------------------------------------------------------------------- crop parameters

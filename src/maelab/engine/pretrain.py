@@ -203,15 +203,14 @@ class Pretrainer:
         return no_sync
 
     def _setup_data(self) -> None:
-        """Training set, this rank's resumable sampler, and the loader (GPU-resident or DataLoader)."""
+        """Training set, this rank's resumable sampler, and the loader: GPU-resident, JPEGs decoded on the
+        device (``data.decode=gpu``), or the per-sample CPU DataLoader."""
+        from maelab.data.folders import ImageFolderDataset  # local: this method's own dependencies
+        from maelab.data.jpeg_gpu import JPEGDecodeLoader, resolve_decode
+
         cfg = self.cfg
-        self.dataset = self._gpu_dataset()  # None: the per-sample CPU pipeline
-        self.gpu_resident = self.dataset is not None
-        if self.dataset is None:
-            transform = pretrain_transform(self.model_cfg.img_size, self.mean, self.std, cfg.data.min_scale,
-                                           cfg.data.hflip)
-            self.dataset = build_dataset(cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans,
-                                         train=True, transform=transform, seed=cfg.seed)
+        self.dataset, store = self._gpu_dataset()
+        self.gpu_resident = store is not None
         if len(self.dataset) < cfg.batch_size * self.dist.world_size:
             raise DataError(f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than one global batch "
                             f"(batch_size={cfg.batch_size} x {self.dist.world_size} processes): lower --batch-size")
@@ -224,10 +223,18 @@ class Pretrainer:
             self.loader = GPUBatchLoader(images.to(self.device), labels, cfg.batch_size, self.sampler,
                                          self.model_cfg.img_size, self.mean, self.std, min_scale=cfg.data.min_scale,
                                          hflip=cfg.data.hflip, seed=cfg.seed)
-            log.info("data: %r", self.loader)
+        elif resolve_decode(cfg.data.decode) == "gpu":
+            if not isinstance(self.dataset, ImageFolderDataset):
+                raise ConfigError(f"invalid data.decode='gpu': decoding on the device needs an image folder as "
+                                  f"data.name, not {cfg.data.name!r}; use decode=cpu")
+            self.loader = JPEGDecodeLoader(self.dataset, cfg.batch_size, self.sampler, self.model_cfg.img_size,
+                                           self.mean, self.std, self.device, num_workers=cfg.data.num_workers,
+                                           min_scale=cfg.data.min_scale, hflip=cfg.data.hflip)
         else:
             self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
                                        pin_memory=self.device.type == "cuda")
+        if self.gpu_resident or cfg.data.decode == "gpu":
+            log.info("data: %r", self.loader)
         self.batches_per_epoch = len(self.sampler) // cfg.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.accum_steps
         if self.steps_per_epoch == 0:
@@ -244,19 +251,40 @@ class Pretrainer:
                               f"got {len(mean)} and {len(std)}")
         return tuple(mean), tuple(std)
 
-    def _gpu_dataset(self) -> Any:
-        """The training set as uint8 images for the GPU-resident path, or None (``data.gpu_resident``)."""
-        cfg, mode = self.cfg, self.cfg.data.gpu_resident
-        fixed = cfg.data.name.lower() in FIXED_SIZE_DATASETS
-        if mode == "off" or (mode == "auto" and (self.device.type != "cuda" or not fixed)):
-            return None
-        # fixed-size sets keep their stored size (the crop is resized to img_size, as on the CPU path);
-        # folders are resized to the model's input size once
-        ds = build_dataset(cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans, train=True,
-                           transform=uint8_transform(None if fixed else self.model_cfg.img_size), seed=cfg.seed)
-        if not use_gpu_resident(mode, self.device, len(ds), ds[0][0].shape):
-            return None
-        return ds
+    def _gpu_dataset(self) -> tuple[Any, tuple[int, int] | None]:
+        """The training set, built once, and the (h, w) to keep it on the device at (None: not GPU-resident).
+
+        ``data.gpu_resident`` is resolved before anything is decoded (:func:`~maelab.data.gpu.plan_gpu_resident`):
+        from the stored size of synthetic/cifar10/cifar100/stl10 (one sample), or for a folder from the headers of
+        a few evenly spaced files. Then the dataset's transform is set for the path taken: uint8 images for
+        :func:`load_uint8_tensor` (fixed-size sets keep their size; folders their common size, or the model's
+        input size when the sizes differ), else the per-sample ``pretrain_transform``.
+        """
+        from maelab.data.gpu import DeferredTransform, peek_image_sizes, plan_gpu_resident  # local, see _setup_data
+
+        cfg, data = self.cfg, self.cfg.data
+        img_size, in_chans = self.model_cfg.img_size, self.model_cfg.in_chans
+        transform = DeferredTransform()
+        ds = build_dataset(data, img_size=img_size, in_chans=in_chans, train=True, transform=transform, seed=cfg.seed)
+        fixed = data.name.lower() in FIXED_SIZE_DATASETS
+        mode = data.gpu_resident
+        if mode == "auto" and (self.device.type != "cuda" or data.decode == "gpu"):
+            mode = "off"  # an explicit decode=gpu asks for per-batch device decoding
+        store = None
+        if mode != "off":
+            if fixed:
+                transform.set(uint8_transform(None))
+                sizes = [tuple(int(s) for s in ds[0][0].shape[-2:])]
+            else:
+                sizes = peek_image_sizes([path for path, _ in ds.samples])
+            store = plan_gpu_resident(mode, self.device, len(ds), in_chans, sizes, img_size)
+            if store is not None and fixed:
+                store = sizes[0]  # fixed-size sets keep their stored size (crops are resized, as on the CPU path)
+        if store is not None:
+            transform.set(uint8_transform(None if fixed else store))
+        else:
+            transform.set(pretrain_transform(img_size, self.mean, self.std, data.min_scale, data.hflip))
+        return ds, store
 
     def _tensorboard(self) -> Any:
         try:
