@@ -38,8 +38,11 @@ def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["data.strict"] = True
     if getattr(args, "norm_pix_loss", False):
         out["model_args.norm_pix_loss"] = True
-    if getattr(args, "compile", False):
-        out["compile"] = True
+    if getattr(args, "compile", None) is not None:
+        out["compile"] = args.compile
+    for attr, key in (("compile_mode", "compile_mode"), ("fp8", "fp8")):
+        if getattr(args, attr, None) is not None:
+            out[key] = getattr(args, attr)
     for text in getattr(args, "overrides", []) or []:
         key, value = parse_override(text)
         out[key] = value
@@ -65,6 +68,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. model_args.norm_pix_loss=true data.num_workers=8")
+
+
+def _add_speed_flags(p: argparse.ArgumentParser) -> None:
+    from maelab.config import COMPILE_MODES, FP8_RECIPES
+
+    p.add_argument("--compile", dest="compile", action="store_const", const="on", default=None,
+                   help="torch.compile the model (default: on for CUDA, off on CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="run eagerly")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES,
+                   help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    p.add_argument("--fp8", choices=FP8_RECIPES, help="opt-in float8 Linear layers via torchao (Ada/Hopper GPUs)")
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -132,10 +146,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from maelab.bench.run import run_bench
 
     run_bench(model=args.model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-              device=args.device or "auto", precision=args.precision or "auto", compile=args.compile,
+              device=args.device or "auto", precision=args.precision or "auto", compile=args.compile or "auto",
+              compile_mode=args.compile_mode or "default", fp8=args.fp8 or "off",
+              variants=_split(args.variants), batch_sizes=[int(b) for b in _split(args.batch_sizes)] or None,
               reference=not args.no_reference, json_path=args.json, model_args=_model_args(args.overrides),
-              data=args.data, num_workers=args.num_workers, gpu_resident=args.gpu_resident)
+              data=args.data, num_workers=args.num_workers, gpu_resident=args.gpu_resident,
+              data_args={"decode": args.decode} if args.decode else None)
     return 0
+
+
+def _split(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
 
 
 def _model_args(texts: list[str] | None) -> dict[str, Any]:
@@ -159,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
     p.add_argument("--mask-ratio", type=float)
     p.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalized pixel target")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    _add_speed_flags(p)
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
@@ -185,17 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="train-step throughput, memory and FLOPs (vs Hugging Face ViTMAE)")
     p.add_argument("--model", default=None, help="preset (default: mae_vit_base_patch16 on CUDA, pico on CPU)")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-sizes", help="comma list: measure each (OOM is reported, not fatal), e.g. 256,512,1024")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--compile", action="store_true")
+    _add_speed_flags(p)
+    p.add_argument("--variants", help="comma list of ablations to time besides the default path: "
+                   "eager, eager-foreach-adamw, eager-host-sync, compile, compile-cudagraphs, compile-autotune, "
+                   "fp8, fp8-rowwise, fp8-cudagraphs")
     p.add_argument("--no-reference", action="store_true", help="skip the Hugging Face reference")
     p.add_argument("--json", help="write results to this JSON file")
     p.add_argument("--data", help="also time the data loader and the end-to-end loop on this dataset")
     p.add_argument("--num-workers", type=int, help="DataLoader workers for --data")
     p.add_argument("--gpu-resident", choices=["auto", "on", "off"], default="auto",
                    help="GPU-resident data path for --data")
+    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], help="JPEG decoding for --data folders")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. mask_ratio=0.9")
     p.set_defaults(func=cmd_bench)
 

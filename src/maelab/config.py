@@ -21,6 +21,8 @@ from maelab.errors import ConfigError
 T = TypeVar("T")
 
 MASK_TYPES = ("random", "block", "grid")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FP8_RECIPES = ("off", "tensorwise", "rowwise")
 TARGETS = ("pixels", "hog")
 
 
@@ -235,7 +237,13 @@ class PretrainConfig:
     """auto, cpu, cuda, cuda:N."""
     precision: str = "auto"
     """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32."""
-    compile: bool = False
+    compile: str | bool = "auto"
+    """torch.compile the model: auto (on for CUDA, off elsewhere), on, off. Same math, fused kernels."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs."""
+    fp8: str | bool = "off"
+    """Opt-in float8 training of the transformer blocks' Linear layers (torchao; Ada/Hopper GPUs):
+    off, tensorwise or rowwise. Changes the arithmetic: see BENCHMARKS.md for the evidence."""
     fsdp: bool = False
     """Shard parameters, gradients and optimizer state over ranks (torch fully_shard) instead of DDP:
     for ViT-L/H and larger under torchrun. Checkpoints are saved unsharded, so they reload at any world size."""
@@ -283,6 +291,15 @@ class PretrainConfig:
                "a positive number or null")
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
                "one of auto, bf16, fp16, fp32")
+        if isinstance(self.compile, bool):  # YAML reads a bare on / off as true / false
+            object.__setattr__(self, "compile", "on" if self.compile else "off")
+        _check(self.compile in ("auto", "on", "off"), "compile", self.compile, "auto, on or off")
+        _check(self.compile_mode in COMPILE_MODES, "compile_mode", self.compile_mode, "one of " + ", ".join(COMPILE_MODES))
+        if self.fp8 is False:  # YAML reads a bare off as false
+            object.__setattr__(self, "fp8", "off")
+        _check(self.fp8 in FP8_RECIPES, "fp8", self.fp8, "one of " + ", ".join(FP8_RECIPES))
+        _check(self.fp8 == "off" or self.precision in ("auto", "bf16", "fp32"), "fp8", self.fp8,
+               "off with precision=fp16 (float8 training runs under bf16 autocast)")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
                or self.device == "mps", "device", self.device, "auto, cpu, cuda or cuda:N")
         for name in ("log_every", "vis_every", "save_every"):

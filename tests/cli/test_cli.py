@@ -154,3 +154,19 @@ def test_pretrain_survives_a_dirty_folder(tmp_path, capsys, caplog):
     assert main(args) == 0, capsys.readouterr().err
     assert "finished: epoch 2/2" in capsys.readouterr().out
     assert "truncated.jpg" in caplog.text or "zero.jpg" in caplog.text or "notes.png" in caplog.text
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    ([], {}),
+    (["--compile"], {"compile": "on"}),
+    (["--no-compile"], {"compile": "off"}),
+    (["--compile", "--compile-mode", "reduce-overhead"], {"compile": "on", "compile_mode": "reduce-overhead"}),
+    (["--fp8", "rowwise"], {"fp8": "rowwise"}),
+    (["compile=off", "fp8=tensorwise"], {"compile": False, "fp8": "tensorwise"}),  # YAML: off is false
+])
+def test_speed_flags_become_config_overrides(argv, expected):
+    from maelab.cli import _common_overrides, build_parser
+
+    args = build_parser().parse_args(["pretrain", *argv])
+    got = _common_overrides(args)
+    assert {k: v for k, v in got.items() if k in ("compile", "compile_mode", "fp8")} == expected

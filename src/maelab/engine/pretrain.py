@@ -27,6 +27,8 @@ from maelab.data import build_dataset, default_stats, eval_transform, pretrain_t
 from maelab.data.build import EVAL_SPLIT_DIRS
 from maelab.data.gpu import FIXED_SIZE_DATASETS, GPUBatchLoader, load_uint8_tensor, uint8_transform, use_gpu_resident
 from maelab.data.loader import ResumableSampler, build_loader
+from maelab.engine.accel import (compile_module, convert_to_fp8, explain_compile_failure, resolve_compile,
+                                 uses_cudagraphs)
 from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
 from maelab.engine.distributed import (
     all_reduce_mean,
@@ -148,7 +150,8 @@ class Pretrainer:
                                  self.mask_gen, forward=self.forward, rank=self.dist.rank,
                                  world_size=self.dist.world_size, no_sync=no_sync,
                                  skip_nonfinite=cfg.max_bad_steps > 0,
-                                 all_reduce_min=lambda t: all_reduce_min(t, self.dist))
+                                 all_reduce_min=lambda t: all_reduce_min(t, self.dist),
+                                 cudagraphs=uses_cudagraphs(self.compiled, cfg.compile_mode))
         self.bad_steps = 0
         self.step = 0
         self.epoch = 0
@@ -177,13 +180,19 @@ class Pretrainer:
                 f"({len(self.dataset)} images, {data}); batch {self.cfg.batch_size} x {self.cfg.accum_steps} accum x "
                 f"{self.dist.world_size} procs = {self.cfg.effective_batch(self.dist.world_size)}, peak lr "
                 f"{self.peak_lr:.3g}, {self.cfg.epochs} epochs = {self.total_steps} steps, {self.device} "
-                f"{str(self.dtype).removeprefix('torch.')}; output {self.out}"
+                f"{str(self.dtype).removeprefix('torch.')}{self._speed_summary()}; output {self.out}"
                 + (f"; resuming at epoch {self.epoch}, step {self.step}" if self.step else ""))
+
+    def _speed_summary(self) -> str:
+        compiled = f", torch.compile ({self.cfg.compile_mode})" if self.compiled else ", eager"
+        fp8 = f", fp8 {self.cfg.fp8} in {self.fp8_layers} Linear layers" if self.fp8_layers else ""
+        return compiled + fp8
 
     # ------------------------------------------------------------------ setup helpers
     def _setup_model(self) -> Callable[[], Any] | None:
         """Model on the device, wrapped for DDP or sharded with FSDP; returns the no-sync context."""
         self.model = MaskedAutoencoder(self.model_cfg).to(self.device)
+        self.fp8_layers = convert_to_fp8(self.model, self.cfg.fp8, self.device)
         wrapped: torch.nn.Module = self.model
         self.fsdp = self.cfg.fsdp and self.dist.enabled
         self.ddp = None
@@ -199,7 +208,8 @@ class Pretrainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
             no_sync = self.ddp.no_sync
-        self.forward = torch.compile(wrapped) if self.cfg.compile else wrapped
+        self.compiled = resolve_compile(self.cfg.compile, self.device)
+        self.forward = compile_module(wrapped, self.cfg.compile_mode) if self.compiled else wrapped
         return no_sync
 
     def _setup_data(self) -> None:
@@ -425,7 +435,8 @@ class Pretrainer:
     def train_step(self, batches: list[torch.Tensor]) -> torch.Tensor | None:
         """One optimizer step over ``accum_steps`` micro-batches; returns the mean loss (on device),
         or None when a non-finite loss was skipped (``max_bad_steps``)."""
-        loss = self.stepper(batches, self.lr())
+        with explain_compile_failure(self.compiled):
+            loss = self.stepper(batches, self.lr())
         self.step += 1
         if getattr(self.stepper, "last_skipped", False):
             self.bad_steps += 1

@@ -29,7 +29,8 @@ class TrainStep:
                  forward: Callable[..., MAEOutput] | None = None, rank: int = 0, world_size: int = 1,
                  no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
                  skip_nonfinite: bool = False,
-                 all_reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 all_reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 cudagraphs: bool = False) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -44,6 +45,7 @@ class TrainStep:
         self.skip_nonfinite = skip_nonfinite
         self.all_reduce_min = all_reduce_min
         self.last_skipped = False
+        self.cudagraphs = cudagraphs  # forward is compiled with CUDA graphs (compile_mode reduce-overhead / max-autotune)
         cfg = model.cfg
         self._noise_args = (cfg.mask_type, cfg.grid_size, cfg.mask_ratio)
 
@@ -62,6 +64,8 @@ class TrainStep:
             last = i == len(batches) - 1
             # DDP: all-reduce gradients once, on the last micro-batch
             sync = contextlib.nullcontext() if last or self.no_sync is None else self.no_sync()
+            if self.cudagraphs:  # a new iteration: the previous replay's outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with sync:
                 with autocast(self.device, self.dtype):
                     loss = self.forward(imgs, noise=self.noise(imgs.shape[0])).loss
