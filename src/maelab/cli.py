@@ -1,4 +1,4 @@
-"""``maelab <command>``: pretrain, finetune, linprobe, knn, visualize, export, models, bench.
+"""``maelab <command>``: pretrain, finetune, linprobe, knn, visualize, compare, export, models, bench.
 
 Every user mistake ends with one line on stderr (``maelab: error: ...``) and exit code 2;
 internal bugs keep their traceback.
@@ -106,6 +106,33 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from maelab.viz.compare import format_summary, load_run, save_comparison, summarize_run
+
+    runs = [load_run(d) for d in args.runs]
+    if args.labels and len(args.labels) != len(runs):
+        from maelab.errors import ConfigError
+
+        raise ConfigError(f"invalid --labels: {len(args.labels)} names for {len(runs)} runs; give one per run")
+    names = [r["name"] for r in runs]
+    for run, label in zip(runs, args.labels or []):
+        run["name"] = label
+    if not args.labels and len(set(names)) < len(names):  # same folder names: use the paths
+        for run in runs:
+            run["name"] = run["path"]
+    rows = [summarize_run(r) for r in runs]
+    print(format_summary(rows))
+    path = save_comparison(runs, args.output)
+    print(f"wrote {path}")
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from maelab.engine.checkpoint import load_pretrained
     from maelab.models.weights import export_encoder
@@ -194,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("compare", help="compare pre-training runs: loss curves, kNN, throughput")
+    p.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
+    p.add_argument("--labels", help="comma-separated names for the runs (default: folder names)",
+                   type=lambda t: [x.strip() for x in t.split(",")])
+    p.add_argument("--output", default="comparison.png")
+    p.add_argument("--json", help="also write the summary rows as JSON")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="export the encoder as timm-loadable safetensors")
     p.add_argument("--checkpoint", required=True, help="run directory, maelab .pt, official .pth")

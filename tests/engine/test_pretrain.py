@@ -54,9 +54,9 @@ def test_run_writes_outputs_and_loss_falls(tmp_path):
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_resume_mid_epoch_gives_identical_weights(tmp_path, accum):
-    full = tiny_cfg(tmp_path / "full", accum_steps=accum)
+    full = tiny_cfg(tmp_path / "full", accum_steps=accum, log_every=1)
     pretrain(full, progress=False)
-    part = tiny_cfg(tmp_path / "part", accum_steps=accum)
+    part = tiny_cfg(tmp_path / "part", accum_steps=accum, log_every=1)
     stopped = pretrain(part, progress=False, max_steps=3)  # epoch has 4 / accum steps: stops mid-epoch
     assert stopped.stopped_early and stopped.step == 3
     resumed = pretrain(part, resume=True, progress=False)
@@ -65,6 +65,11 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, accum):
     recs_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     recs_part = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["loss"] for r in recs_full] == pytest.approx([json.loads(r)["loss"] for r in recs_part])
+    # steps.jsonl: one record per step (log_every=1), none lost or doubled by the stop and resume
+    steps_full, steps_part = ([json.loads(r) for r in (tmp_path / d / "steps.jsonl").read_text().splitlines()]
+                              for d in ("full", "part"))
+    assert [r["step"] for r in steps_full] == [r["step"] for r in steps_part] == list(range(1, 8 // accum + 1))
+    assert [r["loss"] for r in steps_full] == pytest.approx([r["loss"] for r in steps_part])
 
 
 def test_resume_falls_back_when_last_is_corrupt(tmp_path):

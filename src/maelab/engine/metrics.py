@@ -1,4 +1,5 @@
-"""``metrics.jsonl``: one JSON object per line, append-only, truncated on resume."""
+"""``metrics.jsonl`` (one record per epoch) and ``steps.jsonl`` (one per log interval): one JSON object
+per line, append-only, truncated on resume."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+
+STEP_LOG = "steps.jsonl"
+"""Run-directory file of step-level records: ``step``, ``loss`` (mean since the last record), ``lr``, ``img_per_s``."""
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -33,7 +38,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Append records to ``metrics.jsonl``; ``keep_completed(n)`` drops later epochs on resume."""
+    """Append records to a ``.jsonl`` file; ``keep_completed(n, s)`` drops later epochs/steps on resume.
+
+    Records with an ``epoch`` key are per epoch; step-level records (``steps.jsonl``) have only ``step``."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -44,9 +51,15 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
             f.flush()
 
-    def keep_completed(self, epochs_done: int) -> None:
-        """Keep only records of the first ``epochs_done`` epochs (a resumed run redoes the rest)."""
-        records = [r for r in read_records(self.path) if r.get("epoch", 0) <= epochs_done]
+    def keep_completed(self, epochs_done: int, steps_done: int | None = None) -> None:
+        """Keep only records of the first ``epochs_done`` epochs and, for step-level records (no
+        ``epoch`` key), of the first ``steps_done`` steps: a resumed run redoes the rest."""
+        def done(r: dict[str, Any]) -> bool:
+            if "epoch" in r or steps_done is None:
+                return r.get("epoch", 0) <= epochs_done
+            return r.get("step", 0) <= steps_done
+
+        records = [r for r in read_records(self.path) if done(r)]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(self.path)

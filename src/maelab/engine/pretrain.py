@@ -2,7 +2,7 @@
 
 ``pretrain(cfg)`` builds the model, data and optimizer from a :class:`PretrainConfig`, trains
 with per-iteration warmup + cosine lr, writes the run directory (``config.yaml``,
-``metrics.jsonl``, ``checkpoints/``, ``figures/``) and can resume exactly where it stopped:
+``metrics.jsonl`` per epoch, ``steps.jsonl`` per log interval, ``checkpoints/``, ``figures/``) and can resume exactly where it stopped:
 data order, augmentation and masking noise are all functions of (seed, epoch, index/step),
 and their states are saved in every checkpoint.
 """
@@ -40,7 +40,7 @@ from maelab.engine.distributed import (
     shard_like,
     shard_model,
 )
-from maelab.engine.metrics import MetricsLog
+from maelab.engine.metrics import STEP_LOG, MetricsLog
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import (autocast, rng_state, seed_everything,
                                    set_rng_state)
@@ -160,7 +160,8 @@ class Pretrainer:
 
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")  # one record per epoch
+        self.step_log = MetricsLog(self.out / STEP_LOG)  # one record per log_every steps
         if resume:
             self._resume()
         if self.is_main:
@@ -425,6 +426,7 @@ class Pretrainer:
         set_rng_state(state["rng"])
         if self.is_main:
             self.metrics.keep_completed(self.epoch)
+            self.step_log.keep_completed(self.epoch, self.step)
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     # ------------------------------------------------------------------ training
@@ -498,6 +500,8 @@ class Pretrainer:
                                 / max(time.perf_counter() - t_window, 1e-9))
                         last_loss = value
                         bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr():.2e}", img_s=f"{rate:.0f}")
+                        if self.is_main and self.step % cfg.log_every == 0:  # step-level curve
+                            self.step_log.append({"step": self.step, "loss": value, "lr": self.lr(), "img_per_s": rate})
                         if self.tb is not None:
                             self.tb.add_scalar("train/loss", value, self.step)
                             self.tb.add_scalar("train/lr", self.lr(), self.step)
@@ -566,7 +570,7 @@ class Pretrainer:
     def write_loss_curve(self) -> None:
         from maelab.viz import save_loss_curve
 
-        save_loss_curve(self.metrics.records(), self.fig_dir / "loss_curve.png")
+        save_loss_curve(self.metrics.records() + self.step_log.records(), self.fig_dir / "loss_curve.png")
 
     @torch.no_grad()
     def write_figures(self) -> Path:
