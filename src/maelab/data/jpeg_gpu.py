@@ -28,8 +28,7 @@ still rejects is decoded with Pillow in the main process.
 
 ``data.decode=auto`` means ``cpu`` for now: ``gpu`` is the option to measure on a GPU
 (against ``cpu``, same folder, batch size and workers) before it becomes a default. On CPU
-(how it is tested) it is slower than ``cpu``: one process decodes and resizes what the
-workers would share.
+(how it is tested) the two are close: BENCHMARKS.md has the numbers.
 """
 
 from __future__ import annotations

@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 from maelab.config import PretrainConfig, save_yaml, to_dict
 from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
 from maelab.data.build import EVAL_SPLIT_DIRS
-from maelab.data.gpu import FIXED_SIZE_DATASETS, GPUBatchLoader, load_uint8_tensor, uint8_transform, use_gpu_resident
+from maelab.data.folders import ImageFolderDataset
+from maelab.data.gpu import FIXED_SIZE_DATASETS, GPUBatchLoader, load_uint8_tensor, uint8_transform
+from maelab.data.jpeg_gpu import JPEGDecodeLoader, resolve_decode
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.accel import (compile_module, convert_to_fp8, explain_compile_failure, resolve_compile,
                                  uses_cudagraphs)
@@ -176,7 +178,12 @@ class Pretrainer:
     def summary(self) -> str:
         """One line: what is trained on what, with which batch, lr and length."""
         params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        data = "GPU-resident" if self.gpu_resident else f"{self.cfg.data.num_workers} workers"
+        if self.gpu_resident:
+            data = "GPU-resident"
+        elif isinstance(self.loader, JPEGDecodeLoader):
+            data = f"{self.cfg.data.num_workers} workers read files, JPEGs decoded on {self.device}"
+        else:
+            data = f"{self.cfg.data.num_workers} workers"
         return (f"pre-training {self.cfg.model} ({params / 1e6:.1f}M trainable params) on {self.cfg.data.name!r} "
                 f"({len(self.dataset)} images, {data}); batch {self.cfg.batch_size} x {self.cfg.accum_steps} accum x "
                 f"{self.dist.world_size} procs = {self.cfg.effective_batch(self.dist.world_size)}, peak lr "
@@ -216,9 +223,6 @@ class Pretrainer:
     def _setup_data(self) -> None:
         """Training set, this rank's resumable sampler, and the loader: GPU-resident, JPEGs decoded on the
         device (``data.decode=gpu``), or the per-sample CPU DataLoader."""
-        from maelab.data.folders import ImageFolderDataset  # local: this method's own dependencies
-        from maelab.data.jpeg_gpu import JPEGDecodeLoader, resolve_decode
-
         cfg = self.cfg
         self.dataset, store = self._gpu_dataset()
         self.gpu_resident = store is not None
