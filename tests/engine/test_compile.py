@@ -45,3 +45,22 @@ def test_bf16_autocast_loss_matches_fp32_within_bf16_tolerance():
     rel = ((bf16.pred.float() - fp32.pred).norm() / fp32.pred.norm()).item()
     assert rel < 2e-2, rel  # bf16 operands: 1e-3 .. 1e-2 relative error expected
     assert bf16.loss.item() == pytest.approx(fp32.loss.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize("variant", [{}, {"norm_pix_loss": True}, {"target": "hog"}, {"mask_token_in_encoder": True},
+                                     {"grad_checkpointing": True}, {"mask_type": "grid"}, "fp8"])
+def test_model_forward_compiles_to_one_graph(variant):
+    """No graph breaks: the whole forward (masking, encoder, decoder, loss) is one graph, so
+    inductor can fuse across it and CUDA graphs can replay it (a break would silently cost both)."""
+    kw = {} if variant == "fp8" else variant
+    model = maelab.create_model("mae_vit_pico_patch4_32", **TINY_MODEL_ARGS, **kw)
+    if variant == "fp8":
+        pytest.importorskip("torchao")
+        from maelab.engine.accel import convert_to_fp8
+
+        convert_to_fp8(model, "tensorwise", torch.device("cpu"))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(torch.randn(4, 3, 32, 32), noise=torch.rand(4, 64))
+    assert explained.graph_break_count == 0, [str(r.reason) for r in explained.break_reasons]
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
