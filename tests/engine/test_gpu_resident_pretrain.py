@@ -92,11 +92,12 @@ def test_auto_folder_mixed_large_or_not_fitting_stays_on_cpu_path(tmp_path, monk
     fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(large)})
     ds, store = Pretrainer._gpu_dataset(fake)
     assert store is None and len(builds) == 1
-    assert ds[0][0].dtype == torch.float32 and ds[0][0].shape == (3, 32, 32)  # the per-sample pipeline
+    # the per-sample pipeline: random crops at the model size, uint8 (DeviceBatches normalizes on the device)
+    assert ds[0][0].dtype == torch.uint8 and ds[0][0].shape == (3, 32, 32)
 
     fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, free=1 << 10, **{"data.num_samples": 64})
     ds, store = Pretrainer._gpu_dataset(fake)  # synthetic 32 px, but only 1 KiB free: built once, CPU path
-    assert store is None and len(builds) == 1 and ds[0][0].dtype == torch.float32
+    assert store is None and len(builds) == 1 and ds[0][0].dtype == torch.uint8
 
     fake, _ = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(mixed), "data.decode": "gpu"})
     assert Pretrainer._gpu_dataset(fake)[1] is None  # an explicit decode=gpu turns auto off

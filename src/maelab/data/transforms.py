@@ -43,12 +43,14 @@ def _finish(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
 
 
 def pretrain_transform(img_size: Size, mean: Sequence[float], std: Sequence[float],
-                       min_scale: float = 0.2, hflip: bool = True) -> v2.Compose:
+                       min_scale: float = 0.2, hflip: bool = True, normalize: bool = True) -> v2.Compose:
     """MAE pre-training augmentation: random resized crop (+ flip), to a normalized tensor.
 
     ToImage -> RandomResizedCrop(img_size, scale=(min_scale, 1), bicubic, antialias)
     -> RandomHorizontalFlip (if ``hflip``) -> float32 in [0, 1] -> Normalize(mean, std).
-    Input: PIL image or uint8 tensor [C, H, W]; output: float32 tensor [C, h, w].
+    Input: PIL image or uint8 tensor [C, H, W]; output: float32 tensor [C, h, w], or with
+    ``normalize=False`` the uint8 tensor [C, h, w] before the last two steps (for
+    :class:`maelab.data.prefetch.DeviceBatches`, which does them on the device).
     """
     ops: list[v2.Transform] = [
         v2.ToImage(),
@@ -57,6 +59,8 @@ def pretrain_transform(img_size: Size, mean: Sequence[float], std: Sequence[floa
     ]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
+    if not normalize:
+        return v2.Compose(ops + [v2.ToPureTensor()])
     return v2.Compose(ops + _finish(mean, std))
 
 

@@ -29,6 +29,7 @@ from maelab.data.folders import ImageFolderDataset
 from maelab.data.gpu import FIXED_SIZE_DATASETS, GPUBatchLoader, load_uint8_tensor, uint8_transform
 from maelab.data.jpeg_gpu import JPEGDecodeLoader, resolve_decode
 from maelab.data.loader import ResumableSampler, build_loader
+from maelab.data.prefetch import DeviceBatches
 from maelab.engine.accel import (compile_module, convert_to_fp8, explain_compile_failure, resolve_compile,
                                  uses_cudagraphs)
 from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
@@ -246,8 +247,9 @@ class Pretrainer:
                                            self.mean, self.std, self.device, num_workers=cfg.data.num_workers,
                                            min_scale=cfg.data.min_scale, hflip=cfg.data.hflip)
         else:
-            self.loader = build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
-                                       pin_memory=self.device.type == "cuda")
+            self.loader = DeviceBatches(build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
+                                                     pin_memory=self.device.type == "cuda"),
+                                        self.device, self.mean, self.std)
         if self.gpu_resident or cfg.data.decode == "gpu":
             log.info("data: %r", self.loader)
         self.batches_per_epoch = len(self.sampler) // cfg.batch_size
@@ -298,7 +300,9 @@ class Pretrainer:
         if store is not None:
             transform.set(uint8_transform(None if fixed else store))
         else:
-            transform.set(pretrain_transform(img_size, self.mean, self.std, data.min_scale, data.hflip))
+            # uint8 crops: DeviceBatches normalizes them on the device (a quarter of the bytes to copy)
+            transform.set(pretrain_transform(img_size, self.mean, self.std, data.min_scale, data.hflip,
+                                             normalize=False))
         return ds, store
 
     def _tensorboard(self) -> Any:
