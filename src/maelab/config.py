@@ -295,6 +295,9 @@ class PretrainConfig:
             object.__setattr__(self, "compile", "on" if self.compile else "off")
         _check(self.compile in ("auto", "on", "off"), "compile", self.compile, "auto, on or off")
         _check(self.compile_mode in COMPILE_MODES, "compile_mode", self.compile_mode, "one of " + ", ".join(COMPILE_MODES))
+        _check(self.accum_steps == 1 or self.compile_mode not in ("reduce-overhead", "max-autotune"), "compile_mode",
+               self.compile_mode, "default or max-autotune-no-cudagraphs with accum_steps > 1: CUDA graphs give wrong "
+               "gradients under gradient accumulation in torch (pytorch/pytorch#96693, #169545)")
         if self.fp8 is False:  # YAML reads a bare off as false
             object.__setattr__(self, "fp8", "off")
         _check(self.fp8 in FP8_RECIPES, "fp8", self.fp8, "one of " + ", ".join(FP8_RECIPES))

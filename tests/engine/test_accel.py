@@ -46,6 +46,9 @@ def test_config_compile_defaults_to_auto_and_reads_yaml_booleans():
         build_config(PretrainConfig, None, {"fp8": True})
     with pytest.raises(ConfigError, match="fp8='e4m3'.*tensorwise"):
         build_config(PretrainConfig, None, {"fp8": "e4m3"})
+    with pytest.raises(ConfigError, match="compile_mode='reduce-overhead'.*accum_steps > 1"):
+        build_config(PretrainConfig, None, {"compile_mode": "reduce-overhead", "accum_steps": 2})
+    assert build_config(PretrainConfig, None, {"compile_mode": "default", "accum_steps": 2}).accum_steps == 2
     with pytest.raises(ConfigError, match="fp8.*fp16"):
         build_config(PretrainConfig, None, {"fp8": "tensorwise", "precision": "fp16"})
 

@@ -58,14 +58,14 @@ class TrainStep:
     def __call__(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
         set_lr(self.optimizer, lr)
+        if self.cudagraphs:  # a new iteration: the last step's graph outputs (its gradients) are dead now
+            torch.compiler.cudagraph_mark_step_begin()
         total = torch.zeros((), device=self.device)
         for i, imgs in enumerate(batches):
             imgs = imgs.to(self.device, non_blocking=True)
             last = i == len(batches) - 1
             # DDP: all-reduce gradients once, on the last micro-batch
             sync = contextlib.nullcontext() if last or self.no_sync is None else self.no_sync()
-            if self.cudagraphs:  # a new iteration: the previous replay's outputs may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
             with sync:
                 with autocast(self.device, self.dtype):
                     loss = self.forward(imgs, noise=self.noise(imgs.shape[0])).loss
