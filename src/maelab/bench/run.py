@@ -275,9 +275,10 @@ def format_table(report: dict[str, Any]) -> str:
              f"{'vs ref':>8}{'vs eager':>9}"]
     for r in report["results"]:
         if r["name"].startswith("data:"):
-            where = "GPU-resident" if r["gpu_resident"] else f"{r['num_workers']} workers"
+            where = ("GPU-resident" if r["gpu_resident"] else
+                     f"{r['num_workers']} workers, {r.get('decode') or 'cpu'} decode")
             lines.append(f"{r['name']:<22}{r['batch_size']:>6}{r['img_per_s']:>10.1f}{r['step_ms_median']:>10.1f}"
-                         f"   ({where}{', ' + r['decode'] + ' decode' if r.get('decode') else ''})")
+                         f"   ({where})")
             continue
         if r.get("oom"):
             lines.append(f"{r['name']:<22}{r['batch_size']:>6}   out of memory")
@@ -307,6 +308,7 @@ def run_data_bench(data: str, model: str, batch_size: int, steps: int = 50, warm
     import time
 
     from maelab.config import PretrainConfig, build_config
+    from maelab.data.jpeg_gpu import resolve_decode
     from maelab.engine.pretrain import Pretrainer
 
     overrides: dict[str, Any] = {"model": model, "batch_size": batch_size, "device": device, "epochs": 1,
@@ -343,6 +345,6 @@ def run_data_bench(data: str, model: str, batch_size: int, steps: int = 50, warm
             results.append({"name": f"data:{mode}", "img_per_s": timed * batch_size / elapsed,
                             "step_ms_median": 1e3 * elapsed / timed, "gpu_resident": trainer.gpu_resident,
                             "num_workers": trainer.cfg.data.num_workers, "data": data, "batch_size": batch_size,
-                            "decode": getattr(trainer.cfg.data, "decode", None)})
+                            "decode": None if trainer.gpu_resident else resolve_decode(trainer.cfg.data.decode)})
             del batches
     return results
