@@ -174,3 +174,23 @@ def test_hog_target_run_writes_curve_but_no_reconstruction(tmp_path):
     result = pretrain(cfg, progress=False)
     assert math.isfinite(result.final_loss)
     assert sorted(p.name for p in (tmp_path / "run" / "figures").iterdir()) == ["loss_curve.png"]
+
+
+def test_training_set_is_built_once_and_vis_batch_uses_eval_transform(tmp_path, monkeypatch):
+    """The reconstruction batch is read from the training set with the evaluation transform
+    swapped in: the same images a separately built evaluation set gives, without a second build."""
+    import maelab.engine.pretrain as pretrain_module
+    from maelab.data import build_dataset, eval_transform
+
+    calls = []
+    monkeypatch.setattr(pretrain_module, "build_dataset", lambda *a, **k: calls.append(1) or build_dataset(*a, **k))
+    cfg = tiny_cfg(tmp_path / "run")
+    trainer = Pretrainer(cfg, progress=False)
+    assert len(calls) == 1
+    fresh = build_dataset(cfg.data, img_size=32, in_chans=3, train=True, seed=cfg.seed,
+                          transform=eval_transform(32, trainer.mean, trainer.std, cfg.data.crop_pct))
+    imgs, _ = trainer.vis_batch
+    step = len(fresh) // imgs.shape[0]
+    assert torch.equal(imgs, torch.stack([fresh[i * step][0] for i in range(imgs.shape[0])]))
+    # the training transform is back: random uint8 crops for the loader
+    assert trainer.dataset[0][0].dtype == torch.uint8

@@ -281,7 +281,7 @@ class Pretrainer:
 
         cfg, data = self.cfg, self.cfg.data
         img_size, in_chans = self.model_cfg.img_size, self.model_cfg.in_chans
-        transform = DeferredTransform()
+        transform = self._transform = DeferredTransform()
         ds = build_dataset(data, img_size=img_size, in_chans=in_chans, train=True, transform=transform, seed=cfg.seed)
         fixed = data.name.lower() in FIXED_SIZE_DATASETS
         mode = data.gpu_resident
@@ -313,14 +313,18 @@ class Pretrainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def _vis_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed images (no augmentation) and fixed noise for comparable reconstruction figures."""
-        ds = build_dataset(self.cfg.data, img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans,
-                           train=True, transform=eval_transform(self.model_cfg.img_size, self.mean, self.std,
-                                                                  self.cfg.data.crop_pct),
-                           seed=self.cfg.seed)
-        n = min(NUM_VIS_SAMPLES, len(ds))
-        step = max(len(ds) // n, 1)
-        imgs = torch.stack([ds[i * step][0] for i in range(n)])
+        """Fixed images (no augmentation) and fixed noise for comparable reconstruction figures.
+
+        Read from the training set itself with the evaluation transform swapped in for the moment
+        (before any DataLoader worker exists), so the set is not built or scanned a second time."""
+        ds, training_transform = self.dataset, self._transform.transform
+        self._transform.set(eval_transform(self.model_cfg.img_size, self.mean, self.std, self.cfg.data.crop_pct))
+        try:
+            n = min(NUM_VIS_SAMPLES, len(ds))
+            step = max(len(ds) // n, 1)
+            imgs = torch.stack([ds[i * step][0] for i in range(n)])
+        finally:
+            self._transform.set(training_transform)
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
         noise = make_noise(self.model_cfg.mask_type, n, self.model_cfg.grid_size, self.model_cfg.mask_ratio,
                            "cpu", generator=gen)
