@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The speed issue's measurements, in parts that each fit one 10-minute device call:
 #   bash scripts/gpu_bench_suite.sh PART OUT_DIR [CIFAR10_TGZ]
-# PART: vitb | vitb-sweep | vitl | tiny | fp8 | data | all
+# PART: tests | vitb | vitb-sweep | vitl | tiny | fp8 | data | all
+#   tests       the CUDA-only tests (python -m pytest -m gpu): run these first, they have never run
 #   vitb        ViT-B/16 b256: default path, every exact-path ablation, HF reference
 #   vitb-sweep  ViT-B/16 at b128..1024: default path and HF reference (best batch per impl)
 #   vitl        ViT-L/16 b128: default, eager, CUDA graphs, HF reference; then b64..256 sweep
@@ -34,6 +35,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
 
 run_part() {
   case "$1" in
+  tests)
+    (cd "$root" && python -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt") ;;
   vitb)
     bench --model $B --batch-size $b256 \
       --variants eager,eager-foreach-adamw,eager-host-sync,compile,compile-cudagraphs \
@@ -66,12 +69,12 @@ run_part() {
         --num-workers "$workers" --json "$out/data_jpeg224_${decode}_decode.json" \
         $( [ "${SMOKE:-0}" = 1 ] && echo "img_size=$d224 patch_size=16" )
     done ;;
-  *) echo "unknown part $1: vitb, vitb-sweep, vitl, tiny, fp8, data or all" >&2; exit 2 ;;
+  *) echo "unknown part $1: tests, vitb, vitb-sweep, vitl, tiny, fp8, data or all" >&2; exit 2 ;;
   esac
 }
 
 if [ "$part" = all ]; then
-  for p in vitb vitb-sweep vitl tiny fp8 data; do run_part $p; done
+  for p in tests vitb vitb-sweep vitl tiny fp8 data; do run_part $p; done
 else
   run_part "$part"
 fi
