@@ -208,3 +208,50 @@ def test_cuda_decode_close_to_cpu_path(tmp_path):
         assert u.device.type == "cuda"
         # nvJPEG's IDCT/upsampling and the float resize differ from libjpeg-turbo + the uint8 kernel
         assert (x - u.cpu()).abs().mean().item() <= 2 * UINT8_LEVEL
+
+
+def test_mean_std_made_once_not_per_batch(tmp_path, monkeypatch):
+    """From lists, torchvision's normalize copies mean and std to the device at every call (on CUDA a
+    blocking copy: the host would wait for the previous training step at every batch)."""
+    made = []
+    real = jpeg_gpu.stats_tensors
+    monkeypatch.setattr(jpeg_gpu, "stats_tensors", lambda *args: made.append(args) or real(*args))
+    cpu, s_cpu, dev, s_dev = _loader_pair(_folder(tmp_path / "data"))
+    for epoch in (0, 1):
+        s_cpu.set_epoch(epoch)
+        s_dev.set_epoch(epoch)
+        for (x, _), (u, _) in zip(cpu, dev, strict=True):
+            assert (x - u).abs().max().item() <= UINT8_LEVEL
+    assert len(made) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_decode_leaves_memory_of_queued_kernels_alone(tmp_path):
+    """decode_jpeg's outputs must not reuse blocks that kernels still queued on the current stream read.
+
+    torchvision allocates them on the caller's stream and writes them from nvJPEG's own stream, which
+    does not wait for the caller's (pytorch/vision#9606): blocks just freed on the current stream, whose
+    readers are still queued, would be overwritten. Here the readers are sums queued behind a sleep."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import math
+
+    folder = ImageFolderDataset(_folder(tmp_path / "data"), target_size=100)
+    loader = JPEGDecodeLoader(folder, 4, ResumableSampler(len(folder)), 24, MEAN, STD, "cuda")
+    items = [EncodedImageFolder(folder)[(i, 0)] for i in range(len(folder))]
+    payloads, files = [p for p, *_ in items], [i for *_, i in items]
+    labels = torch.tensor([label for _, label, _, _ in items])
+    assert all(p.dim() == 1 for p in payloads)  # every file goes to the device decoder
+    shapes = [tuple(img.shape) for img in loader.decode(payloads, files, labels.clone())]
+    torch.cuda.synchronize()
+    wrong = 0
+    for _ in range(10):
+        fills = [torch.full(s, 7, dtype=torch.uint8, device="cuda") for s in shapes]  # the decoded sizes
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # about 0.1 s: the sums below wait behind it
+        sums = [t.sum(dtype=torch.int64) for t in fills]
+        del fills  # their blocks are free for the current stream while the sums are still queued
+        loader.decode(payloads, files, labels.clone())
+        torch.cuda.synchronize()
+        wrong += sum(int(s.item()) != 7 * math.prod(shape) for s, shape in zip(sums, shapes))
+    assert wrong == 0

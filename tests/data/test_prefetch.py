@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maelab.data.loader import ResumableSampler, build_loader
-from maelab.data.prefetch import DeviceBatches, normalize_uint8
+from maelab.data.prefetch import DeviceBatches, normalize_uint8, stats_tensors
 from maelab.data.synthetic import SyntheticShapes
 from maelab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
 from torchvision.transforms import v2
@@ -55,4 +55,53 @@ def test_cuda_prefetch_equals_cpu_values():
     reference = _batches(True, 2)
     for (a, _), (b, _) in zip(ours, reference):
         assert a.is_cuda
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6)
+
+
+def test_stats_tensors_give_the_list_values_bit_for_bit():
+    images = torch.randint(0, 256, (4, 3, 5, 6), dtype=torch.uint8)
+    mean, std = stats_tensors(IMAGENET_MEAN, IMAGENET_STD, "cpu")
+    assert mean.dtype == std.dtype == torch.float32 and mean.shape == std.shape == (3,)
+    assert torch.equal(normalize_uint8(images, mean, std), normalize_uint8(images, IMAGENET_MEAN, IMAGENET_STD))
+    with pytest.raises(ValueError, match="std evaluated to zero"):
+        stats_tensors((0.5,), (0.0,), "cpu")
+
+
+def test_device_batches_build_mean_std_once_not_per_batch(monkeypatch):
+    """From lists, torchvision's normalize copies mean and std to the device at every call: on CUDA a
+    blocking copy, i.e. the host waiting for the previous training step at every batch."""
+    from maelab.data import prefetch
+
+    made = []
+
+    def counting(*args):
+        made.append(args)
+        return stats_tensors(*args)
+
+    monkeypatch.setattr(prefetch, "stats_tensors", counting)
+    ds = SyntheticShapes(num_samples=16, img_size=8, channels=3, seed=0,
+                         transform=pretrain_transform(8, IMAGENET_MEAN, IMAGENET_STD, normalize=False))
+    wrapped = DeviceBatches(build_loader(ds, 4, ResumableSampler(16), 0), "cpu", IMAGENET_MEAN, IMAGENET_STD)
+    for _ in range(2):  # two epochs of 4 batches
+        assert len(list(wrapped)) == 4
+    assert len(made) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_prefetch_does_not_synchronize_per_batch():
+    """After the first batch, iterating DeviceBatches on CUDA makes no host-device synchronization."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    batches = [(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8).pin_memory(), torch.arange(8))
+               for _ in range(4)]
+    wrapped = DeviceBatches(batches, "cuda", IMAGENET_MEAN, IMAGENET_STD)
+    expected = [normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD) for x, _ in batches]
+    list(wrapped)  # makes mean/std on the device (one blocking copy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = [x for x, _ in wrapped]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(out, expected, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6)

@@ -48,6 +48,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from maelab.data.folders import ImageFolderDataset
 from maelab.data.loader import ResumableSampler
+from maelab.data.prefetch import stats_tensors
 from maelab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,8 @@ class JPEGDecodeLoader:
         self.device = torch.device(device)
         self.mean = list(mean)
         self.std = list(std)
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std on the device (made once)
+        self._decode_stream: torch.cuda.Stream | None = None  # allocates decode_jpeg's CUDA outputs
         self.hflip = hflip
         self.crop = v2.RandomResizedCrop(self.img_size, scale=(min_scale, 1.0), ratio=ratio,
                                          interpolation=InterpolationMode.BICUBIC, antialias=True)
@@ -243,6 +246,32 @@ class JPEGDecodeLoader:
         return len(self.sampler) // self.batch_size
 
     # ---------------------------------------------------------------- decoding
+    def _device_decode(self, data: JPEGData) -> Any:
+        """:func:`decode_jpeg` on ``self.device``; on CUDA, made safe for memory the current stream still uses.
+
+        nvJPEG (torchvision's ``decode_jpegs_cuda``) allocates its outputs while the caller's stream
+        is current but writes them from a stream of its own, which does not wait for the caller's
+        stream (and nvJPEG's hardware engine does not even wait for work queued on its own stream:
+        pytorch/vision#9606, meta-pytorch/torchcodec#1634). The caching allocator hands a stream a
+        block as soon as that stream frees it, so the decoder could be given memory that kernels
+        of the training step still queued on the current stream are going to read or write: the
+        decoded pixels or the step's tensors would be silently corrupted. So the outputs are
+        allocated while a stream of this loader's own is current: its blocks are only ever used
+        by the decoder, and are given back to it only after the current stream has finished with
+        them (``record_stream``). The current stream then waits for the decode.
+        """
+        if self.device.type != "cuda":
+            return decode_jpeg(data, self.folder.channels, self.device)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            out = decode_jpeg(data, self.folder.channels, self.device)
+        current.wait_stream(self._decode_stream)
+        for img in [out] if isinstance(out, torch.Tensor) else out:
+            img.record_stream(current)
+        return out
+
     def _pil(self, i: int) -> torch.Tensor:
         """File ``i`` decoded by Pillow (the CPU path's loader) -> uint8 [C, H, W] on the device."""
         return TF.pil_to_tensor(self.folder.load(i)).to(self.device)
@@ -254,7 +283,7 @@ class JPEGDecodeLoader:
         next readable file, whose label goes to ``labels[k]``).
         """
         try:
-            return decode_jpeg(payload, self.folder.channels, self.device)
+            return self._device_decode(payload)
         except RuntimeError as e:
             log.debug("decode_jpeg refused %s (%s): decoding with Pillow", self.folder.samples[i][0], e)
         j, img = self.folder.first_readable(i, self._pil)
@@ -276,7 +305,7 @@ class JPEGDecodeLoader:
                 out[k] = p.to(self.device, non_blocking=True)
         if encoded:
             try:
-                decoded = decode_jpeg([payloads[k] for k in encoded], self.folder.channels, self.device)
+                decoded = self._device_decode([payloads[k] for k in encoded])
             except RuntimeError as e:
                 log.debug("batched decode_jpeg failed (%s): decoding one by one", e)
                 decoded = [self._decode_one(payloads[k], files[k], labels, k) for k in encoded]
@@ -317,7 +346,10 @@ class JPEGDecodeLoader:
                                 interpolation=InterpolationMode.BICUBIC, antialias=True)
             out.append(x.flip(-1) if flip else x)
         batch = TF.to_dtype(torch.stack(out), torch.float32, scale=True)
-        return TF.normalize(batch, self.mean, self.std)
+        if self._stats is None or self._stats[0].device != batch.device:
+            # once: from the lists, torchvision would copy them to the device (a blocking copy) every batch
+            self._stats = stats_tensors(self.mean, self.std, batch.device)
+        return TF.normalize(batch, *self._stats)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for payloads, labels, seeds, files in self.loader:
