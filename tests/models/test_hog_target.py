@@ -67,3 +67,15 @@ def test_hog_target_model_trains():
     assert model.decoder_pred.weight.grad.abs().sum() > 0
     with pytest.raises(maelab.ConfigError, match="target"):
         maelab.create_model("mae_vit_pico_patch4_32", target="dvae")
+
+
+@pytest.mark.parametrize("gaussian", [True, False])
+def test_hog_is_computed_in_fp32_under_bf16_autocast(gaussian):
+    """The default CUDA precision is bf16 autocast: the target must not change with it (a bf16
+    Sobel conv misassigns orientation bins), and the un-windowed variant must not crash."""
+    imgs = torch.rand(2, 3, 16, 16)
+    exact = hog_target(imgs, 8, gaussian=gaussian)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = hog_target(imgs, 8, gaussian=gaussian)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, exact)

@@ -180,3 +180,12 @@ def test_bad_ratio_raises(ratio: float) -> None:
 def test_unknown_kind_raises() -> None:
     with pytest.raises(ValueError):
         make_noise("checkerboard", 2, (4, 4), 0.75)
+
+
+def test_block_masks_refuse_a_device_generator():
+    """Block masks are drawn on the CPU; a CUDA generator would silently fall back to the global RNG."""
+    class CudaGenerator:  # stands in for torch.Generator(device="cuda") on a machine without CUDA
+        device = torch.device("cuda")
+
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        make_noise("block", 2, (4, 4), 0.5, generator=CudaGenerator())

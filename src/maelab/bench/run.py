@@ -145,8 +145,8 @@ def _reference(cfg: ModelConfig, batch_size: int, device: torch.device,
 
 def _free(device: torch.device) -> None:
     """Drop what the last measurement left: compiled graphs, cached blocks."""
+    torch._dynamo.reset()  # first: what only the compiled graphs referenced becomes collectable
     gc.collect()
-    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -148,7 +148,9 @@ class Pretrainer:
 
         self.optimizer = build_adamw(self.model, self.peak_lr, cfg.weight_decay, cfg.betas)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.mask_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        # block masks are drawn on the CPU (rectangles, one sample at a time): their generator lives there
+        gen_device = "cpu" if self.model_cfg.mask_type == "block" else self.device
+        self.mask_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed)
         self.stepper = TrainStep(self.model, self.optimizer, self.device, self.dtype, self.scaler, cfg.grad_clip,
                                  self.mask_gen, forward=self.forward, rank=self.dist.rank,
                                  world_size=self.dist.world_size, no_sync=no_sync,

@@ -122,7 +122,7 @@ def block_noise(batch_size: int, grid_size: tuple[int, int], mask_ratio: float,
     rng = random.Random(seed)
     blocks = torch.stack([block_mask(grid_size, num_masked, rng).reshape(-1) for _ in range(batch_size)])
     noise = torch.rand(batch_size, length, generator=generator) + blocks.float()
-    return noise.to(device)
+    return noise.to(device, non_blocking=True)  # the host does not wait for the GPU (the source is copied out at once)
 
 
 def make_noise(kind: str, batch_size: int, grid_size: tuple[int, int], mask_ratio: float,
@@ -133,6 +133,7 @@ def make_noise(kind: str, batch_size: int, grid_size: tuple[int, int], mask_rati
     if kind == "grid":
         return grid_noise(batch_size, grid_size, device)
     if kind == "block":
-        cpu_gen = generator if generator is None or generator.device.type == "cpu" else None
-        return block_noise(batch_size, grid_size, mask_ratio, cpu_gen, device)
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError("block masks are drawn on the CPU: pass a CPU torch.Generator (or none)")
+        return block_noise(batch_size, grid_size, mask_ratio, generator, device)
     raise ValueError(f"unknown mask type {kind!r}: use random, block or grid")

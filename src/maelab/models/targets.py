@@ -66,12 +66,19 @@ def hog_target(imgs: torch.Tensor, patch_size: int, nbins: int = HOG_BINS, cell:
     lists its cells row-major, each as (channel, bin). ``cell`` shrinks to the patch size for
     small patches.
     """
-    b, c, h, w = imgs.shape
     cell = min(cell, patch_size)
     if patch_size % cell:
         raise ValueError(f"patch size {patch_size} is not a multiple of the HOG cell {cell}")
-    x = F.pad(imgs.float(), (1, 1, 1, 1), mode="reflect")
-    sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=imgs.device)
+    # fp32 throughout: under bf16 autocast the Sobel conv would round gradients and misassign orientation bins
+    with torch.autocast(device_type=imgs.device.type, enabled=False):
+        return _hog(imgs.float(), patch_size, nbins, cell, gaussian)
+
+
+def _hog(imgs: torch.Tensor, patch_size: int, nbins: int, cell: int, gaussian: bool) -> torch.Tensor:
+    b, c, h, w = imgs.shape
+    x = F.pad(imgs, (1, 1, 1, 1), mode="reflect")
+    # built on the host and copied without waiting (a tensor made directly on CUDA syncs the host)
+    sobel = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]).to(imgs.device, non_blocking=True)
     kx = sobel.expand(c, 1, 3, 3)
     ky = sobel.t().expand(c, 1, 3, 3)
     gx = F.conv2d(x, kx, groups=c)
