@@ -152,7 +152,8 @@ class DataConfig:
     """Pre-training: keep the decoded training set on the device as uint8 and crop/flip/normalize whole batches
     there (maelab.data.gpu). auto: on for CUDA when the images have at most 64 px on their longer side
     (synthetic/cifar10/cifar100/stl10 by their known size; folders by the headers of 32 evenly spaced files, read
-    before anything is decoded) and the set fits in a quarter of the free GPU memory; on: always; off: the
+    before anything is decoded), the set fits in a quarter of the free GPU memory and the node's ranks' decoded copies in
+    half of the available host memory; on: always; off: the
     per-sample CPU DataLoader. Images are stored at their common size, or at the model's input size when the
     sizes differ (or the common size is above 64 px). Off with decode=gpu unless set to on."""
     decode: str = "auto"

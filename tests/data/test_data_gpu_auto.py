@@ -60,6 +60,14 @@ def test_plan_gpu_resident_decides_without_cuda():
         plan_gpu_resident("yes", "cuda", sizes=small, **kw)
 
 
+def test_plan_gpu_resident_leaves_room_on_the_host():
+    """Every rank on a node decodes the set into host memory at once: auto needs them to fit in half of it."""
+    kw = dict(num_images=50_000, channels=3, sizes=[(32, 32)], img_size=32, free_bytes=64 * GiB)  # 154 MB a copy
+    assert plan_gpu_resident("auto", "cuda", host_free_bytes=4 * GiB, procs_on_node=8, **kw) == (32, 32)
+    assert plan_gpu_resident("auto", "cuda", host_free_bytes=2 * GiB, procs_on_node=8, **kw) is None
+    assert plan_gpu_resident("on", "cuda", host_free_bytes=1, procs_on_node=8, **kw) == (32, 32)  # on: as asked
+
+
 def test_fits_in_memory_queries_cuda_only_without_free_bytes(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: calls.append(device) or (GiB, 4 * GiB))
