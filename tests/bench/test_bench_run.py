@@ -66,3 +66,15 @@ def test_sweep_with_variants_reports_ratios_and_survives_oom(monkeypatch):
     assert len({rows[(n, 8)]["flops_per_image"] for n in ("maelab", "eager", "eager-host-sync")}) == 1
     assert report["compiled"] is False and report["best"]["maelab"]["batch_size"] in (8, 16)
     assert "out of memory" in bench_run.format_table(report)
+
+
+def test_a_variant_equal_to_the_default_path_is_not_timed_twice(monkeypatch):
+    calls = []
+    real_ours = bench_run._ours
+    monkeypatch.setattr(bench_run, "_ours", lambda *a: calls.append(a[-1]) or real_ours(*a))
+    report = run_bench(model="mae_vit_pico_patch4_32", batch_size=8, steps=2, warmup=1, device="cpu",
+                       variants=["eager", "compile"], model_args=TINY_MODEL_ARGS, quiet=True, reference=False)
+    rows = {r["name"]: r for r in report["results"]}
+    assert rows["eager"]["same_as"] == "maelab"  # on CPU the default path is eager
+    assert rows["eager"]["img_per_s"] == rows["maelab"]["img_per_s"]
+    assert len(calls) == 2 and "same_as" not in rows["compile"]
