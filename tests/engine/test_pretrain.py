@@ -194,3 +194,16 @@ def test_training_set_is_built_once_and_vis_batch_uses_eval_transform(tmp_path, 
     assert torch.equal(imgs, torch.stack([fresh[i * step][0] for i in range(imgs.shape[0])]))
     # the training transform is back: random uint8 crops for the loader
     assert trainer.dataset[0][0].dtype == torch.uint8
+
+
+def test_step_log_records_the_mean_loss_of_each_interval(tmp_path):
+    """steps.jsonl: one record per log_every steps, whose loss is the mean of those steps' losses."""
+    every = tiny_cfg(tmp_path / "every", epochs=1, log_every=1, **{"data.num_samples": 128})
+    pretrain(every, progress=False)
+    fours = tiny_cfg(tmp_path / "fours", epochs=1, log_every=4, **{"data.num_samples": 128})
+    pretrain(fours, progress=False)
+    read = lambda d: [json.loads(line) for line in (tmp_path / d / "steps.jsonl").read_text().splitlines()]  # noqa: E731
+    per_step, per_four = read("every"), read("fours")
+    assert [r["step"] for r in per_step] == list(range(1, 9)) and [r["step"] for r in per_four] == [4, 8]
+    for rec, first in zip(per_four, (0, 4)):
+        assert rec["loss"] == pytest.approx(sum(r["loss"] for r in per_step[first:first + 4]) / 4, rel=1e-5)

@@ -10,7 +10,8 @@ from typing import Any
 
 
 STEP_LOG = "steps.jsonl"
-"""Run-directory file of step-level records: ``step``, ``loss`` (mean since the last record), ``lr``, ``img_per_s``."""
+"""Run-directory file of step-level records, one per ``log_every`` steps: ``step``, ``loss`` (mean over the
+steps since the previous record, or since the epoch began), ``lr``, ``img_per_s``."""
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

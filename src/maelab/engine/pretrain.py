@@ -492,6 +492,7 @@ class Pretrainer:
                 t_epoch, imgs_seen = time.perf_counter(), 0
                 window = torch.zeros((), device=self.device)
                 window_steps, t_window = 0, time.perf_counter()
+                log_sum, log_steps, t_log = 0.0, 0, time.perf_counter()  # host side, for steps.jsonl
                 pending: list[torch.Tensor] = []
                 for imgs, _ in self.loader:
                     pending.append(imgs)
@@ -514,8 +515,14 @@ class Pretrainer:
                                 / max(time.perf_counter() - t_window, 1e-9))
                         last_loss = value
                         bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr():.2e}", img_s=f"{rate:.0f}")
-                        if self.is_main and self.step % cfg.log_every == 0:  # step-level curve
-                            self.step_log.append({"step": self.step, "loss": value, "lr": self.lr(), "img_per_s": rate})
+                        log_sum, log_steps = log_sum + value * window_steps, log_steps + window_steps
+                        if self.step % cfg.log_every == 0:  # step-level curve: the mean since the last record
+                            if self.is_main:
+                                self.step_log.append({
+                                    "step": self.step, "loss": log_sum / log_steps, "lr": self.lr(),
+                                    "img_per_s": log_steps * cfg.effective_batch(self.dist.world_size)
+                                    / max(time.perf_counter() - t_log, 1e-9)})
+                            log_sum, log_steps, t_log = 0.0, 0, time.perf_counter()
                         if self.tb is not None:
                             self.tb.add_scalar("train/loss", value, self.step)
                             self.tb.add_scalar("train/lr", self.lr(), self.step)
