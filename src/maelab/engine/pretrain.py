@@ -481,6 +481,9 @@ class Pretrainer:
         last_loss = float("nan")
         stopped = False
         self.model.train()
+        if self.compiled and self.is_main:
+            log.info("torch.compile: the first steps compile the model (a minute or more for large models; "
+                     "compile=off skips it)")
         with _StopFlag() as stop:
             while self.epoch < cfg.epochs and not stopped:
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}")
