@@ -79,14 +79,15 @@ def save_comparison(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     axes = fig.subplots(1, 2 if has_knn else 1, squeeze=False)[0]
     ax = axes[0]
     plotted: list[float] = []
+    x = "step" if any(run["steps"] for run in runs) else "epoch"
     for run in runs:
-        records, x = (run["steps"], "step") if run["steps"] else (run["epochs"], "epoch")
+        records = run["steps"] or run["epochs"]  # epoch records carry their step too: one shared x axis
         pts = [(r[x], r["loss"]) for r in records if _finite([r.get("loss")]) and x in r]
         if pts:
             ax.plot(*zip(*pts), linewidth=0.9, marker="o" if len(pts) <= 50 else None, markersize=3,
                     label=run["name"])
             plotted += [y for _, y in pts]
-    ax.set_xlabel("step" if any(run["steps"] for run in runs) else "epoch")
+    ax.set_xlabel(x)
     ax.set_ylabel("loss")
     _maybe_log(ax, plotted)
     ax.grid(True, alpha=0.3)
