@@ -102,8 +102,12 @@ def is_main_process() -> bool:
 
 
 def close_process_group() -> None:
-    """Leave the process group a command joined under torchrun (nothing otherwise)."""
+    """Leave the process group a command joined under torchrun (nothing otherwise).
+
+    All ranks meet at a barrier first: a rank that tears its connections down while another is
+    still finishing (rank 0 writing the last checkpoint) can abort the other's transport threads."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
