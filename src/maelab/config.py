@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
@@ -21,9 +22,28 @@ from maelab.errors import ConfigError
 T = TypeVar("T")
 
 MASK_TYPES = ("random", "block", "grid")
+SWITCHES = ("auto", "on", "off")
+"""Values of the auto/on/off fields (``compile``, ``data.gpu_resident``)."""
+BUILTIN_DATASETS = ("synthetic", "cifar10", "cifar100", "stl10")
+"""``data.name`` values that are not folders (each has one stored image size)."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FP8_RECIPES = ("off", "tensorwise", "rowwise")
 TARGETS = ("pixels", "hog")
+
+
+def on_off(value: Any) -> Any:
+    """YAML reads a bare on / off as true / false: map bools back to 'on' / 'off' (other values unchanged)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+def processes_on_node() -> int:
+    """torchrun's LOCAL_WORLD_SIZE (1 outside torchrun): the training processes sharing this host."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -163,23 +183,16 @@ class DataConfig:
     (maelab.data.jpeg_gpu; the same crops and flips as cpu, and on CPU the same pixels); auto: cpu for now (gpu is
     the option to measure on a GPU before it becomes a default)."""
     DECODE_MODES = ("auto", "cpu", "gpu")
-    BUILTIN_NAMES = ("synthetic", "cifar10", "cifar100", "stl10")
     MAX_AUTO_WORKERS = 16
 
     @classmethod
     def auto_num_workers(cls) -> int:
         """``num_workers=auto``: this process's CPUs / processes on the node, clamped to [1, MAX_AUTO_WORKERS]."""
-        import os
-
         try:
             cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # macOS, Windows
             cpus = os.cpu_count() or 1
-        try:
-            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        except ValueError:
-            local = 1
-        return max(1, min(cls.MAX_AUTO_WORKERS, cpus // local))
+        return max(1, min(cls.MAX_AUTO_WORKERS, cpus // processes_on_node()))
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):
@@ -196,11 +209,10 @@ class DataConfig:
         _check(0.0 < self.min_scale <= 1.0, "data.min_scale", self.min_scale, "a number in (0, 1]")
         _check(0.0 < self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "a number in (0, 1]")
         _check(bool(self.split), "data.split", self.split, "a split name such as train")
-        if isinstance(self.gpu_resident, bool):  # YAML reads a bare on / off as true / false
-            object.__setattr__(self, "gpu_resident", "on" if self.gpu_resident else "off")
-        _check(self.gpu_resident in ("auto", "on", "off"), "data.gpu_resident", self.gpu_resident, "auto, on or off")
+        object.__setattr__(self, "gpu_resident", on_off(self.gpu_resident))
+        _check(self.gpu_resident in SWITCHES, "data.gpu_resident", self.gpu_resident, "auto, on or off")
         _check(self.decode in self.DECODE_MODES, "data.decode", self.decode, "auto, cpu or gpu")
-        _check(self.decode != "gpu" or self.name.lower() not in self.BUILTIN_NAMES, "data.decode", self.decode,
+        _check(self.decode != "gpu" or self.name.lower() not in BUILTIN_DATASETS, "data.decode", self.decode,
                f"decoding on the device needs an image folder as data.name, not {self.name!r}; use decode=cpu")
         _check(self.decode != "gpu" or self.gpu_resident != "on", "data.decode", self.decode,
                "gpu_resident=on decodes the set once; use decode=cpu with it, or gpu_resident=auto/off")
@@ -292,9 +304,8 @@ class PretrainConfig:
                "a positive number or null")
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
                "one of auto, bf16, fp16, fp32")
-        if isinstance(self.compile, bool):  # YAML reads a bare on / off as true / false
-            object.__setattr__(self, "compile", "on" if self.compile else "off")
-        _check(self.compile in ("auto", "on", "off"), "compile", self.compile, "auto, on or off")
+        object.__setattr__(self, "compile", on_off(self.compile))
+        _check(self.compile in SWITCHES, "compile", self.compile, "auto, on or off")
         _check(self.compile_mode in COMPILE_MODES, "compile_mode", self.compile_mode, "one of " + ", ".join(COMPILE_MODES))
         _check(self.accum_steps == 1 or self.compile_mode not in ("reduce-overhead", "max-autotune"), "compile_mode",
                self.compile_mode, "default or max-autotune-no-cudagraphs with accum_steps > 1: CUDA graphs give wrong "

@@ -23,9 +23,8 @@ import torch
 from maelab.bench.hf_reference import build_hf_mae, hf_available, hf_loss
 from maelab.bench.measure import (count_flops, environment_info, measure_matmul_peak, peak_memory,
                                   reset_peak_memory, summarize, time_steps)
-from maelab.config import ModelConfig, to_dict
-from maelab.engine.accel import (compile_module, convert_to_fp8, normalize_switch, resolve_compile,
-                                 uses_cudagraphs)
+from maelab.config import ModelConfig, on_off, to_dict
+from maelab.engine.accel import compile_module, convert_to_fp8, resolve_compile, uses_cudagraphs
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import autocast, resolve_device, resolve_precision
 from maelab.engine.step import TrainStep
@@ -234,7 +233,7 @@ def run_bench(model: str | None = None, batch_size: int | None = None, steps: in
     if reference and hf_available() and not square:
         log.warning("skipping the Hugging Face reference: it supports square images only")
     use_ref = reference and hf_available() and square
-    default = Variant(compile=normalize_switch(compile), compile_mode=compile_mode, fp8=fp8)
+    default = Variant(compile=on_off(compile), compile_mode=compile_mode, fp8=fp8)
     chosen = resolve_variants(variants, default)
     peak = measure_matmul_peak(dev, torch.bfloat16 if dtype != torch.float32 else torch.float32)
     results: list[dict[str, Any]] = []

@@ -39,7 +39,6 @@ Differences from the CPU path (:func:`pretrain_transform`):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -49,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
+from maelab.config import BUILTIN_DATASETS, processes_on_node
 from maelab.data.loader import ResumableSampler, sample_seed
 
 Size = int | tuple[int, int]
@@ -60,7 +60,7 @@ AUTO_MAX_SIDE = 64
 """``gpu_resident='auto'`` turns on only for images whose longer side is at most this."""
 PEEK_COUNT = 32
 """``gpu_resident='auto'`` reads the headers of this many evenly spaced files of a folder."""
-FIXED_SIZE_DATASETS = ("synthetic", "cifar10", "cifar100", "stl10")
+FIXED_SIZE_DATASETS = BUILTIN_DATASETS
 """Built-in datasets whose images all have one stored size (keep it: ``uint8_transform(None)``)."""
 CPU_MAX_BYTES = 2 * 1024**3
 """Off CUDA, :func:`fits_in_memory` accepts datasets smaller than this."""
@@ -251,14 +251,6 @@ def host_available_bytes() -> int | None:
     return None
 
 
-def processes_on_node() -> int:
-    """torchrun's LOCAL_WORLD_SIZE (1 outside torchrun): how many ranks decode a set at once on this host."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def plan_gpu_resident(mode: str, device: torch.device | str, num_images: int, channels: int,
                       sizes: Sequence[tuple[int, int]], img_size: Size, max_side: int = AUTO_MAX_SIDE,
                       fraction: float = 0.25, free_bytes: int | None = None,
@@ -275,7 +267,7 @@ def plan_gpu_resident(mode: str, device: torch.device | str, num_images: int, ch
         max_side, fraction, free_bytes: see :func:`fits_in_memory`; ``free_bytes`` replaces
             the CUDA query (tests, or a caller that already knows).
         host_free_bytes, procs_on_node: replace :func:`host_available_bytes` and
-            :func:`processes_on_node` (tests).
+            :func:`maelab.config.processes_on_node` (tests).
 
     ``'auto'`` is on only for CUDA devices when ``sizes`` is not empty, every one of them has a
     longer side of at most ``max_side``, and the set, stored at :func:`resident_size`, fits in

@@ -20,12 +20,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from maelab.config import COMPILE_MODES, FP8_RECIPES
+from maelab.config import COMPILE_MODES, FP8_RECIPES, SWITCHES, on_off
 from maelab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-COMPILE_SETTINGS = ("auto", "on", "off")
 FP8_MIN_CAPABILITY = (8, 9)
 """float8 matmuls need Ada (8.9) or Hopper (9.0) and newer."""
 FP8_BLOCK_PREFIXES = ("encoder.blocks.", "decoder_blocks.")
@@ -33,18 +32,11 @@ FP8_BLOCK_PREFIXES = ("encoder.blocks.", "decoder_blocks.")
 input projection and its pixel head (first and last layers) stay in bf16."""
 
 
-def normalize_switch(value: str | bool) -> str:
-    """YAML reads a bare on / off as true / false: map bools to 'on' / 'off'."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return value
-
-
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
     """Whether to torch.compile: ``auto`` is on for CUDA only (inductor on CPU is slow to compile
     and brings little there)."""
-    setting = normalize_switch(setting)
-    if setting not in COMPILE_SETTINGS:
+    setting = on_off(setting)
+    if setting not in SWITCHES:
         raise ConfigError(f"invalid compile={setting!r}: use auto, on or off")
     return device.type == "cuda" if setting == "auto" else setting == "on"
 
