@@ -26,6 +26,7 @@ def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": "batch_size", "output": "output", "device": "device", "seed": "seed",
         "num_workers": "data.num_workers", "lr": "lr", "base_lr": "base_lr", "accum_steps": "accum_steps",
         "mask_ratio": "model_args.mask_ratio", "precision": "precision",
+        "compile": "compile", "compile_mode": "compile_mode", "fp8": "fp8",
     }
     out: dict[str, Any] = {}
     for attr, key in mapping.items():
@@ -38,11 +39,6 @@ def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["data.strict"] = True
     if getattr(args, "norm_pix_loss", False):
         out["model_args.norm_pix_loss"] = True
-    if getattr(args, "compile", None) is not None:
-        out["compile"] = args.compile
-    for attr, key in (("compile_mode", "compile_mode"), ("fp8", "fp8")):
-        if getattr(args, attr, None) is not None:
-            out[key] = getattr(args, attr)
     for text in getattr(args, "overrides", []) or []:
         key, value = parse_override(text)
         out[key] = value
