@@ -59,7 +59,7 @@ def _folder(root, sizes, classes=("a", "b")):
 
 
 def _fake_cuda_trainer(tmp_path, monkeypatch, free=1 << 30, **kw):
-    """What Pretrainer._gpu_dataset reads, with a CUDA device that is never touched; counts dataset builds."""
+    """What Pretrainer._training_set reads, with a CUDA device that is never touched; counts dataset builds."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 4 * free))
     builds = []
     real = pretrain_mod.build_dataset
@@ -75,7 +75,7 @@ def test_auto_folder_of_small_images_goes_resident_at_its_size(tmp_path, monkeyp
     sizes[4] = (20, 12)  # file 4 is not among the 32 peeked of 40: resized to the common size
     root = _folder(tmp_path / "data", sizes, classes=("a",))
     fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(root / "a"), "data.num_workers": 0})
-    ds, store = Pretrainer._gpu_dataset(fake)
+    ds, store = Pretrainer._training_set(fake)
     assert store == (16, 16) and len(builds) == 1
     for i in (0, 4):
         img, _ = ds[i]
@@ -85,27 +85,27 @@ def test_auto_folder_of_small_images_goes_resident_at_its_size(tmp_path, monkeyp
 def test_auto_folder_mixed_large_or_not_fitting_stays_on_cpu_path(tmp_path, monkeypatch):
     mixed = _folder(tmp_path / "mixed", [(16, 16), (24, 16)] * 4)
     fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(mixed)})
-    ds, store = Pretrainer._gpu_dataset(fake)
+    ds, store = Pretrainer._training_set(fake)
     assert store == (32, 32) and ds[1][0].shape == (3, 32, 32) and ds[1][0].dtype == torch.uint8  # model input size
 
     large = _folder(tmp_path / "large", [(100, 80)] * 8)
     fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(large)})
-    ds, store = Pretrainer._gpu_dataset(fake)
+    ds, store = Pretrainer._training_set(fake)
     assert store is None and len(builds) == 1
     # the per-sample pipeline: random crops at the model size, uint8 (DeviceBatches normalizes on the device)
     assert ds[0][0].dtype == torch.uint8 and ds[0][0].shape == (3, 32, 32)
 
     fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, free=1 << 10, **{"data.num_samples": 64})
-    ds, store = Pretrainer._gpu_dataset(fake)  # synthetic 32 px, but only 1 KiB free: built once, CPU path
+    ds, store = Pretrainer._training_set(fake)  # synthetic 32 px, but only 1 KiB free: built once, CPU path
     assert store is None and len(builds) == 1 and ds[0][0].dtype == torch.uint8
 
     fake, _ = _fake_cuda_trainer(tmp_path, monkeypatch, **{"data.name": str(mixed), "data.decode": "gpu"})
-    assert Pretrainer._gpu_dataset(fake)[1] is None  # an explicit decode=gpu turns auto off
+    assert Pretrainer._training_set(fake)[1] is None  # an explicit decode=gpu turns auto off
 
 
 def test_auto_real_cifar10_folder_is_peeked_not_decoded(cifar10_dir, tmp_path, monkeypatch):
     fake, builds = _fake_cuda_trainer(tmp_path, monkeypatch, free=8 << 30, **{"data.name": str(cifar10_dir)})
-    ds, store = Pretrainer._gpu_dataset(fake)
+    ds, store = Pretrainer._training_set(fake)
     assert store == (32, 32) and len(ds) == 50_000 and len(builds) == 1
 
 

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from maelab.config import PretrainConfig, save_yaml, to_dict
 from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
 from maelab.data.build import EVAL_SPLIT_DIRS
-from maelab.data.folders import ImageFolderDataset
-from maelab.data.gpu import FIXED_SIZE_DATASETS, GPUBatchLoader, load_uint8_tensor, uint8_transform
+from maelab.data.gpu import (FIXED_SIZE_DATASETS, DeferredTransform, GPUBatchLoader, load_uint8_tensor,
+                             peek_image_sizes, plan_gpu_resident, uint8_transform)
 from maelab.data.jpeg_gpu import JPEGDecodeLoader, resolve_decode
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.data.prefetch import DeviceBatches
@@ -227,7 +227,7 @@ class Pretrainer:
         """Training set, this rank's resumable sampler, and the loader: GPU-resident, JPEGs decoded on the
         device (``data.decode=gpu``), or the per-sample CPU DataLoader."""
         cfg = self.cfg
-        self.dataset, store = self._gpu_dataset()
+        self.dataset, store = self._training_set()
         self.gpu_resident = store is not None
         if len(self.dataset) < cfg.batch_size * self.dist.world_size:
             raise DataError(f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than one global batch "
@@ -241,10 +241,7 @@ class Pretrainer:
             self.loader = GPUBatchLoader(images.to(self.device), labels, cfg.batch_size, self.sampler,
                                          self.model_cfg.img_size, self.mean, self.std, min_scale=cfg.data.min_scale,
                                          hflip=cfg.data.hflip, seed=cfg.seed)
-        elif resolve_decode(cfg.data.decode) == "gpu":
-            if not isinstance(self.dataset, ImageFolderDataset):
-                raise ConfigError(f"invalid data.decode='gpu': decoding on the device needs an image folder as "
-                                  f"data.name, not {cfg.data.name!r}; use decode=cpu")
+        elif resolve_decode(cfg.data.decode) == "gpu":  # DataConfig allows it for image folders only
             self.loader = JPEGDecodeLoader(self.dataset, cfg.batch_size, self.sampler, self.model_cfg.img_size,
                                            self.mean, self.std, self.device, num_workers=cfg.data.num_workers,
                                            min_scale=cfg.data.min_scale, hflip=cfg.data.hflip)
@@ -270,7 +267,7 @@ class Pretrainer:
                               f"got {len(mean)} and {len(std)}")
         return tuple(mean), tuple(std)
 
-    def _gpu_dataset(self) -> tuple[Any, tuple[int, int] | None]:
+    def _training_set(self) -> tuple[Any, tuple[int, int] | None]:
         """The training set, built once, and the (h, w) to keep it on the device at (None: not GPU-resident).
 
         ``data.gpu_resident`` is resolved before anything is decoded (:func:`~maelab.data.gpu.plan_gpu_resident`):
@@ -279,8 +276,6 @@ class Pretrainer:
         :func:`load_uint8_tensor` (fixed-size sets keep their size; folders their common size, or the model's
         input size when the sizes differ), else the per-sample ``pretrain_transform``.
         """
-        from maelab.data.gpu import DeferredTransform, peek_image_sizes, plan_gpu_resident  # local, see _setup_data
-
         cfg, data = self.cfg, self.cfg.data
         img_size, in_chans = self.model_cfg.img_size, self.model_cfg.in_chans
         transform = self._transform = DeferredTransform()
