@@ -48,7 +48,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from maelab.data.folders import ImageFolderDataset
 from maelab.data.loader import ResumableSampler
-from maelab.data.prefetch import stats_tensors
+from maelab.data.prefetch import normalize_uint8, stats_tensors
 from maelab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -345,11 +345,11 @@ class JPEGDecodeLoader:
             x = TF.resized_crop(img, top, left, h, w, list(self.img_size),
                                 interpolation=InterpolationMode.BICUBIC, antialias=True)
             out.append(x.flip(-1) if flip else x)
-        batch = TF.to_dtype(torch.stack(out), torch.float32, scale=True)
+        batch = torch.stack(out)
         if self._stats is None or self._stats[0].device != batch.device:
             # once: from the lists, torchvision would copy them to the device (a blocking copy) every batch
             self._stats = stats_tensors(self.mean, self.std, batch.device)
-        return TF.normalize(batch, *self._stats)  # type: ignore[arg-type]
+        return normalize_uint8(batch, *self._stats)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for payloads, labels, seeds, files in self.loader:
