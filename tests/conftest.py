@@ -45,3 +45,14 @@ def assert_weights_close(a: dict, b: dict, rtol: float = 1e-4, atol: float = 2e-
             keep[width:2 * width] = False
             x, y = x[keep], y[keep]
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=k)
+
+
+def load_script(name: str):
+    """The module of ``scripts/<name>.py`` (scripts are not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

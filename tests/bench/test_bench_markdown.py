@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from maelab.bench.run import run_bench
-from tests.conftest import TINY_MODEL_ARGS
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_to_markdown.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_to_markdown", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.conftest import TINY_MODEL_ARGS, load_script
 
 
 def test_render_a_cpu_report():
     report = run_bench(model="mae_vit_pico_patch4_32", batch_sizes=[4, 8], steps=2, warmup=1, device="cpu",
                        variants=["eager"], model_args=TINY_MODEL_ARGS, quiet=True)
     report["results"].append({"name": "maelab", "batch_size": 4096, "oom": True})
-    text = _module().render(report, "x.json")
+    text = load_script("bench_to_markdown").render(report, "x.json")
     table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(table) == 7  # 3 impls x 2 batches + the OOM row
     ours = next(r for r in report["results"] if r["name"] == "maelab" and r["batch_size"] == 8)

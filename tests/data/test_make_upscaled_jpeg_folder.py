@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_upscaled_jpeg_folder.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("make_upscaled_jpeg_folder", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.conftest import load_script
 
 
 def test_upscales_with_class_layout_and_limit(tmp_path, capsys):
@@ -25,7 +15,7 @@ def test_upscales_with_class_layout_and_limit(tmp_path, capsys):
         for i in range(3):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(src / cls / f"{i}.png")
     (src / "cat" / "notes.txt").write_text("not an image")
-    assert _script().main([str(src), str(tmp_path / "dst"), "--size", "24", "--limit", "2"]) == 0
+    assert load_script("make_upscaled_jpeg_folder").main([str(src), str(tmp_path / "dst"), "--size", "24", "--limit", "2"]) == 0
     out = sorted(p.relative_to(tmp_path / "dst").as_posix() for p in (tmp_path / "dst").rglob("*"))
     assert out == ["cat", "cat/0.jpg", "cat/1.jpg", "dog", "dog/0.jpg", "dog/1.jpg"]
     with Image.open(tmp_path / "dst" / "dog" / "1.jpg") as img:
@@ -36,4 +26,4 @@ def test_upscales_with_class_layout_and_limit(tmp_path, capsys):
 
 def test_rejects_a_missing_source(tmp_path):
     with pytest.raises(SystemExit):
-        _script().main([str(tmp_path / "nope"), str(tmp_path / "dst")])
+        load_script("make_upscaled_jpeg_folder").main([str(tmp_path / "nope"), str(tmp_path / "dst")])
