@@ -272,3 +272,29 @@ def test_recipes_are_valid_configs():
     assert paper.effective_batch() == 1024 and paper.resolved_lr() == pytest.approx(4e-3)
     probe = build_config(LinprobeConfig, recipes / "linprobe_imagenet_vit_base_paper.yaml")
     assert probe.resolved_lr() == pytest.approx(6.4) and probe.pool == "cls" and probe.optimizer == "lars"
+
+
+def test_streaming_probe_copies_images_and_labels_without_blocking(mae, monkeypatch):
+    """Streamed batches (training and evaluation) go to the device with ``non_blocking=True``,
+    from the pinned memory the loader gives (no host sync per step)."""
+    from types import SimpleNamespace
+
+    from maelab.engine.distributed import DistInfo
+    from maelab.eval.linprobe import LinearProber
+
+    calls: list[dict] = []
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        if self.data_ptr() in inputs:  # a copy of the loader's images or labels
+            calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    batch = [(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1]))]
+    inputs = {t.data_ptr() for t in batch[0]}
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    prober = SimpleNamespace(device=torch.device("cpu"), end_to_end=True, dtype=torch.float32,
+                             model=LinearProbe(mae.encoder, 2), dist=DistInfo(), num_classes=2)
+    list(LinearProber._streamed_batches(prober, batch))
+    LinearProber.evaluate(prober, None, batch)
+    assert len(calls) == 4 and all(c.get("non_blocking") for c in calls)

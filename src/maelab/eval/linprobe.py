@@ -299,7 +299,7 @@ class LinearProber:
         (the probe then runs end to end in :meth:`train_step`)."""
         for imgs, labels in loader:
             imgs = imgs.to(self.device, non_blocking=True)
-            labels = torch.as_tensor(labels).to(self.device)
+            labels = torch.as_tensor(labels).to(self.device, non_blocking=True)  # pinned by the loader
             if self.end_to_end:
                 yield imgs, labels
                 continue
@@ -346,7 +346,8 @@ class LinearProber:
                 imgs = imgs.to(self.device, non_blocking=True)
                 with autocast(self.device, self.dtype):
                     feats = self.model.features(imgs)
-                chunks.append((self.model.head(feats.float()), torch.as_tensor(labels).to(self.device)))
+                chunks.append((self.model.head(feats.float()),
+                               torch.as_tensor(labels).to(self.device, non_blocking=True)))
         self.model.train()
         if chunks:
             logits = torch.cat([c[0] for c in chunks]).float()
