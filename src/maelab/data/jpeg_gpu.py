@@ -18,7 +18,9 @@ libjpeg-turbo on CPU; TorchCodec's when it is installed, else torchvision's, see
 3. the batch [B, C, h, w] -> float32 / 255 -> ``(x - mean) / std``, as ``pretrain_transform``.
 
 On CPU, libjpeg-turbo gives the same pixels as Pillow, so the output equals the CPU path's
-bit for bit (tested). Files the GPU decoder should not see go through Pillow in the worker
+bit for bit (tests/data/test_data_jpeg_gpu.py compares with ``torch.equal``; on CUDA, nvJPEG
+and the float resize differ by up to a few uint8 levels). Files the GPU decoder should not see
+go through Pillow in the worker
 (:func:`maelab.data.images.load_image`, with the CPU path's conversions and reduced-size
 decoding): non-JPEG files, JPEGs that are not RGB or grayscale (CMYK, ...), files missing
 the end-of-image marker (truncated), and images above :data:`GPU_DECODE_MAX_PIXELS`.
