@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from maelab.bench import (
 )
 from maelab.bench.hf_reference import build_hf_mae, hf_available, hf_loss
 from maelab.config import ModelConfig
+from maelab.models.masking import masking_from_noise
+from maelab.models.patches import patchify
 
 CPU = torch.device("cpu")
 
@@ -30,6 +33,44 @@ def test_time_steps_cpu():
     assert all(t > 0 for t in times)
     with pytest.raises(ValueError):
         time_steps(lambda: None, warmup=0, iters=0, device=CPU)
+
+
+def test_time_steps_records_and_waits_on_the_requested_cuda_device(monkeypatch):
+    """``--device cuda:1``: the events are recorded with cuda:1 current (its stream, where the
+    step's kernels run) and the host waits for cuda:1, not for the default cuda:0 (fake CUDA)."""
+    current = [0]
+    log: list[tuple[str, int]] = []
+
+    class FakeDevice:
+        def __init__(self, device: torch.device) -> None:
+            self.index = torch.device(device).index
+
+        def __enter__(self) -> None:
+            self.prev, current[0] = current[0], self.index
+
+        def __exit__(self, *exc: object) -> None:
+            current[0] = self.prev
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            pass
+
+        def record(self, stream: object = None) -> None:
+            log.append(("record", current[0]))
+
+        def elapsed_time(self, other: "FakeEvent") -> float:
+            return 1.0
+
+    def fake_sync(device: torch.device | None = None) -> None:
+        log.append(("sync", current[0] if device is None else torch.device(device).index))
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", fake_sync)
+    steps: list[int] = []
+    times = time_steps(lambda: steps.append(current[0]), warmup=1, iters=2, device="cuda:1")
+    assert times == [1.0, 1.0] and steps[1:] == [1, 1]
+    assert log == [("sync", 1)] + [("record", 1)] * 4 + [("sync", 1)]
 
 
 def test_summarize_math():
@@ -57,14 +98,16 @@ def test_matmul_peak_cpu():
     assert math.isfinite(flops) and flops > 0
 
 
-def test_peak_memory_cpu():
+@pytest.mark.skipif(sys.platform != "linux", reason="the CPU peak resets only on Linux (/proc/self/clear_refs)")
+def test_peak_memory_cpu_resets_and_counts_a_touched_buffer():
+    old_peak = torch.ones(128 * 2**20 // 4)  # 128 MiB, touched, then freed: a peak the reset must forget
+    del old_peak
     reset_peak_memory(CPU)
     before = peak_memory(CPU)
-    assert before > 0
     buf = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     after = peak_memory(CPU)
     del buf
-    assert after >= before
+    assert after - before >= 60 * 2**20, (before, after)  # without the reset the old peak would hide it
 
 
 def test_environment_info():
@@ -110,9 +153,17 @@ def test_hf_reference_tiny(norm_pix):
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    # the same noise gives the same mask, hence the same loss
+    # the loss is the MSE over the patches the noise hides (largest noise), computed here by hand
     with torch.no_grad():
-        assert torch.equal(hf_loss(model, imgs, noise=noise), hf_loss(model, imgs, noise=noise))
+        pred = model(pixel_values=imgs, noise=noise).logits  # [B, L, p*p*C]
+        target = patchify(imgs, cfg.patch_size)
+        if norm_pix:
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        hidden = masking_from_noise(noise, cfg.mask_ratio).mask
+        expected = ((pred - target) ** 2).mean(-1)[hidden].mean()
+        torch.testing.assert_close(hf_loss(model, imgs, noise=noise), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(hf_loss(model, imgs, noise=noise), hf_loss(model, imgs, noise=1 - noise))
 
 
 @pytest.mark.skipif(not hf_available(), reason="transformers not installed")
@@ -123,13 +174,14 @@ def test_hf_reference_rejects_non_square():
 
 @pytest.mark.skipif(not hf_available(), reason="transformers not installed")
 def test_hf_reference_pos_embed_initialized():
-    from maelab.models.pos_embed import sincos_2d
+    """The tables equal an independent numpy port of the official code (transformers 5 leaves them zero)."""
+    from tests.models.test_pos_embed import official_2d
 
     model = build_hf_mae(ModelConfig(**TINY))
-    expected = sincos_2d(64, (8, 8), cls_token=True)
-    torch.testing.assert_close(model.vit.embeddings.position_embeddings[0], expected)
-    assert model.decoder.decoder_pos_embed.abs().sum() > 0
-    assert model.decoder.mask_token.abs().sum() > 0
+    for table, dim in ((model.vit.embeddings.position_embeddings, 64), (model.decoder.decoder_pos_embed, 32)):
+        expected = torch.from_numpy(official_2d(dim, 8, cls_token=True)).float()
+        torch.testing.assert_close(table.detach()[0], expected, atol=1e-6, rtol=0)
+    assert model.decoder.mask_token.std().item() == pytest.approx(0.02, rel=0.5)
 
 
 @pytest.mark.gpu

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device`` (CUDA or MPS) to finish its queued work; nothing on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":  # pragma: no cover - no MPS in CI
@@ -30,8 +31,9 @@ def _sync(device: torch.device) -> None:
 def time_steps(step_fn: Callable[[], None], warmup: int, iters: int, device: torch.device | str) -> list[float]:
     """Run ``step_fn`` ``warmup`` times untimed, then ``iters`` times timed; per-step milliseconds.
 
-    CUDA: one pair of events per step, one host synchronization after the loop (the
-    measured time includes any launch gaps between steps, i.e. what training sees).
+    CUDA: one pair of events per step, recorded on ``device``'s current stream (``cuda:N`` with
+    N != 0 too), one host synchronization after the loop (the measured time includes any launch
+    gaps between steps, i.e. what training sees).
     Elsewhere: wall time per step with ``time.perf_counter``.
     """
     if warmup < 0 or iters < 1:
@@ -39,22 +41,22 @@ def time_steps(step_fn: Callable[[], None], warmup: int, iters: int, device: tor
     device = torch.device(device)
     for _ in range(warmup):
         step_fn()
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-        for s, e in zip(starts, ends):
-            s.record()
-            step_fn()
-            e.record()
-        torch.cuda.synchronize(device)
+        with torch.cuda.device(device):  # Event.record() uses the current device's stream
+            for s, e in zip(starts, ends):
+                s.record()
+                step_fn()
+                e.record()
+        synchronize(device)
         return [s.elapsed_time(e) for s, e in zip(starts, ends)]
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         step_fn()
-        if device.type != "cpu":
-            _sync(device)
+        synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -138,12 +140,14 @@ def peak_memory(device: torch.device | str) -> int:
     return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # macOS: bytes, Linux: KiB
 
 
-def _version(module: str) -> str | None:
+def _version(package: str) -> str | None:
+    """Installed version of ``package`` from its metadata (no import: transformers takes seconds); None if absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        mod = __import__(module)
-    except Exception:
+        return version(package)
+    except PackageNotFoundError:
         return None
-    return getattr(mod, "__version__", None)
 
 
 def _git(*args: str) -> str | None:

@@ -22,9 +22,9 @@ import torch
 
 from maelab.bench.hf_reference import build_hf_mae, hf_available, hf_loss
 from maelab.bench.measure import (count_flops, environment_info, measure_matmul_peak, peak_memory,
-                                  reset_peak_memory, summarize, time_steps)
+                                  reset_peak_memory, summarize, synchronize, time_steps)
 from maelab.config import ModelConfig, on_off, to_dict
-from maelab.engine.accel import compile_module, convert_to_fp8, resolve_compile, uses_cudagraphs
+from maelab.engine.accel import compile_or_eager, convert_to_fp8, resolve_compile, uses_cudagraphs
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import autocast, resolve_device, resolve_precision
 from maelab.engine.step import TrainStep
@@ -89,10 +89,9 @@ def _ours(cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.
     model = MaskedAutoencoder(cfg).to(device).train()
     convert_to_fp8(model, variant.fp8, device)
     optimizer = build_adamw(model, LR, fused=variant.fused_adamw)
-    compiled = resolve_compile(variant.compile, device)
-    forward = compile_module(model, variant.compile_mode) if compiled else model
+    forward, compiled, eager_fallback = compile_or_eager(model, variant.compile, device, variant.compile_mode)
     stepper = TrainStep(model, optimizer, device, dtype, forward=forward,
-                        cudagraphs=uses_cudagraphs(compiled, variant.compile_mode))
+                        cudagraphs=uses_cudagraphs(compiled, variant.compile_mode), eager_fallback=eager_fallback)
     imgs = torch.randn(batch_size, cfg.in_chans, *model.img_hw, device=device)
 
     def step() -> None:
@@ -327,7 +326,6 @@ def run_data_bench(data: str, model: str, batch_size: int, steps: int = 50, warm
     with tempfile.TemporaryDirectory() as tmp:
         overrides["output"] = tmp
         trainer = Pretrainer(build_config(PretrainConfig, None, overrides), progress=False)
-        sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
         for mode in ("loader", "end_to_end"):
             trainer.sampler.set_epoch(0)
             batches = iter(trainer.loader)
@@ -337,14 +335,14 @@ def run_data_bench(data: str, model: str, batch_size: int, steps: int = 50, warm
             t0 = 0.0
             for i in range(needed):
                 if i == warmup:
-                    sync()
+                    synchronize(trainer.device)
                     t0 = time.perf_counter()
                 imgs, _ = next(batches)
                 if mode == "end_to_end":
                     trainer.train_step([imgs])
                 else:
                     imgs = imgs.to(trainer.device, non_blocking=True)
-            sync()
+            synchronize(trainer.device)  # trainer.device, not the current one (cuda:N)
             elapsed = time.perf_counter() - t0
             timed = needed - warmup
             results.append({"name": f"data:{mode}", "img_per_s": timed * batch_size / elapsed,
