@@ -120,8 +120,11 @@ def test_mismatched_weights_are_one_line_checkpoint_errors(mae):
 
 
 # ---------------------------------------------------------------------------------- layer decay, weight decay
-def test_layer_decay_gives_each_block_its_scale(mae):
-    clf = build_classifier(mae, 4, pool="avg")
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_layer_decay_gives_each_block_its_scale(mae, pool):
+    """The official util/lr_decay.py: block i of L -> decay ** (L - i), stem -> decay ** (L + 1), and every
+    other parameter (the final norm with pool=cls, fc_norm with pool=avg, the head) -> 1.0."""
+    clf = build_classifier(mae, 4, pool=pool)
     decay = 0.75
     groups = layer_decay_param_groups(clf, weight_decay=0.05, layer_decay=decay)
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
@@ -129,15 +132,17 @@ def test_layer_decay_gives_each_block_its_scale(mae):
     for name, p in clf.named_parameters():
         if name.startswith("blocks."):
             i = int(name.split(".")[1])
-            expected = decay ** (DEPTH - i)  # official MAE: block i of L -> decay ** (L - i)
+            expected = decay ** (DEPTH - i)
         elif name.startswith(("patch_embed.", "cls_token", "pos_embed")):
             expected = decay ** (DEPTH + 1)
-        else:  # fc_norm, head
-            assert name.startswith(("fc_norm.", "head.")), name
+        else:
+            assert name.startswith(("norm.", "fc_norm.", "head.")), name
             expected = 1.0
         assert math.isclose(scale_of[id(p)], expected, rel_tol=1e-12), name
         seen += 1
     assert seen == len(scale_of)
+    final_norm = "norm.weight" if pool == "cls" else "fc_norm.weight"
+    assert scale_of[id(dict(clf.named_parameters())[final_norm])] == 1.0
 
 
 def test_no_weight_decay_on_norms_biases_and_tokens(mae):

@@ -6,7 +6,7 @@ the pre-trained ``norm`` is kept. The new head is initialized ``trunc_normal(std
 Weights load with strict key checking except exactly those expected differences.
 
 Also here: partial fine-tuning (:func:`set_trainable_blocks`, paper Fig. 9) and the
-layer-decay parameter groups (:func:`layer_decay_param_groups`, timm's implementation).
+layer-decay parameter groups (:func:`layer_decay_param_groups`: timm's implementation with the official layer ids).
 """
 
 from __future__ import annotations
@@ -157,13 +157,27 @@ def frozen_to_eval(vit: VisionTransformer, train_blocks: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------------- optimizer groups
+OFFICIAL_LAYERS = {"stem": r"^(?:cls_token|pos_embed|patch_embed)", "blocks": r"^blocks\.(\d+)\."}
+"""Layer ids of the official ``util/lr_decay.py`` (after BEiT) as a timm group matcher: the tokens, position
+embedding and patch embedding are layer 0, block i is layer i + 1, and everything else (the final ``norm``,
+``fc_norm``, ``head``) is the last layer, L + 1. timm's own ViT matcher puts ``norm`` with the last block."""
+
+
 def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """timm's layer-decay groups: block i of L gets ``lr_scale = layer_decay ** (L - i)``, the
-    patch embedding / tokens ``layer_decay ** (L + 1)``, the final norm / fc_norm / head 1.0.
-    No weight decay for 1-D parameters (norms, biases) and ``model.no_weight_decay()`` (tokens,
-    position embedding). Frozen parameters are left out."""
+    """Layer-decay groups of the official fine-tuning code, built by timm's ``param_groups_layer_decay``.
+
+    Block i of L gets ``lr_scale = layer_decay ** (L - i)``, the patch embedding / tokens
+    ``layer_decay ** (L + 1)``, the final norm (``pool=cls``), fc_norm and head 1.0
+    (:data:`OFFICIAL_LAYERS`). No weight decay for 1-D parameters (norms, biases) and
+    ``model.no_weight_decay()`` (tokens, position embedding). Frozen parameters are left out.
+    """
+    from types import SimpleNamespace
+
     from timm.optim import param_groups_layer_decay
 
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=nwd,
-                                    layer_decay=layer_decay)
+    # the model as timm sees it, with the official layer ids in place of timm's ViT matcher
+    official = SimpleNamespace(named_parameters=model.named_parameters,
+                               group_matcher=lambda coarse=False: OFFICIAL_LAYERS)
+    return param_groups_layer_decay(official, weight_decay=weight_decay,  # type: ignore[arg-type]
+                                    no_weight_decay_list=nwd, layer_decay=layer_decay)
