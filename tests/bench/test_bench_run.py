@@ -12,14 +12,19 @@ from maelab.errors import ConfigError
 from tests.conftest import TINY_MODEL_ARGS
 
 
-def test_variants_each_change_one_thing_of_the_default():
-    default = Variant()
+def _changed(a: Variant, b: Variant) -> set[str]:
+    return {f for f in ("compile", "compile_mode", "fused_adamw", "fp8", "host_sync") if getattr(a, f) != getattr(b, f)}
+
+
+def test_variants_each_change_one_thing():
+    """Each ablation is one change away from the CUDA default (compiled), from eager, or from the
+    variant its name extends (fp8-cudagraphs = fp8 + CUDA graphs)."""
+    cuda_default = Variant(compile="on")
     for name, v in VARIANTS.items():
-        changed = {f for f in ("compile", "compile_mode", "fused_adamw", "fp8", "host_sync")
-                   if getattr(v, f) != getattr(default, f)}
-        # every ablation states what it changes; the compiled ones also force compile on
-        assert changed, name
-        assert v.compile in ("on", "off"), name
+        bases = [cuda_default, VARIANTS["eager"]]
+        bases += [VARIANTS[name[:i]] for i in range(len(name)) if name[i] == "-" and name[:i] in VARIANTS]
+        assert any(len(_changed(v, base)) == 1 for base in bases), (name, [_changed(v, b) for b in bases])
+        assert v.compile in ("on", "off"), name  # a forced setting, the same on every device
 
 
 def test_resolve_variants_rejects_unknown_names():

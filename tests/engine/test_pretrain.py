@@ -32,7 +32,7 @@ def assert_same_weights(a, b):
 
 
 def test_run_writes_outputs_and_loss_falls(tmp_path):
-    cfg = tiny_cfg(tmp_path / "run", epochs=6, **{"data.num_samples": 128, "vis_every": 3})
+    cfg = tiny_cfg(tmp_path / "run", epochs=6, log_every=1, **{"data.num_samples": 128, "vis_every": 3})
     result = pretrain(cfg, progress=False)
     out = tmp_path / "run"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -40,7 +40,11 @@ def test_run_writes_outputs_and_loss_falls(tmp_path):
     for r in records:
         assert {"epoch", "loss", "lr", "img_per_s"} <= set(r)
     assert records[-1]["loss"] < 0.8 * records[0]["loss"], [r["loss"] for r in records]
-    assert result.final_loss == pytest.approx(records[-1]["loss"])
+    # the epoch's loss is the mean of its steps' losses (steps.jsonl, one line per step here)
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 49))
+    last_epoch = [s["loss"] for s in steps[-8:]]
+    assert records[-1]["loss"] == result.final_loss == pytest.approx(sum(last_epoch) / 8, rel=1e-6)
     assert (out / "config.yaml").is_file() and build_config(PretrainConfig, out / "config.yaml") == cfg
     assert (out / "checkpoints" / LAST).is_file()
     figs = sorted(p.name for p in (out / "figures").iterdir())
@@ -82,6 +86,28 @@ def test_resume_falls_back_when_last_is_corrupt(tmp_path):
     (ckpts / LAST).write_bytes((ckpts / LAST).read_bytes()[:1000])  # crash left a truncated file
     pretrain(part, resume=True, progress=False)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"))
+
+
+def test_periodic_checkpoint_is_serialized_once_and_rotation_keeps_last(tmp_path, monkeypatch):
+    """A periodic save writes ``last.pt`` once and gives it the periodic name too; rotating that name away
+    (keep_last=1) or writing the next ``last.pt`` leaves every other name's data intact."""
+    trainer = Pretrainer(tiny_cfg(tmp_path / "run", keep_last=1), progress=False)
+    saves = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: (saves.append(f), real_save(obj, f, *a, **kw)))
+    ckpts = trainer.ckpt_dir
+    for step in (3, 7):
+        trainer.step = step
+        trainer.save(0, periodic=f"epoch_{step:04d}.pt")
+    assert len(saves) == 2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_0007.pt", LAST]
+    last, periodic = (torch.load(ckpts / name, weights_only=False) for name in (LAST, "epoch_0007.pt"))
+    assert last["step"] == periodic["step"] == 7
+    assert_same_weights(last["model"], periodic["model"])
+    trainer.step = 8
+    trainer.save(0)
+    assert torch.load(ckpts / LAST, weights_only=False)["step"] == 8
+    assert torch.load(ckpts / "epoch_0007.pt", weights_only=False)["step"] == 7
 
 
 def test_existing_run_needs_resume_and_matching_model(tmp_path):

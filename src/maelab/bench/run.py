@@ -81,7 +81,9 @@ VARIANTS: dict[str, Variant] = {
     "fp8-rowwise": Variant(compile="on", fp8="rowwise"),
     "fp8-cudagraphs": Variant(compile="on", compile_mode="reduce-overhead", fp8="tensorwise"),
 }
-"""Named ablations for ``maelab bench --variants``: each changes one thing of the default path."""
+"""Named ablations for ``maelab bench --variants``: each changes one thing of the CUDA default path
+(compiled, fused AdamW, no host sync), of ``eager``, or of the variant its name extends
+(``eager-foreach-adamw`` = eager + foreach AdamW, ``fp8-cudagraphs`` = fp8 + CUDA graphs)."""
 
 
 def _ours(cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
