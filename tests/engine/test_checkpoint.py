@@ -5,8 +5,8 @@ import torch
 
 import maelab
 from maelab.config import to_dict
-from maelab.engine.checkpoint import (LAST, atomic_save, load_pretrained, load_resume_state, periodic_checkpoints,
-                                      rotate)
+from maelab.engine.checkpoint import (LAST, atomic_link, atomic_save, load_pretrained, load_resume_state,
+                                      periodic_checkpoints, rotate)
 from maelab.errors import CheckpointError
 from tests.conftest import TINY_MODEL_ARGS
 
@@ -61,6 +61,20 @@ def test_rotate_keeps_newest(tmp_path):
     rotate(tmp_path, keep_last=2)
     assert [p.name for p in periodic_checkpoints(tmp_path)] == ["epoch_0003.pt", "epoch_0004.pt"]
     assert (tmp_path / LAST).exists()
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links-copy"])
+def test_atomic_link_names_the_same_bytes_and_leaves_no_temp_file(tmp_path, monkeypatch, links):
+    last = atomic_save({"model": {}, "step": 4}, tmp_path / LAST)
+    if not links:
+        def no_links(src, dst):
+            raise OSError("hard links not supported")
+        monkeypatch.setattr(os, "link", no_links)
+    atomic_link(last, tmp_path / "epoch_0001.pt")
+    atomic_link(last, tmp_path / "epoch_0001.pt")  # again: already a name of that file
+    assert (tmp_path / "epoch_0001.pt").read_bytes() == last.read_bytes()
+    assert os.path.samefile(last, tmp_path / "epoch_0001.pt") == links
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0001.pt", LAST]
 
 
 def test_load_pretrained_from_maelab_official_and_exported(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,41 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(p.parent, os.O_RDONLY)
+    _fsync_dir(p.parent)
+    return p
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (fsync of the directory, where the filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError:  # pragma: no cover - not supported on every filesystem
         pass
-    return p
+
+
+def atomic_link(src: Path, dst: Path) -> Path:
+    """Give the written file ``src`` a second name ``dst``, atomically and without serializing again:
+    a hard link (a flushed copy where the filesystem has none) under a temporary name, renamed over
+    ``dst``. Deleting either name later (rotation) leaves the other's data intact."""
+    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network or FAT filesystems)
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+        os.replace(tmp, dst)  # if dst already is a name of src, this leaves tmp: removed below
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(dst.parent)
+    return dst
 
 
 def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:

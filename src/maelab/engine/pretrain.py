@@ -32,7 +32,7 @@ from maelab.data.loader import ResumableSampler, build_loader
 from maelab.data.prefetch import DeviceBatches
 from maelab.engine.accel import (compile_module, convert_to_fp8, explain_compile_failure, resolve_compile,
                                  uses_cudagraphs)
-from maelab.engine.checkpoint import LAST, atomic_save, config_mismatch, load_resume_state, rotate
+from maelab.engine.checkpoint import LAST, atomic_link, atomic_save, config_mismatch, load_resume_state, rotate
 from maelab.engine.distributed import (
     all_reduce_mean,
     all_reduce_min,
@@ -386,7 +386,8 @@ class Pretrainer:
         }
 
     def save(self, batch_in_epoch: int, periodic: str | None = None) -> Path:
-        """Write ``last.pt`` (and a periodic copy named ``periodic``) atomically; rotate old ones.
+        """Write ``last.pt`` atomically, and name the same file ``periodic`` too (a hard link, or a copy where
+        links are unsupported: serialized once); rotate old periodic ones.
 
         Only rank 0 writes (the weights are identical on every rank; FSDP shards are gathered first)."""
         if not self.is_main and not self.fsdp:
@@ -395,8 +396,8 @@ class Pretrainer:
         if not self.is_main:
             return self.ckpt_dir / LAST
         path = atomic_save(state, self.ckpt_dir / LAST)
-        if periodic:
-            atomic_save(state, self.ckpt_dir / periodic)
+        if periodic:  # the same bytes: serialized once, linked (or copied) under the periodic name
+            atomic_link(path, self.ckpt_dir / periodic)
             rotate(self.ckpt_dir, self.cfg.keep_last)
         return path
 
