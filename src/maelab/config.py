@@ -150,8 +150,9 @@ class DataConfig:
     split: str = "train"
     """Training split: the subfolder of a folder laid out as train/ + test/ (default train); for stl10 one of
     train, unlabeled, train+unlabeled. Evaluation uses test/ (else val/) or the dataset's test split."""
-    crop_pct: float = 0.875
-    """Evaluation transform: resize to img_size / crop_pct, then center-crop (1.0: resize only, for 32 px data)."""
+    crop_pct: float | str = "auto"
+    """Evaluation transform: resize the short side to img_size / crop_pct, then center-crop. auto: the official
+    rule, 224/256 up to 224 px and 1.0 above (maelab.data.transforms.resolve_crop_pct); 1.0 suits 32 px data."""
     num_samples: int = 2048
     """Synthetic dataset size (ignored for other datasets)."""
     num_classes: int = 10
@@ -207,7 +208,8 @@ class DataConfig:
         workers_ok = isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
         _check(workers_ok and self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more, or auto")
         _check(0.0 < self.min_scale <= 1.0, "data.min_scale", self.min_scale, "a number in (0, 1]")
-        _check(0.0 < self.crop_pct <= 1.0, "data.crop_pct", self.crop_pct, "a number in (0, 1]")
+        _check(self.crop_pct == "auto" or (not isinstance(self.crop_pct, str) and 0.0 < self.crop_pct <= 1.0),
+               "data.crop_pct", self.crop_pct, "a number in (0, 1], or auto")
         _check(bool(self.split), "data.split", self.split, "a split name such as train")
         object.__setattr__(self, "gpu_resident", on_off(self.gpu_resident))
         _check(self.gpu_resident in SWITCHES, "data.gpu_resident", self.gpu_resident, "auto, on or off")

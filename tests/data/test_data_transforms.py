@@ -54,6 +54,42 @@ def test_eval_deterministic_and_center_crop():
         eval_transform(32, mean, std, crop_pct=0)
 
 
+def _framed(side: int = 512, frame: int = 8) -> Image.Image:
+    """A green square with a red frame ``frame`` px wide (1/64 of the side)."""
+    img = Image.new("RGB", (side, side), (255, 0, 0))
+    img.paste((0, 255, 0), (frame, frame, side - frame, side - frame))
+    return img
+
+
+@pytest.mark.parametrize("size,crop_pct", [(32, 0.875), (224, 0.875), (225, 1.0), (384, 1.0), ((200, 256), 1.0)])
+def test_auto_crop_pct_is_the_official_rule(size, crop_pct):
+    """facebookresearch/mae util/datasets.py: crop_pct = 224/256 for inputs up to 224 px, else 1.0."""
+    from maelab.data.transforms import resolve_crop_pct
+
+    assert resolve_crop_pct("auto", size) == crop_pct
+    assert resolve_crop_pct(0.9, size) == 0.9
+
+
+@pytest.mark.parametrize("size,frame_kept", [(224, False), (256, True)])
+def test_auto_eval_crop_keeps_the_whole_image_above_224_px(size, frame_kept):
+    """224 px: resize to 256, center 224 (the 1/64 frame is cut away); 256 px: crop_pct 1.0, the frame stays."""
+    out = eval_transform(size, (0.0,) * 3, (1.0,) * 3)(_framed())
+    assert out.shape == (3, size, size)
+    edges = torch.cat([out[:, 0], out[:, -1], out[:, :, 0], out[:, :, -1]], dim=1)  # [3, 4 * size]
+    red = (edges[0] > 0.5) & (edges[1] < 0.5)
+    assert bool(red.all()) if frame_kept else not bool(red.any())
+
+
+def test_eval_crop_at_crop_pct_1_is_centred_and_keeps_the_aspect():
+    """An oblong 2:1 image at crop_pct 1.0: short side to the size, then the center square (not a squeeze)."""
+    img = Image.new("RGB", (512, 256), (255, 0, 0))  # left quarter red, middle half green, right quarter blue
+    img.paste((0, 255, 0), (128, 0, 384, 256))
+    img.paste((0, 0, 255), (384, 0, 512, 256))
+    out = eval_transform(256, (0.0,) * 3, (1.0,) * 3, crop_pct=1.0)(img)
+    assert out.shape == (3, 256, 256)
+    torch.testing.assert_close(out.mean((1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=1e-3, rtol=0)
+
+
 def test_pretrain_reproducible_under_seed():
     mean, std = default_stats(3)
     t = pretrain_transform(32, mean, std)

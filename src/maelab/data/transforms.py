@@ -64,29 +64,33 @@ def pretrain_transform(img_size: Size, mean: Sequence[float], std: Sequence[floa
     return v2.Compose(ops + _finish(mean, std))
 
 
+def resolve_crop_pct(crop_pct: float | str, img_size: Size | Sequence[int]) -> float:
+    """``crop_pct`` as a number; ``auto`` is the official rule (facebookresearch/mae ``util/datasets.py``,
+    ``build_transform``): 224 / 256 for inputs up to 224 px, 1.0 above (the longer side of (h, w) decides)."""
+    if crop_pct == "auto":
+        return 224 / 256 if max(_hw(img_size)) <= 224 else 1.0
+    return float(crop_pct)
+
+
 def eval_transform(img_size: Size, mean: Sequence[float], std: Sequence[float],
-                   crop_pct: float = 0.875) -> v2.Compose:
+                   crop_pct: float | str = "auto") -> v2.Compose:
     """Deterministic evaluation transform: resize then center crop, to a normalized tensor.
 
-    With ``crop_pct < 1`` (ImageNet convention) the short side is resized to
-    ``int(size / crop_pct)`` (aspect kept) and the center ``img_size`` is cropped; for a
-    non-square ``img_size`` (h, w) the image is resized to ``(int(h / crop_pct),
-    int(w / crop_pct))`` first. With ``crop_pct = 1`` (advisable for low-resolution data
-    such as CIFAR) the image is simply resized to ``img_size``.
+    As the official code: the short side is resized to ``int(size / crop_pct)`` (aspect kept)
+    and the center ``img_size`` is cropped, also with ``crop_pct = 1`` (a center square of an
+    oblong image). ``crop_pct="auto"`` resolves by :func:`resolve_crop_pct` (224/256 up to
+    224 px, 1.0 above). For a non-square ``img_size`` (h, w) the image is resized to
+    ``(int(h / crop_pct), int(w / crop_pct))`` first (with 1.0: simply to (h, w)).
     Input: PIL image or uint8 tensor [C, H, W]; output: float32 tensor [C, h, w].
     """
+    crop_pct = resolve_crop_pct(crop_pct, img_size)
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     h, w = _hw(img_size)
-    bicubic = InterpolationMode.BICUBIC
-    ops: list[v2.Transform] = [v2.ToImage()]
-    if crop_pct >= 1.0:
-        ops.append(v2.Resize((h, w), interpolation=bicubic, antialias=True))
-    else:
-        if h == w:
-            ops.append(v2.Resize(int(h / crop_pct), interpolation=bicubic, antialias=True))
-        else:
-            ops.append(v2.Resize((int(h / crop_pct), int(w / crop_pct)),
-                                 interpolation=bicubic, antialias=True))
-        ops.append(v2.CenterCrop((h, w)))
+    resize_to = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
+    ops: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.Resize(resize_to, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop((h, w)),
+    ]
     return v2.Compose(ops + _finish(mean, std))

@@ -104,7 +104,7 @@ def train_and_test_sets(data: DataConfig, *, img_size: int | tuple[int, int], in
 
 
 def evaluation_transform(img_size: int | tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...],
-                   crop_pct: float) -> Callable[[Any], Any]:
+                   crop_pct: float | str) -> Callable[[Any], Any]:
     """The deterministic evaluation transform (resize, center crop, normalize): no augmentation."""
     return eval_transform(img_size, mean, std, crop_pct=crop_pct)
 
