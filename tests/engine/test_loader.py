@@ -71,3 +71,15 @@ def test_main_process_loading_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     _collect(build_loader(RandomDraw(), 4, s, 0))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_main_process_loading_leaves_the_cuda_generators_alone(monkeypatch):
+    """num_workers=0: seeding each sample must not reseed the CUDA generators (``torch.manual_seed`` does), or
+    drop path on the GPU would depend on the batch's last sample seed."""
+    reseeded = []
+    for name in ("manual_seed", "manual_seed_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, name=name, **kw: reseeded.append(name))
+    s = ResumableSampler(20, seed=0)
+    s.set_epoch(0)
+    batches = _collect(build_loader(RandomDraw(), 4, s, 0))
+    assert len(batches) == 5 and reseeded == []
