@@ -72,7 +72,10 @@ class ResumableSampler(Sampler[tuple[int, int]]):
 
 
 class SeededDataset(Dataset):
-    """``ds[(index, seed)]``: seed torch's RNG, then ``ds[index]``."""
+    """``ds[(index, seed)]``: seed torch's CPU generator, then ``ds[index]``.
+
+    Only the CPU generator: ``torch.manual_seed`` would also reseed every CUDA generator, which in the
+    main process (``num_workers=0``) would make drop path and other GPU draws depend on the last sample."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -83,10 +86,10 @@ class SeededDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
         if get_worker_info() is not None:  # a worker process: its RNG serves only the data
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
         with torch.random.fork_rng(devices=[]):  # main process: leave its RNG (dropout, ...) alone
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 
