@@ -118,6 +118,27 @@ def test_fp8_loss_and_gradients_follow_the_exact_path(recipe):
     assert cos > 0.97, cos
 
 
+def test_fp8_pads_the_token_dim_of_the_weight_gradient_for_cuda_scaled_mm(monkeypatch):
+    """A batch whose batch x tokens is not a multiple of 16 (3 x 65 decoder tokens) trains: every float8
+    matmul gets inner dims divisible by 16, which torch._scaled_mm requires on CUDA (checked here on CPU)."""
+    pytest.importorskip("torchao")
+    real = torch._scaled_mm
+    inner: list[int] = []
+
+    def cuda_like_scaled_mm(a, b, *args, **kwargs):
+        assert a.shape[1] == b.shape[0]
+        inner.append(a.shape[1])
+        if a.shape[1] % 16:
+            raise RuntimeError(f"inner dim {a.shape[1]} of torch._scaled_mm must be divisible by 16")
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", cuda_like_scaled_mm)
+    model = _model()
+    layers = convert_to_fp8(model, "tensorwise", CPU)
+    model(torch.randn(3, 3, 32, 32), noise=torch.rand(3, 64)).loss.backward()
+    assert len(inner) == 3 * layers  # output, grad input and grad weight of each float8 Linear
+
+
 @pytest.mark.slow  # ~45 s: torchao's emulated float8 steps are slow on CPU
 def test_fp8_training_lowers_the_loss_like_the_exact_path():
     pytest.importorskip("torchao")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -106,7 +107,9 @@ def convert_to_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
     count = sum(1 for fqn, m in model.named_modules() if is_fp8_candidate(m, fqn))
     if count == 0:
         raise ConfigError(f"fp8={recipe!r}: no Linear layer of this model has dims divisible by 16; set fp8=off")
-    config = Float8LinearConfig.from_recipe_name(recipe)
+    # torch._scaled_mm on CUDA needs the inner dim of each matmul divisible by 16; for the weight gradient
+    # that is batch x tokens (the decoder's 1 + L is odd for even L): pad it with zeros where it is not
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), pad_inner_dim=True)
     convert_to_float8_training(model, config=config, module_filter_fn=is_fp8_candidate)
     if device.type == "cpu":
         log.warning("fp8 on CPU is emulated by torchao: for tests only, it is slow")
