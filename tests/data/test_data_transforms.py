@@ -90,6 +90,46 @@ def test_eval_crop_at_crop_pct_1_is_centred_and_keeps_the_aspect():
     torch.testing.assert_close(out.mean((1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=1e-3, rtol=0)
 
 
+def _crops(crop: str, height: int, width: int, n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> list[dict]:
+    from maelab.data.transforms import RESIZED_CROPS
+
+    t = RESIZED_CROPS[crop](224, scale=scale, ratio=ratio)
+    img = torch.zeros(3, height, width, dtype=torch.uint8)
+    torch.manual_seed(0)
+    return [t.make_params([img]) for _ in range(n)]
+
+
+def test_official_probe_crop_stays_inside_the_image():
+    for h, w in [(30, 50), (50, 30), (1, 1)]:
+        crops = _crops("official", h, w, 500, scale=(0.5, 1.0), ratio=(0.25, 4.0))
+        for c in crops:
+            assert 1 <= c["height"] <= h and 1 <= c["width"] <= w, c
+            assert 0 <= c["top"] <= h - c["height"] and 0 <= c["left"] <= w - c["width"], c
+        if h > 1:  # draws too wide or too tall for the image were clipped to its side
+            assert any(c["width"] == w for c in crops) and any(c["height"] == h for c in crops)
+
+
+def test_official_probe_crop_clips_its_one_draw_instead_of_retrying():
+    """Area ~ 0.995 of a square at aspect ~ 3.95: no draw fits, so torchvision falls back to a centered
+    width x width/3.95 crop; the official crop clips the first draw: the full width, half the height."""
+    for c in _crops("official", 100, 100, 50, scale=(0.99, 1.0), ratio=(3.9, 4.0)):
+        assert c["width"] == 100 and 49 <= c["height"] <= 51, c
+    assert {c["height"] for c in _crops("torchvision", 100, 100, 5, scale=(0.99, 1.0), ratio=(3.9, 4.0))} == {26}
+    assert len({c["top"] for c in _crops("official", 100, 100, 50, scale=(0.99, 1.0), ratio=(3.9, 4.0))}) > 10
+
+
+def test_official_probe_crop_keeps_larger_crops_than_torchvision():
+    """On a 4:3 image (ImageNet's usual shape) with scale (0.08, 1): mean crop area about 0.52 vs 0.44 of the image
+    (2000 draws: standard error about 0.006)."""
+    def mean_area(crop: str) -> float:
+        crops = _crops(crop, 375, 500, 2000)
+        return sum(c["height"] * c["width"] for c in crops) / (len(crops) * 375 * 500)
+
+    official, torchvision = mean_area("official"), mean_area("torchvision")
+    assert official == pytest.approx(0.515, abs=0.02) and torchvision == pytest.approx(0.435, abs=0.02)
+    assert official - torchvision > 0.05
+
+
 def test_pretrain_reproducible_under_seed():
     mean, std = default_stats(3)
     t = pretrain_transform(32, mean, std)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -54,6 +55,7 @@ def test_config_defaults_are_the_papers():
     (FinetuneConfig, {}, "checkpoint"),
     (LinprobeConfig, {"checkpoint": "x", "optimizer": "adam"}, "optimizer"),
     (LinprobeConfig, {"checkpoint": "x", "train_blocks": -1}, "train_blocks"),
+    (LinprobeConfig, {"checkpoint": "x", "crop": "timm"}, "crop"),
     (KnnConfig, {"checkpoint": "x", "temperature": 0}, "temperature"),
     (KnnConfig, {}, "checkpoint"),
 ])
@@ -277,6 +279,29 @@ def test_recipes_are_valid_configs():
     assert paper.effective_batch() == 1024 and paper.resolved_lr() == pytest.approx(4e-3)
     probe = build_config(LinprobeConfig, recipes / "linprobe_imagenet_vit_base_paper.yaml")
     assert probe.resolved_lr() == pytest.approx(6.4) and probe.pool == "cls" and probe.optimizer == "lars"
+
+
+@pytest.mark.parametrize("crop", [None, "torchvision"])
+def test_linear_probe_augments_with_the_official_crop_by_default(mae, tmp_path, monkeypatch, crop):
+    """The probe's training crop: the official single clipped draw (util/crop.py) unless crop=torchvision."""
+    from maelab.config import to_dict
+    from maelab.data.transforms import ClippedRandomResizedCrop
+    from maelab.engine.checkpoint import atomic_save
+    linprobe = importlib.import_module("maelab.eval.linprobe")  # (maelab.eval.linprobe is also a function)
+    ckpt = atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0}, tmp_path / "m.pt")
+    made, original = [], linprobe.pretrain_transform
+
+    def spy(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(linprobe, "pretrain_transform", spy)
+    data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0)
+    linprobe.LinearProber(LinprobeConfig(checkpoint=str(ckpt), data=data, batch_size=8, output=str(tmp_path / "p"),
+                                         device="cpu", **({"crop": crop} if crop else {})), progress=False)
+    crops = [t for t in made[0].transforms if isinstance(t, torch.nn.Module) and "ResizedCrop" in type(t).__name__]
+    assert len(crops) == 1
+    assert isinstance(crops[0], ClippedRandomResizedCrop) == (crop is None)
 
 
 def test_streaming_probe_copies_images_and_labels_without_blocking(mae, monkeypatch):

@@ -10,7 +10,9 @@ v2 does, so seeding ``torch.manual_seed`` before each sample makes it exactly re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchvision.transforms import v2
@@ -42,20 +44,51 @@ def _finish(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
             v2.ToPureTensor()]
 
 
+class ClippedRandomResizedCrop(v2.RandomResizedCrop):
+    """RandomResizedCrop from a single draw clipped to the image: the crop of the official linear probe
+    (facebookresearch/mae ``util/crop.py``, after BYOL's TF code).
+
+    One area fraction ~ U(scale) and one log aspect ratio ~ U(log ratio) give (h, w), each
+    clipped to the image side (and to at least 1 px); the position is uniform. torchvision's
+    class instead retries up to 10 draws until one fits and then falls back to a center crop,
+    which favours small crops: with scale (0.08, 1) on a square image the mean crop area is
+    about 0.44 of the image there and about 0.52 here.
+    """
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        area = height * width * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
+        log_lo, log_hi = self._log_ratio.tolist()
+        aspect = math.exp(torch.empty(1).uniform_(log_lo, log_hi).item())
+        w = min(max(1, round(math.sqrt(area * aspect))), width)
+        h = min(max(1, round(math.sqrt(area / aspect))), height)
+        top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+        left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+        return dict(top=top, left=left, height=h, width=w)
+
+
+RESIZED_CROPS: dict[str, type[v2.RandomResizedCrop]] = {
+    "torchvision": v2.RandomResizedCrop, "official": ClippedRandomResizedCrop}
+"""Random resized crops by name: torchvision's (up to 10 draws, else a center crop; pre-training and fine-tuning
+use it, as the official code does) and the official linear probe's single clipped draw."""
+
+
 def pretrain_transform(img_size: Size, mean: Sequence[float], std: Sequence[float],
-                       min_scale: float = 0.2, hflip: bool = True, normalize: bool = True) -> v2.Compose:
+                       min_scale: float = 0.2, hflip: bool = True, normalize: bool = True,
+                       crop: str = "torchvision") -> v2.Compose:
     """MAE pre-training augmentation: random resized crop (+ flip), to a normalized tensor.
 
     ToImage -> RandomResizedCrop(img_size, scale=(min_scale, 1), bicubic, antialias)
     -> RandomHorizontalFlip (if ``hflip``) -> float32 in [0, 1] -> Normalize(mean, std).
+    ``crop`` names the crop in :data:`RESIZED_CROPS` (the linear probe uses ``official``).
     Input: PIL image or uint8 tensor [C, H, W]; output: float32 tensor [C, h, w], or with
     ``normalize=False`` the uint8 tensor [C, h, w] before the last two steps (for
     :class:`maelab.data.prefetch.DeviceBatches`, which does them on the device).
     """
     ops: list[v2.Transform] = [
         v2.ToImage(),
-        v2.RandomResizedCrop(_hw(img_size), scale=(min_scale, 1.0),
-                             interpolation=InterpolationMode.BICUBIC, antialias=True),
+        RESIZED_CROPS[crop](_hw(img_size), scale=(min_scale, 1.0),
+                            interpolation=InterpolationMode.BICUBIC, antialias=True),
     ]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from maelab.config import DataConfig, ModelConfig, _check, from_dict
+from maelab.data.transforms import RESIZED_CROPS
 from maelab.errors import ConfigError
 
 POOLS = ("avg", "cls")
@@ -226,6 +227,10 @@ class LinprobeConfig:
     augment: bool = True
     """RandomResizedCrop + flip on the training images (paper); false enables the feature cache."""
     crop_min_scale: float = 0.08
+    crop: str = "official"
+    """official: the official probe's crop, one draw of area and aspect clipped to the image (util/crop.py; mean
+    crop area about 0.52 of an ImageNet image); torchvision: RandomResizedCrop's up to 10 draws, else a center
+    crop (about 0.44)."""
     train_blocks: int = 0
     """Partial fine-tuning (paper Fig. 9): also tune the last K blocks and the final norm; 0 = linear probe."""
     cache_features: bool = True
@@ -242,6 +247,7 @@ class LinprobeConfig:
         _check_source(self, scratch_allowed=False)
         _check_training(self)
         _check(self.optimizer in PROBE_OPTIMIZERS, "optimizer", self.optimizer, f"one of {PROBE_OPTIMIZERS}")
+        _check(self.crop in RESIZED_CROPS, "crop", self.crop, f"one of {', '.join(RESIZED_CROPS)}")
         _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "a number in [0, 1)")
         _check(self.batch_size >= 2, "batch_size", self.batch_size, "at least 2 (the head has BatchNorm)")
 

@@ -230,7 +230,7 @@ class LinearProber:
         self.mean, self.std = resolve_stats(cfg.data, mcfg.in_chans)
         test_tf = evaluation_transform(mcfg.img_size, self.mean, self.std, cfg.data.crop_pct)
         train_tf = (pretrain_transform(mcfg.img_size, self.mean, self.std, min_scale=cfg.crop_min_scale,
-                                       hflip=cfg.data.hflip) if cfg.augment else test_tf)
+                                       hflip=cfg.data.hflip, crop=cfg.crop) if cfg.augment else test_tf)
         self.train_ds, self.val_ds, self.num_classes = train_and_test_sets(
             cfg.data, img_size=mcfg.img_size, in_chans=mcfg.in_chans, train_transform=train_tf,
             test_transform=test_tf, seed=cfg.seed, protocol="linprobe")
