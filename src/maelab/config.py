@@ -242,6 +242,9 @@ class PretrainConfig:
     """Absolute lr; overrides base_lr when set."""
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    weight_decay_tokens: bool = True
+    """Weight decay on cls_token / mask_token, as the official pre-training (timm 0.3.2's add_weight_decay exempts
+    only 1-D params and biases); false exempts them too (the position embeddings are fixed either way)."""
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 1.0
     grad_clip: float | None = None

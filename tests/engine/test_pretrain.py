@@ -120,6 +120,15 @@ def test_existing_run_needs_resume_and_matching_model(tmp_path):
         pretrain(other, resume=True, progress=False)
 
 
+def test_resume_needs_the_same_weight_decay_on_tokens(tmp_path):
+    """weight_decay_tokens changes the optimizer's groups: a run continues only with the value it used."""
+    old = tiny_cfg(tmp_path / "run", weight_decay_tokens=False)
+    pretrain(old, progress=False, max_steps=1)
+    with pytest.raises(CheckpointError, match="weight_decay_tokens=false"):
+        pretrain(tiny_cfg(tmp_path / "run"), resume=True, progress=False, max_steps=2)
+    assert pretrain(old, resume=True, progress=False, max_steps=2).step == 2
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", epochs=3)
     trainer = Pretrainer(cfg, progress=False)

@@ -41,9 +41,12 @@ def test_resolved_lr_scales_with_effective_batch():
     assert maelab.PretrainConfig(lr=3e-3).resolved_lr(world_size=8) == 3e-3
 
 
-def test_adamw_no_decay_on_norms_biases_pos_embeds_and_tokens():
+@pytest.mark.parametrize("decay_tokens", [True, False])
+def test_adamw_decays_what_the_official_pretraining_decays(decay_tokens):
+    """Official main_pretrain.py (timm 0.3.2 add_weight_decay, no skip list): every trainable param but 1-D ones
+    and biases is decayed, cls_token and mask_token included; decay_tokens=False also exempts the tokens."""
     model = maelab.create_model("mae_vit_pico_patch4_32", **TINY_MODEL_ARGS)
-    opt = build_adamw(model, lr=1e-3, weight_decay=0.05)
+    opt = build_adamw(model, lr=1e-3, weight_decay=0.05, **({} if decay_tokens else {"decay_tokens": False}))
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["betas"] == (0.9, 0.95)
     decay_of = {}
@@ -54,10 +57,12 @@ def test_adamw_no_decay_on_norms_biases_pos_embeds_and_tokens():
     trainable = {n for n, p in names.items() if p.requires_grad}
     assert {id(names[n]) for n in trainable} == set(decay_of), "every trainable param is optimized exactly once"
     assert "encoder.pos_embed" not in trainable and "decoder_pos_embed" not in trainable  # fixed sin-cos
+    tokens = ("encoder.cls_token", "mask_token")
     for n in trainable:
         p = names[n]
-        no_decay = p.ndim <= 1 or n.endswith(".bias") or n in ("encoder.cls_token", "mask_token")
+        no_decay = p.ndim <= 1 or n.endswith(".bias") or (n in tokens and not decay_tokens)
         assert decay_of[id(p)] == (0.0 if no_decay else 0.05), n
+    assert [decay_of[id(names[n])] for n in tokens] == [0.05 if decay_tokens else 0.0] * 2
     assert decay_of[id(names["encoder.blocks.0.attn.qkv.weight"])] == 0.05
     assert decay_of[id(names["encoder.blocks.0.norm1.weight"])] == 0.0
 

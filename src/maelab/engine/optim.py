@@ -1,4 +1,4 @@
-"""Optimizer construction: AdamW with the paper's no-decay rule and lr scaling."""
+"""Optimizer construction: AdamW with the official no-decay rule and lr scaling."""
 
 from __future__ import annotations
 
@@ -14,12 +14,17 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
-                fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms, biases (1-D params), position embeddings and tokens.
+                fused: bool | None = None, decay_tokens: bool = True) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms and biases (1-D params, and names ending in ``.bias``).
 
+    As the official pre-training (``main_pretrain.py``: timm 0.3.2's ``add_weight_decay`` with no
+    skip list) the tokens (``cls_token``, ``mask_token``, [1, 1, D]) are decayed; the fixed
+    sin-cos position embeddings are not trained. ``decay_tokens=False`` also exempts the names in
+    ``model.no_weight_decay()`` (tokens, position embeddings), as timm's fine-tuning code does.
     ``fused`` defaults to True when every parameter is on CUDA (one kernel for the update).
     """
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+    skip = () if decay_tokens else no_weight_decay_names(model)
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
     if fused is None:
         fused = all(p.is_cuda for p in model.parameters() if p.requires_grad)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)

@@ -146,7 +146,8 @@ class Pretrainer:
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = cfg.resolved_lr(self.dist.world_size)
 
-        self.optimizer = build_adamw(self.model, self.peak_lr, cfg.weight_decay, cfg.betas)
+        self.optimizer = build_adamw(self.model, self.peak_lr, cfg.weight_decay, cfg.betas,
+                                     decay_tokens=cfg.weight_decay_tokens)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         # block masks are drawn on the CPU (rectangles, one sample at a time): their generator lives there
         gen_device = "cpu" if self.model_cfg.mask_type == "block" else self.device
@@ -417,6 +418,10 @@ class Pretrainer:
         if saved_cfg.get("seed", self.cfg.seed) != self.cfg.seed:
             raise CheckpointError(f"{path}: the run used seed={saved_cfg['seed']}, now seed={self.cfg.seed}: "
                                   "keep it the same to resume exactly")
+        saved_tokens = saved_cfg.get("weight_decay_tokens", False)  # older runs exempted the tokens
+        if saved_tokens != self.cfg.weight_decay_tokens:
+            raise CheckpointError(f"{path}: the run used weight_decay_tokens={str(saved_tokens).lower()} (other "
+                                  "optimizer groups): pass the same value to resume")
         if self.fsdp:
             self.model.load_state_dict(shard_like(state["model"], self.model.state_dict()), strict=True)
             load_full_optimizer_state(self.optimizer, state["optimizer"])
