@@ -187,3 +187,115 @@ def test_compile_failure_becomes_one_actionable_line():
     with pytest.raises(TorchDynamoException):  # eager runs: nothing to explain
         with explain_compile_failure(False):
             raise TorchDynamoException("boom")
+
+
+# ---------------------------------------------------------------------------------- compile=auto falls back
+COMPILE_ERROR = "inductor: no working C++ compiler"
+FALLBACK_WARNING = (f"torch.compile failed on this machine (TorchDynamoException: {COMPILE_ERROR}); compile=auto: "
+                    "running eagerly instead (compile=on makes this an error, compile=off skips compiling)")
+
+
+class FailsOnFirstCall:
+    """Stands in for a torch.compile'd module whose compilation fails inside the first call, after the step drew
+    that call's masking noise and after work that must not count: gradients accumulated, the global RNG drawn."""
+
+    def __init__(self, module):
+        self.module = module
+        self.calls = 0
+
+    def __call__(self, imgs, noise=None):
+        self.calls += 1
+        self.module(imgs, noise=noise).loss.backward()
+        torch.rand(3)
+        from torch._dynamo.exc import TorchDynamoException
+
+        raise TorchDynamoException(f"{COMPILE_ERROR}\nfull trace")
+
+
+def _force_compile(monkeypatch, compiled=None, build_error=None):
+    """compile=auto/on resolve to on (on CPU auto is off); torch.compile returns ``compiled`` or raises."""
+    import maelab.engine.accel as accel
+
+    monkeypatch.setattr(accel, "resolve_compile", lambda setting, device: accel.on_off(setting) != "off")
+
+    def fake_compile(module, mode="default"):
+        if build_error is not None:
+            raise build_error
+        compiled.append(FailsOnFirstCall(module))
+        return compiled[-1]
+
+    monkeypatch.setattr(accel, "compile_module", fake_compile)
+
+
+def _pretrain_overrides(tmp_path, name, compile):
+    return {"output": str(tmp_path / name), "device": "cpu", "epochs": 1, "batch_size": 8, "warmup_epochs": 0,
+            "lr": 1e-2, "data.num_samples": 24, "data.num_workers": 0, "model": "mae_vit_pico_patch4_32",
+            "compile": compile, **{f"model_args.{k}": v for k, v in TINY_MODEL_ARGS.items()}}
+
+
+def _train(tmp_path, name, compile):
+    from maelab.engine.pretrain import Pretrainer
+
+    trainer = Pretrainer(build_config(PretrainConfig, None, _pretrain_overrides(tmp_path, name, compile)),
+                         progress=False)
+    trainer.run(max_steps=2)  # stops (with a checkpoint) before the end-of-epoch figures
+    return trainer, torch.get_rng_state()
+
+
+def test_compile_auto_failing_in_the_first_step_reruns_it_eagerly_from_the_same_state(tmp_path, monkeypatch, caplog):
+    """The failed try's gradients, masking noise and RNG draws are undone: the weights after the run, the masking
+    generator and the global RNG are exactly those of an eager run; one warning names the error."""
+    eager, eager_rng = _train(tmp_path, "eager", "off")
+    compiled: list[FailsOnFirstCall] = []
+    _force_compile(monkeypatch, compiled)
+    with caplog.at_level("WARNING"):
+        auto, auto_rng = _train(tmp_path, "auto", "auto")
+    assert len(compiled) == 1 and compiled[0].calls == 1  # one failed call, then eager steps
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [FALLBACK_WARNING]
+    assert auto.step == eager.step == 2 and not auto.compiled
+    for key, value in eager.model.state_dict().items():
+        assert torch.equal(auto.model.state_dict()[key], value), key
+    assert torch.equal(auto.mask_gen.get_state(), eager.mask_gen.get_state())
+    assert torch.equal(auto_rng, eager_rng)
+
+
+def test_compile_auto_failing_at_build_trains_eagerly_and_on_keeps_one_line_errors(tmp_path, monkeypatch, caplog,
+                                                                                   capsys):
+    from maelab.cli import main
+
+    _force_compile(monkeypatch, build_error=RuntimeError("Dynamo is not supported on this Python"))
+    with caplog.at_level("INFO"):
+        trainer, _ = _train(tmp_path, "auto", "auto")
+    assert trainer.step == 2 and ", eager" in trainer.summary()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "torch.compile failed on this machine (RuntimeError: Dynamo is not supported on this Python); compile=auto: "
+        "running eagerly instead (compile=on makes this an error, compile=off skips compiling)"]
+
+    argv = ["pretrain", "--model", "mae_vit_pico_patch4_32", "--device", "cpu", "--epochs", "1", "--batch-size", "8",
+            "--num-workers", "0", "--no-progress", "--compile", "data.num_samples=16",
+            *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]]
+    capsys.readouterr()
+    assert main([*argv, "--output", str(tmp_path / "on-build")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "maelab: error: torch.compile failed on this machine (RuntimeError: Dynamo is not supported on this Python)"
+        "; rerun with compile=off"), err
+    _force_compile(monkeypatch, [])  # compiles, then fails in the first step
+    assert main([*argv, "--output", str(tmp_path / "on-step")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"(TorchDynamoException: {COMPILE_ERROR}); rerun with compile=off" in err, err
+
+
+def test_bench_step_falls_back_like_training(monkeypatch, caplog):
+    """maelab bench's default variant (compile=auto) measures the eager step when compiling fails."""
+    from maelab.bench.run import Variant, _ours
+    from maelab.models.registry import get_config
+
+    compiled: list[FailsOnFirstCall] = []
+    _force_compile(monkeypatch, compiled)
+    step = _ours(get_config("mae_vit_pico_patch4_32", **TINY_MODEL_ARGS), 4, CPU, torch.float32, Variant())
+    with caplog.at_level("WARNING"):
+        step()
+        step()
+    assert compiled[0].calls == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [FALLBACK_WARNING]

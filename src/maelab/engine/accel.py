@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -63,6 +63,51 @@ def is_compile_failure(err: BaseException) -> bool:
     return isinstance(err, TorchDynamoException) or type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
+def describe_compile_failure(err: BaseException) -> str:
+    """One line naming a torch.compile failure: its type and the first line of its message."""
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"torch.compile failed on this machine ({type(err).__name__}: {first})"
+
+
+def compile_failure_error(err: BaseException) -> ConfigError:
+    """compile=on: the one-line error that says how to run without torch.compile."""
+    return ConfigError(f"{describe_compile_failure(err)}; rerun with compile=off (--no-compile) to train eagerly")
+
+
+def warn_compile_fallback(err: BaseException) -> None:
+    """compile=auto: one warning line naming the failure; the caller goes on eagerly."""
+    log.warning("%s; compile=auto: running eagerly instead (compile=on makes this an error, compile=off skips "
+                "compiling)", describe_compile_failure(err))
+
+
+class Forward(NamedTuple):
+    """What a training step calls: ``fn`` (compiled or the module itself); ``eager_fallback``: the module to run
+    instead if the first compiled step fails (compile=auto only, else None)."""
+
+    fn: Callable[..., Any]
+    compiled: bool
+    eager_fallback: nn.Module | None
+
+
+def compile_or_eager(module: nn.Module, setting: str | bool, device: torch.device, mode: str = "default") -> Forward:
+    """``module``, torch.compiled when ``setting`` (auto/on/off) resolves to on for ``device``.
+
+    A failure of ``torch.compile`` itself is a one-line ConfigError with compile=on; with auto it is a warning and
+    the module runs eagerly. A failure at the first compiled call is handled by the step (``eager_fallback``)."""
+    if not resolve_compile(setting, device):
+        return Forward(module, False, None)
+    try:
+        fn = compile_module(module, mode)
+    except ConfigError:
+        raise
+    except Exception as e:  # nothing of the model has run yet: any error here is torch.compile's
+        if on_off(setting) != "auto":
+            raise compile_failure_error(e) from e
+        warn_compile_fallback(e)
+        return Forward(module, False, None)
+    return Forward(fn, True, module if on_off(setting) == "auto" else None)
+
+
 @contextlib.contextmanager
 def explain_compile_failure(active: bool) -> Iterator[None]:
     """Turn a torch.compile failure into a one-line ConfigError that says how to run without it."""
@@ -70,9 +115,7 @@ def explain_compile_failure(active: bool) -> Iterator[None]:
         yield
     except Exception as e:
         if active and is_compile_failure(e):
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            raise ConfigError(f"torch.compile failed on this machine ({type(e).__name__}: {first}); "
-                              "rerun with compile=off (--no-compile) to train eagerly") from e
+            raise compile_failure_error(e) from e
         raise
 
 

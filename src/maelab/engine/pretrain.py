@@ -30,8 +30,7 @@ from maelab.data.gpu import (FIXED_SIZE_DATASETS, DeferredTransform, GPUBatchLoa
 from maelab.data.jpeg_gpu import JPEGDecodeLoader, resolve_decode
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.data.prefetch import DeviceBatches
-from maelab.engine.accel import (compile_module, convert_to_fp8, explain_compile_failure, resolve_compile,
-                                 uses_cudagraphs)
+from maelab.engine.accel import compile_or_eager, convert_to_fp8, explain_compile_failure, uses_cudagraphs
 from maelab.engine.checkpoint import LAST, atomic_link, atomic_save, config_mismatch, load_resume_state, rotate
 from maelab.engine.distributed import (
     all_reduce_mean,
@@ -157,7 +156,8 @@ class Pretrainer:
                                  world_size=self.dist.world_size, no_sync=no_sync,
                                  skip_nonfinite=cfg.max_bad_steps > 0,
                                  all_reduce_min=lambda t: all_reduce_min(t, self.dist),
-                                 cudagraphs=uses_cudagraphs(self.compiled, cfg.compile_mode))
+                                 cudagraphs=uses_cudagraphs(self.compiled, cfg.compile_mode),
+                                 eager_fallback=self.eager_fallback)
         self.bad_steps = 0
         self.step = 0
         self.epoch = 0
@@ -220,8 +220,9 @@ class Pretrainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             wrapped = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
             no_sync = self.ddp.no_sync
-        self.compiled = resolve_compile(self.cfg.compile, self.device)
-        self.forward = compile_module(wrapped, self.cfg.compile_mode) if self.compiled else wrapped
+        # compile=auto: a torch.compile failure here or in the first step means eager, with a warning
+        self.forward, self.compiled, self.eager_fallback = compile_or_eager(wrapped, self.cfg.compile, self.device,
+                                                                            self.cfg.compile_mode)
         return no_sync
 
     def _setup_data(self) -> None:
@@ -454,6 +455,7 @@ class Pretrainer:
         or None when a non-finite loss was skipped (``max_bad_steps``)."""
         with explain_compile_failure(self.compiled):
             loss = self.stepper(batches, self.lr())
+        self.compiled = self.compiled and not self.stepper.fell_back
         self.step += 1
         if getattr(self.stepper, "last_skipped", False):
             self.bad_steps += 1

@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 
 from maelab.engine.optim import set_lr
-from maelab.engine.runtime import autocast
+from maelab.engine.accel import is_compile_failure, warn_compile_fallback
+from maelab.engine.runtime import autocast, rng_state, set_rng_state
 from maelab.models.mae import MAEOutput, MaskedAutoencoder
 from maelab.models.masking import make_noise
 
@@ -30,7 +31,7 @@ class TrainStep:
                  no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
                  skip_nonfinite: bool = False,
                  all_reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 cudagraphs: bool = False) -> None:
+                 cudagraphs: bool = False, eager_fallback: Callable[..., MAEOutput] | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -46,6 +47,8 @@ class TrainStep:
         self.all_reduce_min = all_reduce_min
         self.last_skipped = False
         self.cudagraphs = cudagraphs  # forward is compiled with CUDA graphs (compile_mode reduce-overhead / max-autotune)
+        self.eager_fallback = eager_fallback  # compile=auto: what runs if the first compiled step fails
+        self.fell_back = False
         cfg = model.cfg
         self._noise_args = (cfg.mask_type, cfg.grid_size, cfg.mask_ratio)
 
@@ -57,6 +60,33 @@ class TrainStep:
 
     def __call__(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
+        if self.eager_fallback is None:
+            return self._step(batches, lr)
+        return self._first_step_or_eager(batches, lr)
+
+    def _first_step_or_eager(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
+        """The first compiled step under compile=auto. If torch.compile fails in it (while compiling the forward
+        or the backward), what the failed try left is undone (accumulated gradients, masking noise drawn from
+        ``generator``, draws from the global RNGs; the optimizer has not stepped yet) and the same step runs
+        eagerly, after one warning; every later step is eager too."""
+        eager, self.eager_fallback = self.eager_fallback, None
+        noise_state = self.generator.get_state() if self.generator is not None else None
+        rngs = rng_state()
+        try:
+            return self._step(batches, lr)
+        except Exception as e:
+            if not is_compile_failure(e):
+                raise
+            warn_compile_fallback(e)
+        self.optimizer.zero_grad(set_to_none=True)
+        if noise_state is not None:
+            self.generator.set_state(noise_state)  # type: ignore[union-attr]
+        set_rng_state(rngs)
+        self.forward, self.cudagraphs, self.fell_back = eager, False, True
+        return self._step(batches, lr)
+
+    def _step(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
+        """One optimizer step with ``forward``."""
         set_lr(self.optimizer, lr)
         if self.cudagraphs:  # a new iteration: the last step's graph outputs (its gradients) are dead now
             torch.compiler.cudagraph_mark_step_begin()
