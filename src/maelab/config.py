@@ -9,6 +9,7 @@ overrides (dotted keys reach nested sections: ``data.num_workers=4``) and writte
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,7 @@ import yaml
 from maelab.errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 MASK_TYPES = ("random", "block", "grid")
 SWITCHES = ("auto", "on", "off")
@@ -46,9 +48,67 @@ def processes_on_node() -> int:
         return 1
 
 
+def processes_in_job() -> int:
+    """torchrun's WORLD_SIZE (1 outside torchrun): the training processes of the whole job."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"invalid {name}={value!r}: {allowed}")
+
+
+def clamp_warmup(cfg: Any) -> None:
+    """A ``warmup_epochs`` longer than the run (a recipe's warmup with a shorter ``--epochs``) becomes the run's
+    length, with one warning (on rank 0); a negative one is an error. For every protocol's config."""
+    _check(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "0 or more")
+    if cfg.warmup_epochs > cfg.epochs:
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.warning("warmup_epochs=%g is longer than the run (epochs=%d): warming up over all %d epochs instead",
+                        cfg.warmup_epochs, cfg.epochs, cfg.epochs)
+        object.__setattr__(cfg, "warmup_epochs", float(cfg.epochs))
+
+
+def split_global_batch(global_batch: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """(per-process batch, accum_steps) for ``global_batch`` images per optimizer step over ``world_size``
+    processes, with at most ``batch_size`` images per process and forward: the fewest accumulation steps that
+    split this process's share into equal micro-batches. ConfigError when the processes cannot share it equally."""
+    if global_batch % world_size:
+        raise ConfigError(f"invalid global_batch={global_batch}: it does not divide among {world_size} processes "
+                          f"(WORLD_SIZE); use a multiple of {world_size} or another number of processes")
+    share = global_batch // world_size
+    accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= batch_size)
+    return share // accum, accum
+
+
+def apply_global_batch(cfg: Any) -> None:
+    """``global_batch`` set: derive ``batch_size`` (at most the given one) and ``accum_steps`` for this job's
+    world size (:func:`split_global_batch`), so config.yaml records what each process runs. A config without
+    ``accum_steps`` (the linear probe: its BatchNorm needs the batch whole) must fit its share in one batch."""
+    if not cfg.global_batch:
+        return
+    _check(cfg.global_batch >= 1, "global_batch", cfg.global_batch, "a positive int, or 0 (unset)")
+    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "a positive int")
+    world = processes_in_job()
+    batch, accum = split_global_batch(cfg.global_batch, cfg.batch_size, world)
+    if hasattr(cfg, "accum_steps"):
+        object.__setattr__(cfg, "accum_steps", accum)
+    else:
+        _check(accum == 1, "batch_size", cfg.batch_size,
+               f"global_batch={cfg.global_batch} over {world} processes needs {cfg.global_batch // world} images per "
+               "process in one batch (no gradient accumulation here); raise batch_size, run more processes, or set "
+               "global_batch=0 to train with batch_size x processes")
+    object.__setattr__(cfg, "batch_size", batch)
+
+
+def batch_summary(batch_size: int, accum_steps: int, world_size: int, lr: float | None = None) -> str:
+    """``batch 64 x 8 accum x 8 procs = 4096, peak lr 0.0024``: the start line's part on batch and lr."""
+    text = (f"batch {batch_size} x {accum_steps} accum x {world_size} procs = "
+            f"{batch_size * accum_steps * world_size}")
+    return text if lr is None else f"{text}, peak lr {lr:.3g}"
 
 
 @dataclass(frozen=True)
@@ -233,9 +293,14 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     epochs: int = 10
     batch_size: int = 64
-    """Per-device batch size."""
+    """Per-device batch size (with global_batch: the most images a process takes per forward)."""
     accum_steps: int = 1
-    """Gradient accumulation: optimizer steps every accum_steps batches."""
+    """Gradient accumulation: optimizer steps every accum_steps batches (derived when global_batch is set)."""
+    global_batch: int = 0
+    """Images per optimizer step over all processes, as papers state it (0: unset, batch_size x accum_steps x
+    processes). When set, batch_size is the memory cap: each process takes global_batch / WORLD_SIZE images per
+    step in the fewest equal micro-batches of at most batch_size (accum_steps); batch_size and accum_steps are
+    rewritten to those values (config.yaml records them). Error when WORLD_SIZE does not divide it."""
     base_lr: float = 1.5e-4
     """lr = base_lr * effective_batch / 256 (paper)."""
     lr: float | None = None
@@ -297,14 +362,14 @@ class PretrainConfig:
         _check(self.epochs >= 1, "epochs", self.epochs, "a positive int")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "a positive int")
         _check(self.accum_steps >= 1, "accum_steps", self.accum_steps, "a positive int")
+        apply_global_batch(self)
         _check(self.base_lr > 0, "base_lr", self.base_lr, "a positive number")
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number or null")
         _check(self.min_lr >= 0, "min_lr", self.min_lr, "0 or more")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
                "two numbers in [0, 1)")
-        _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", self.warmup_epochs,
-               f"a number in [0, epochs={self.epochs}]")
+        clamp_warmup(self)
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
                "a positive number or null")
         _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,

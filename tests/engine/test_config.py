@@ -1,6 +1,9 @@
+import logging
+
 import pytest
 
 from maelab.config import PretrainConfig, build_config, parse_override, save_yaml
+from maelab.eval.config import FinetuneConfig, LinprobeConfig
 from maelab.errors import ConfigError
 
 
@@ -12,7 +15,8 @@ from maelab.errors import ConfigError
     ({"model_args.img_size": 30}, "img_size"),
     ({"model_args.mask_type": "diagonal"}, "mask_type"),
     ({"model_args.bogus": 1}, "model_args"),
-    ({"warmup_epochs": 50}, "warmup_epochs"),
+    ({"warmup_epochs": -1}, "warmup_epochs"),
+    ({"global_batch": -8}, "global_batch"),
     ({"precision": "fp8"}, "precision"),
     ({"data.num_workers": -2}, "data.num_workers"),
     ({"data.min_scale": 0}, "data.min_scale"),
@@ -73,5 +77,54 @@ def test_recipes_are_valid():
         cfg = build_config(PretrainConfig, r)
         get_config(cfg.model, **cfg.model_args)
     paper = build_config(PretrainConfig, Path(recipes[0]).parent / "imagenet_vit_base_paper.yaml")
-    assert paper.effective_batch(world_size=8) == 4096 and paper.resolved_lr(world_size=8) == pytest.approx(2.4e-3)
+    assert paper.global_batch == 4096 and paper.effective_batch() == 4096  # one process: 64 x 64 accum
+    assert paper.resolved_lr() == pytest.approx(2.4e-3)
     assert paper.epochs == 800 and paper.warmup_epochs == 40 and paper.model_args["norm_pix_loss"] is True
+
+
+EVAL_SOURCE = {"checkpoint": "ckpt.pt"}  # the configs only check that a source is named
+
+
+@pytest.mark.parametrize("cls, extra", [(PretrainConfig, {}), (FinetuneConfig, EVAL_SOURCE),
+                                        (LinprobeConfig, EVAL_SOURCE)])
+def test_warmup_longer_than_the_run_becomes_the_run_with_one_warning(cls, extra, caplog):
+    with caplog.at_level(logging.WARNING):
+        cfg = build_config(cls, None, {**extra, "epochs": 2, "warmup_epochs": 10})
+    assert cfg.warmup_epochs == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "warmup_epochs=10 is longer than the run (epochs=2): warming up over all 2 epochs instead"]
+    caplog.clear()
+    assert build_config(cls, None, {**extra, "epochs": 2, "warmup_epochs": 1.5}).warmup_epochs == 1.5
+    assert not caplog.records
+    with pytest.raises(ConfigError, match="warmup_epochs=-1.*0 or more"):
+        build_config(cls, None, {**extra, "warmup_epochs": -1})
+
+
+# (world size, per-process batch, accum_steps) for a global batch of 4096 with batch_size 64 as the cap
+@pytest.mark.parametrize("world, batch, accum", [(1, 64, 64), (2, 64, 32), (8, 64, 8), (128, 32, 1)])
+def test_global_batch_gives_per_process_batch_and_accumulation(world, batch, accum, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = build_config(PretrainConfig, None, {"global_batch": 4096, "batch_size": 64, "accum_steps": 3})
+    assert (cfg.batch_size, cfg.accum_steps) == (batch, accum)
+    assert cfg.effective_batch(world) == 4096 and cfg.resolved_lr(world) == pytest.approx(1.5e-4 * 4096 / 256)
+    ft = build_config(FinetuneConfig, None, {**EVAL_SOURCE, "global_batch": 1024, "batch_size": 128})
+    assert ft.effective_batch(world) == 1024 and ft.batch_size <= 128
+    probe = build_config(LinprobeConfig, None, {**EVAL_SOURCE, "global_batch": 16384, "batch_size": 16384})
+    assert probe.batch_size == 16384 // world and probe.resolved_lr(world) == pytest.approx(0.1 * 16384 / 256)
+
+
+def test_global_batch_picks_the_fewest_equal_micro_batches_under_the_cap(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = build_config(PretrainConfig, None, {"global_batch": 1000, "batch_size": 128})
+    assert (cfg.batch_size, cfg.accum_steps) == (125, 4)  # 500 per process: 4 x 125 (3 x 166.7 is not equal)
+    assert build_config(PretrainConfig, None, {"batch_size": 48, "accum_steps": 3}).accum_steps == 3  # unset: kept
+
+
+def test_global_batch_that_does_not_divide_is_an_error_naming_the_values(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for cls, extra in [(PretrainConfig, {}), (FinetuneConfig, EVAL_SOURCE), (LinprobeConfig, EVAL_SOURCE)]:
+        with pytest.raises(ConfigError, match=r"global_batch=4096: it does not divide among 3 processes"):
+            build_config(cls, None, {**extra, "global_batch": 4096})
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the probe cannot accumulate: its share must fit in batch_size
+    with pytest.raises(ConfigError, match=r"batch_size=1024: global_batch=16384 over 2 processes needs 8192"):
+        build_config(LinprobeConfig, None, {**EVAL_SOURCE, "global_batch": 16384, "batch_size": 1024})

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from maelab.config import PretrainConfig, save_yaml, to_dict
+from maelab.config import PretrainConfig, batch_summary, save_yaml, to_dict
 from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
 from maelab.data.build import EVAL_SPLIT_DIRS
 from maelab.data.gpu import (FIXED_SIZE_DATASETS, DeferredTransform, GPUBatchLoader, load_uint8_tensor,
@@ -189,9 +189,9 @@ class Pretrainer:
         else:
             data = f"{self.cfg.data.num_workers} workers"
         return (f"pre-training {self.cfg.model} ({params / 1e6:.1f}M trainable params) on {self.cfg.data.name!r} "
-                f"({len(self.dataset)} images, {data}); batch {self.cfg.batch_size} x {self.cfg.accum_steps} accum x "
-                f"{self.dist.world_size} procs = {self.cfg.effective_batch(self.dist.world_size)}, peak lr "
-                f"{self.peak_lr:.3g}, {self.cfg.epochs} epochs = {self.total_steps} steps, {self.device} "
+                f"({len(self.dataset)} images, {data}); "
+                f"{batch_summary(self.cfg.batch_size, self.cfg.accum_steps, self.dist.world_size, self.peak_lr)}, "
+                f"{self.cfg.epochs} epochs = {self.total_steps} steps, {self.device} "
                 f"{str(self.dtype).removeprefix('torch.')}{self._speed_summary()}; output {self.out}"
                 + (f"; resuming at epoch {self.epoch}, step {self.step}" if self.step else ""))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from maelab.config import DataConfig, ModelConfig, _check, from_dict
+from maelab.config import DataConfig, ModelConfig, _check, apply_global_batch, clamp_warmup, from_dict
 from maelab.data.transforms import RESIZED_CROPS
 from maelab.errors import ConfigError
 
@@ -56,8 +56,7 @@ def _check_training(cfg: Any) -> None:
     _check(cfg.lr is None or cfg.lr > 0, "lr", cfg.lr, "a positive number or null")
     _check(cfg.min_lr >= 0, "min_lr", cfg.min_lr, "0 or more")
     _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "0 or more")
-    _check(0 <= cfg.warmup_epochs <= cfg.epochs, "warmup_epochs", cfg.warmup_epochs,
-           f"a number in [0, epochs={cfg.epochs}]")
+    clamp_warmup(cfg)
     _check(0.0 < cfg.crop_min_scale <= 1.0, "crop_min_scale", cfg.crop_min_scale, "a number in (0, 1]")
     _check(cfg.train_blocks is None or cfg.train_blocks >= 0, "train_blocks", cfg.train_blocks,
            "0 or more (the number of last blocks to tune), or null for all")
@@ -91,9 +90,13 @@ class FinetuneConfig:
     """avg: global average pooling + fc_norm (paper); cls: the class token after the final norm."""
     epochs: int = 100
     batch_size: int = 64
-    """Per-device batch size."""
+    """Per-device batch size (with global_batch: the most images a process takes per forward)."""
     accum_steps: int = 1
-    """Gradient accumulation: optimizer steps every accum_steps batches."""
+    """Gradient accumulation: optimizer steps every accum_steps batches (derived when global_batch is set)."""
+    global_batch: int = 0
+    """Images per optimizer step over all processes, as papers state it (paper: 1024; 0: unset). When set,
+    batch_size is the memory cap and batch_size / accum_steps are derived for WORLD_SIZE processes as in
+    pre-training (maelab.config.split_global_batch); error when WORLD_SIZE does not divide it."""
     base_lr: float = 1e-3
     """lr = base_lr * effective_batch / 256 (paper)."""
     lr: float | None = None
@@ -152,8 +155,9 @@ class FinetuneConfig:
             object.__setattr__(self, "auto_augment", None)
         _check_common(self)
         _check_source(self, scratch_allowed=True)
-        _check_training(self)
         _check(self.accum_steps >= 1, "accum_steps", self.accum_steps, "a positive int")
+        apply_global_batch(self)
+        _check_training(self)
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
                "two numbers in [0, 1)")
         _check(0.0 < self.layer_decay <= 1.0, "layer_decay", self.layer_decay, "a number in (0, 1]")
@@ -214,6 +218,11 @@ class LinprobeConfig:
     """cls: class token after the final norm (paper); avg: mean of the normed patch tokens."""
     epochs: int = 90
     batch_size: int = 256
+    """Per-device batch size (with global_batch: the most images a process may take per step)."""
+    global_batch: int = 0
+    """Images per step over all processes, as the paper states it (16384; 0: unset). When set, batch_size
+    becomes global_batch / WORLD_SIZE (recorded in config.yaml); error when WORLD_SIZE does not divide it or the
+    share exceeds batch_size (no accumulation: the head's BatchNorm normalizes over the whole batch at once)."""
     optimizer: str = "lars"
     """lars (paper), sgd (momentum) or adamw."""
     base_lr: float = 0.1
@@ -245,6 +254,7 @@ class LinprobeConfig:
     def __post_init__(self) -> None:
         _check_common(self)
         _check_source(self, scratch_allowed=False)
+        apply_global_batch(self)
         _check_training(self)
         _check(self.optimizer in PROBE_OPTIMIZERS, "optimizer", self.optimizer, f"one of {PROBE_OPTIMIZERS}")
         _check(self.crop in RESIZED_CROPS, "crop", self.crop, f"one of {', '.join(RESIZED_CROPS)}")

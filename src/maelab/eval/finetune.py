@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from maelab.config import ModelConfig, from_dict, save_yaml, to_dict
+from maelab.config import ModelConfig, batch_summary, from_dict, save_yaml, to_dict
 from maelab.data import pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, load_resume_state
@@ -314,6 +314,18 @@ class Finetuner:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+        if self.is_main:
+            log.info(self.summary())
+
+    def summary(self) -> str:
+        """One line: what is fine-tuned on what, with which batch, lr and length."""
+        cfg = self.cfg
+        params = sum(p.numel() for p in self.trainable)
+        return (f"fine-tuning {self.source} ({params / 1e6:.1f}M trainable params) on {cfg.data.name!r} "
+                f"({len(self.train_ds)} images, {self.num_classes} classes); "
+                f"{batch_summary(cfg.batch_size, cfg.accum_steps, self.world_size, self.peak_lr)}, {cfg.epochs} epochs "
+                f"({cfg.warmup_epochs:g} warmup) = {self.total_steps} steps, {self.device} "
+                f"{str(self.dtype).removeprefix('torch.')}; output {self.out}")
 
     # ------------------------------------------------------------------ setup helpers
     def _mixup(self) -> Any:

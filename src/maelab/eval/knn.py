@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from maelab.config import save_yaml
+from maelab.config import batch_summary, save_yaml
 from maelab.data import dataset_info
 from maelab.engine.distributed import all_reduce_sum, barrier, DistInfo, setup_process
 from maelab.engine.runtime import seed_everything
@@ -176,6 +176,9 @@ def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
+        log.info(f"kNN (k={cfg.k}, T={cfg.temperature}, {cfg.pool} features) of {cfg.checkpoint} on {cfg.data.name!r} "
+                 f"({len(train_ds)} train / {len(test_ds)} test images, {num_classes} classes); feature extraction "
+                 f"{batch_summary(cfg.batch_size, 1, info.world_size)}, {device}; output {out}")
     encoder = mae.encoder.to(device)
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": cfg.data.num_workers, "dtype": dtype,

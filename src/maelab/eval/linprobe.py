@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from maelab.config import save_yaml, to_dict
+from maelab.config import batch_summary, save_yaml, to_dict
 from maelab.data import pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save
@@ -263,6 +263,7 @@ class LinearProber:
             self.out.mkdir(parents=True, exist_ok=True)
             reset_metrics(self.metrics.path)
             save_yaml(cfg, self.out / "config.yaml")
+            log.info(self.summary())
 
         # what a training step calls: the head on features, or the whole probe on images when blocks
         # are tuned while streaming; under torchrun their DDP wrappers (cache: every rank alike, no DDP)
@@ -278,6 +279,15 @@ class LinearProber:
                 self.probe_forward = DistributedDataParallel(self.model, device_ids=ids)
             else:
                 self.head_forward = DistributedDataParallel(self.model.head, device_ids=ids)
+
+    def summary(self) -> str:
+        """One line: what is probed on what, with which batch, lr and length."""
+        cfg = self.cfg
+        what = "linear probe" if cfg.train_blocks == 0 else f"partial fine-tune ({cfg.train_blocks} blocks)"
+        return (f"{what} of {cfg.checkpoint} ({cfg.pool} features, {cfg.optimizer}) on {cfg.data.name!r} "
+                f"({len(self.train_ds)} images, {self.num_classes} classes{', cached features' if self.cached else ''}"
+                f"); {batch_summary(cfg.batch_size, 1, self.world_size, self.peak_lr)}, {cfg.epochs} epochs "
+                f"({cfg.warmup_epochs:g} warmup) = {self.total_steps} steps, {self.device}; output {self.out}")
 
     # ------------------------------------------------------------------ data
     def _extract(self, ds: Any, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
