@@ -1,4 +1,4 @@
-"""``maelab <command>``: pretrain, finetune, linprobe, knn, visualize, compare, export, models, bench.
+"""``maelab <command>``: pretrain, finetune, linprobe, knn, visualize, compare, report, export, models, bench.
 
 Every user mistake ends with one line on stderr (``maelab: error: ...``) and exit code 2;
 internal bugs keep their traceback.
@@ -129,6 +129,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from maelab.viz.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.output)}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from maelab.engine.checkpoint import load_pretrained
     from maelab.models.weights import export_encoder
@@ -225,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="comparison.png")
     p.add_argument("--json", help="also write the summary rows as JSON")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="one self-contained HTML page about a run (curves, reconstructions, evals)",
+                       description="Write one HTML file that opens offline (charts, images and data embedded): "
+                       "status and key numbers, loss/lr/throughput curves, kNN top-1 when logged, the "
+                       "reconstruction grids of every epoch, evaluation results, the resolved config and the "
+                       "environment. Works on a finished run and on one still running. Evaluations: every "
+                       "eval.json at most 3 folder levels below RUN_DIR's parent folder (RUN_DIR itself, its "
+                       "subfolders, sibling folders and theirs) whose checkpoint is RUN_DIR or a file inside it.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="pre-training run directory (the --output of maelab pretrain)")
+    p.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="export the encoder as timm-loadable safetensors")
     p.add_argument("--checkpoint", required=True, help="run directory, maelab .pt, official .pth")

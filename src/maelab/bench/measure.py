@@ -141,9 +141,13 @@ def peak_memory(device: torch.device | str) -> int:
 
 
 def _version(package: str) -> str | None:
-    """Installed version of ``package`` from its metadata (no import: transformers takes seconds); None if absent."""
+    """Version of ``package``: its ``__version__`` when imported (local tags such as ``+cu130`` included), else
+    its installed metadata (no import: transformers takes seconds); None if not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
+    loaded = getattr(sys.modules.get(package), "__version__", None)
+    if loaded:
+        return str(loaded)
     try:
         return version(package)
     except PackageNotFoundError:

@@ -13,6 +13,11 @@ STEP_LOG = "steps.jsonl"
 """Run-directory file of step-level records, one per ``log_every`` steps: ``step``, ``loss`` (mean over the
 steps since the previous record, or since the epoch began), ``lr``, ``img_per_s``."""
 
+ENV_FILE = "env.json"
+"""Run-directory file written at every (re)start of a run: the environment of the latest one (python, torch,
+torchvision, timm, maelab versions, git commit, device and its name; see
+:func:`maelab.bench.measure.environment_info`)."""
+
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """All records of a ``metrics.jsonl`` ([] if it does not exist).

@@ -42,7 +42,7 @@ from maelab.engine.distributed import (
     shard_like,
     shard_model,
 )
-from maelab.engine.metrics import STEP_LOG, MetricsLog
+from maelab.engine.metrics import ENV_FILE, STEP_LOG, MetricsLog
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import (autocast, rng_state, seed_everything,
                                    set_rng_state)
@@ -175,6 +175,7 @@ class Pretrainer:
         barrier(self.dist)  # every rank has read the checkpoint before rank 0 writes anything
         if self.is_main:
             save_yaml(cfg, self.out / "config.yaml")
+            self._write_environment()
         self.tb = self._tensorboard() if cfg.tensorboard and self.is_main else None
         self.vis_batch = self._vis_batch() if self.is_main or self.fsdp else None
         self.knn_sets = self._knn_sets() if cfg.knn_every and self.is_main else None
@@ -194,6 +195,14 @@ class Pretrainer:
                 f"{self.cfg.epochs} epochs = {self.total_steps} steps, {self.device} "
                 f"{str(self.dtype).removeprefix('torch.')}{self._speed_summary()}; output {self.out}"
                 + (f"; resuming at epoch {self.epoch}, step {self.step}" if self.step else ""))
+
+    def _write_environment(self) -> None:
+        """``env.json``: the versions and the device of this (re)start (``maelab report`` shows them)."""
+        import json
+
+        from maelab.bench.measure import environment_info
+
+        (self.out / ENV_FILE).write_text(json.dumps(environment_info(self.device), indent=2) + "\n")
 
     def _speed_summary(self) -> str:
         compiled = f", torch.compile ({self.cfg.compile_mode})" if self.compiled else ", eager"

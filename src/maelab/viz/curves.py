@@ -35,9 +35,14 @@ def _series(records: Sequence[dict], x: str, key: str) -> tuple[list[float], lis
     return xs, ys
 
 
+def wants_log_scale(values: Sequence[float]) -> bool:
+    """Whether a y axis should be logarithmic: all values are positive and span more than 10x."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 10
+
+
 def _maybe_log(ax, values: list[float]) -> None:
-    """Log y-scale when all values are positive and span more than 10x."""
-    if values and min(values) > 0 and max(values) / min(values) > 10:
+    """Log y-scale when :func:`wants_log_scale`."""
+    if wants_log_scale(values):
         ax.set_yscale("log")
 
 
