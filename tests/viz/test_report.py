@@ -47,7 +47,7 @@ def real_run(tmp_path_factory) -> Path:
 def _eval(out: Path, checkpoint: Path, top1: float) -> None:
     """eval.json as the kNN command writes it (the real writer)."""
     cfg = build_config(KnnConfig, None, {"checkpoint": str(checkpoint), "output": str(out)})
-    write_eval_json(out, "knn", {"top1": top1, "top5": 99.5, "k": 20}, cfg)
+    write_eval_json(out, "knn", {"top1": top1, "top5": 99.5, "k": 20, "loss": 1.23456789e-05}, cfg)
 
 
 def _records(path: Path) -> list[dict]:
@@ -78,7 +78,7 @@ def test_report_of_a_real_run_shows_numbers_figures_evals_and_environment(real_r
     assert f"<td>{torch.__version__}</td>" in page
     # evaluations of this run (sibling folder, subfolder), not of another run
     assert "87.12" in page and "55.38" in page and "11.62" not in page
-    assert "checkpoints/epoch_0001.pt" in page
+    assert "checkpoints/epoch_0001.pt" in page and "k=20, loss=1.235e-05" in page
     # self-contained: nothing to fetch
     assert "http://" not in page and "https://" not in page
     assert not re.search(r'(src|href)="(?!data:|#)', page)
@@ -138,7 +138,9 @@ def test_report_errors_are_one_line(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- real browser
-def _chromium() -> str:
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """The chromium binary (module scope and first argument: the skip comes before the pre-training run)."""
     for name in ("chromium", "chromium-browser"):
         if shutil.which(name):
             return shutil.which(name)
@@ -217,10 +219,10 @@ class DevTools:
         os.close(self._replies)
 
 
-def _render(page: Path, workdir: Path) -> dict:
+def _render(chromium: str, page: Path, workdir: Path) -> dict:
     """Open ``page`` in headless chromium: the page's ready marker, its text, the errors and the network
     requests it made, and a full-page screenshot in ``workdir/report.png``."""
-    browser = DevTools(_chromium(), workdir)
+    browser = DevTools(chromium, workdir)
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         s = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -258,10 +260,10 @@ def _render(page: Path, workdir: Path) -> dict:
     return {"ready": ready, "text": text, "errors": errors, "requests": requests}
 
 
-def test_report_renders_in_a_headless_browser(real_run, tmp_path):
+def test_report_renders_in_a_headless_browser(chromium, real_run, tmp_path):
     out = tmp_path / "report.html"
     assert main(["report", str(real_run), "--output", str(out)]) == 0
-    seen = _render(out, tmp_path)
+    seen = _render(chromium, out, tmp_path)
     assert seen["errors"] == []
     assert [u for u in seen["requests"] if not u.startswith(("file:", "data:"))] == []
     assert seen["ready"] == f"{EPOCHS}/{EPOCHS} images, 4 charts"  # every grid decoded, every chart there

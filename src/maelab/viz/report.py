@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import os
 import re
@@ -83,13 +84,13 @@ def _read_text(path: Path) -> str | None:
         return None
 
 
-def _read_mapping(text: str | None) -> dict[str, Any] | None:
-    """A YAML/JSON mapping, or None when missing, half-written or not a mapping."""
+def _read_mapping(text: str | None, json_text: bool = False) -> dict[str, Any] | None:
+    """A YAML (or, with ``json_text``, JSON) mapping; None when missing, half-written or not a mapping."""
     if text is None:
         return None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        data = json.loads(text) if json_text else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -115,7 +116,7 @@ def find_evals(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     found = []
     for depth in range(1, EVAL_SEARCH_DEPTH + 1):
         for p in sorted(run.parent.glob("*/" * depth + EVAL_FILE)):
-            record = _read_mapping(_read_text(p))
+            record = _read_mapping(_read_text(p), json_text=True)
             source = (record or {}).get("checkpoint")
             if not isinstance(source, str) or source == "scratch":
                 continue
@@ -140,8 +141,8 @@ def load_run_files(run_dir: str | Path) -> RunFiles:
     config_text = _read_text(path / "config.yaml")
     return RunFiles(path=path, config_text=config_text, config=_read_mapping(config_text),
                     epochs=read_records(path / "metrics.jsonl"), steps=read_records(path / STEP_LOG),
-                    env=_read_mapping(_read_text(path / ENV_FILE)), reconstructions=reconstruction_grids(path),
-                    evals=find_evals(path))
+                    env=_read_mapping(_read_text(path / ENV_FILE), json_text=True),
+                    reconstructions=reconstruction_grids(path), evals=find_evals(path))
 
 
 # ---------------------------------------------------------------------------------- numbers
