@@ -27,6 +27,7 @@ def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "num_workers": "data.num_workers", "lr": "lr", "base_lr": "base_lr", "accum_steps": "accum_steps",
         "mask_ratio": "model_args.mask_ratio", "precision": "precision",
         "compile": "compile", "compile_mode": "compile_mode", "fp8": "fp8",
+        "init": "init", "init_encoder": "init_encoder",
     }
     out: dict[str, Any] = {}
     for attr, key in mapping.items():
@@ -83,6 +84,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from maelab.engine.distributed import close_process_group, is_main_process
     from maelab.engine.pretrain import pretrain
 
+    if args.resume and (args.init or args.init_encoder):
+        from maelab.errors import ConfigError
+
+        flag = "--init" if args.init else "--init-encoder"
+        raise ConfigError(f"{flag} starts a new run from weights, --resume continues the run in --output: "
+                          "pass one of them")
     cfg = build_config(PretrainConfig, args.config, _common_overrides(args))
     result = pretrain(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
     close_process_group()
@@ -141,7 +148,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from maelab.models.weights import export_encoder
 
     model = load_pretrained(args.checkpoint)
-    path = export_encoder(model, args.output)
+    if args.format == "hf":
+        from maelab.models.hf import save_hf
+
+        out = save_hf(model, args.output or ("hf_encoder" if args.encoder_only else "hf_mae"), args.encoder_only)
+        cls = "ViTModel" if args.encoder_only else "ViTMAEForPreTraining"
+        print(f"wrote {out}\nload it with: transformers.{cls}.from_pretrained({str(out)!r})")
+        return 0
+    path = export_encoder(model, args.output or "encoder.safetensors")
     kwargs = ", ".join(f"{k}={v!r}" for k, v in model.cfg.timm_kwargs().items() if k != "num_classes")
     print(f"wrote {path}\nload it with: maelab.models.weights.load_exported_encoder({str(path)!r})\n"
           f"or: timm.create_model({model.cfg.timm_name!r}, pretrained=True, num_classes=N, {kwargs}, "
@@ -208,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="MAE pre-training (built-in synthetic data by default)")
     _add_common(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
+    p.add_argument("--init", help="start from these MAE weights, decoder included (Hugging Face directory, "
+                   "official full .pth, maelab .pt or run directory); a new run, not a resume")
+    p.add_argument("--init-encoder", help="start the encoder from a timm ViT state dict (.safetensors or .pth) "
+                   "of the same architecture; the decoder starts fresh")
     p.add_argument("--mask-ratio", type=float)
     p.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalized pixel target")
     _add_speed_flags(p)
@@ -216,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("visualize", help="reconstruct your own images from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run directory, maelab .pt, official .pth")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, maelab .pt, official .pth, Hugging Face directory")
     p.add_argument("--images", required=True, nargs="+", help="image files or folders")
     p.add_argument("--output", default="reconstructions.png")
     p.add_argument("--mask-ratio", type=float, default=None, help="default: the model's")
@@ -244,9 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="export the encoder as timm-loadable safetensors")
-    p.add_argument("--checkpoint", required=True, help="run directory, maelab .pt, official .pth")
-    p.add_argument("--output", default="encoder.safetensors")
+    p = sub.add_parser("export", help="export the encoder for timm, or the MAE for Hugging Face transformers")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, maelab .pt, official .pth, Hugging Face directory, exported .safetensors")
+    p.add_argument("--format", choices=["timm", "hf"], default="timm",
+                   help="timm: the encoder as one .safetensors file; hf: a directory for from_pretrained")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="hf: the encoder alone, for ViTModel / ViTMAEModel (timm exports are always encoder-only)")
+    p.add_argument("--output", help="default: encoder.safetensors (timm), hf_mae or hf_encoder (hf)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list model presets")

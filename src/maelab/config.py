@@ -290,6 +290,12 @@ class PretrainConfig:
     """Preset name (``maelab models`` lists them)."""
     model_args: dict[str, Any] = field(default_factory=dict)
     """Overrides of the preset's ModelConfig fields, e.g. {norm_pix_loss: true}."""
+    init: str | None = None
+    """Start from these MAE weights, decoder included (a Hugging Face ViTMAE directory, an official full .pth,
+    a maelab .pt or run directory): a new run with a fresh optimizer and schedule, not a resume."""
+    init_encoder: str | None = None
+    """Start the encoder from a timm ViT state dict (.safetensors or .pth) of the same architecture (head ignored);
+    the decoder starts fresh. For continued pre-training on your own domain."""
     data: DataConfig = field(default_factory=DataConfig)
     epochs: int = 10
     batch_size: int = 64
@@ -396,6 +402,8 @@ class PretrainConfig:
         _check(self.knn_max_train >= 1, "knn_max_train", self.knn_max_train, "a positive int")
         _check(self.knn_k >= 1, "knn_k", self.knn_k, "a positive int")
         _check(self.knn_temperature > 0, "knn_temperature", self.knn_temperature, "a positive number")
+        _check(not (self.init and self.init_encoder), "init_encoder", self.init_encoder,
+               f"null when init is set (init={self.init!r} already holds the encoder)")
         if not isinstance(self.model_args, dict):
             raise ConfigError(f"invalid model_args={self.model_args!r}: a mapping of ModelConfig fields")
         known = {f.name for f in fields(ModelConfig)}

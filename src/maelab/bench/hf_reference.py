@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from maelab.config import ModelConfig
+from maelab.models.hf import hf_config
 
 
 def hf_available() -> bool:
@@ -34,31 +35,9 @@ def build_hf_mae(cfg: ModelConfig, attn_implementation: str = "sdpa") -> torch.n
     except Exception as e:
         raise ImportError("the Hugging Face reference needs transformers: pip install 'maelab[hf]'") from e
     size = cfg.img_size
-    if isinstance(size, (tuple, list)):
-        if size[0] != size[1]:
-            raise ValueError(f"Hugging Face ViTMAE supports square images only, got img_size={tuple(size)}")
-        size = size[0]
-    hf_cfg = ViTMAEConfig(
-        image_size=int(size),
-        patch_size=cfg.patch_size,
-        num_channels=cfg.in_chans,
-        hidden_size=cfg.embed_dim,
-        num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
-        decoder_hidden_size=cfg.decoder_embed_dim,
-        decoder_num_hidden_layers=cfg.decoder_depth,
-        decoder_num_attention_heads=cfg.decoder_num_heads,
-        decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio),
-        mask_ratio=cfg.mask_ratio,
-        norm_pix_loss=cfg.norm_pix_loss,
-        qkv_bias=True,
-        hidden_act="gelu",
-        layer_norm_eps=1e-6,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        attn_implementation=attn_implementation,
-    )
+    if isinstance(size, (tuple, list)) and size[0] != size[1]:
+        raise ValueError(f"Hugging Face ViTMAE supports square images only, got img_size={tuple(size)}")
+    hf_cfg = ViTMAEConfig(**hf_config(cfg), attn_implementation=attn_implementation)
     model = ViTMAEForPreTraining(hf_cfg)
     _init_like_official(model, cfg)
     if cfg.grad_checkpointing:

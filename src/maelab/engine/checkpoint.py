@@ -136,21 +136,26 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         _, found = load_resume_state(ckpt_dir)
         return found
     if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p} (give a run directory or a .pt/.pth/.safetensors file)")
+        raise CheckpointError(f"checkpoint not found: {p} (give a run directory, a Hugging Face directory "
+                              "or a .pt/.pth/.safetensors file)")
     return p
 
 
 def load_pretrained(path: str | Path, **overrides: Any):  # -> MaskedAutoencoder
-    """A MaskedAutoencoder from a run dir, a maelab checkpoint, an official MAE ``.pth``, or
-    an encoder exported by ``maelab export`` (the decoder then stays freshly initialized)."""
+    """A MaskedAutoencoder from a run dir, a maelab checkpoint, an official MAE ``.pth``, a Hugging
+    Face ViTMAE / ViT directory (``save_pretrained`` output or hub snapshot), or an encoder exported
+    by ``maelab export`` (for encoder-only sources the decoder stays freshly initialized)."""
     return load_pretrained_with_config(path, **overrides)[0]
 
 
 def load_pretrained_with_config(path: str | Path, **overrides: Any) -> tuple[Any, dict[str, Any] | None]:
     """``load_pretrained`` plus the pre-training run's config dict (None for other sources)."""
+    from maelab.models.hf import is_hf_dir, load_hf
     from maelab.models.mae import MaskedAutoencoder
     from maelab.models.weights import load_official_checkpoint, read_checkpoint, read_export_metadata
 
+    if is_hf_dir(path):
+        return load_hf(path, **overrides), None
     p = resolve_checkpoint_path(path)
     if p.suffix == ".safetensors":
         meta = read_export_metadata(p)

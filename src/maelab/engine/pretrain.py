@@ -52,6 +52,7 @@ from maelab.errors import CheckpointError, ConfigError, DataError, NonFiniteLoss
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.masking import make_noise
 from maelab.models.registry import get_config
+from maelab.models.weights import init_from_mae, init_from_timm
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class Pretrainer:
 
         self.model_cfg = get_config(cfg.model, **cfg.model_args)
         self.mean, self.std = self._stats()
-        no_sync = self._setup_model()
+        no_sync = self._setup_model(init=not resume)
         self._setup_data()
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
@@ -210,9 +211,14 @@ class Pretrainer:
         return compiled + fp8
 
     # ------------------------------------------------------------------ setup helpers
-    def _setup_model(self) -> Callable[[], Any] | None:
-        """Model on the device, wrapped for DDP or sharded with FSDP; returns the no-sync context."""
+    def _setup_model(self, init: bool) -> Callable[[], Any] | None:
+        """Model on the device (``init``: weights from ``cfg.init`` / ``cfg.init_encoder``; a resumed run takes
+        them from its checkpoint), wrapped for DDP or sharded with FSDP; returns the no-sync context."""
         self.model = MaskedAutoencoder(self.model_cfg).to(self.device)
+        if init and self.cfg.init:
+            init_from_mae(self.model, self.cfg.init)
+        elif init and self.cfg.init_encoder:
+            init_from_timm(self.model, self.cfg.init_encoder)
         self.fp8_layers = convert_to_fp8(self.model, self.cfg.fp8, self.device)
         wrapped: torch.nn.Module = self.model
         self.fsdp = self.cfg.fsdp and self.dist.enabled

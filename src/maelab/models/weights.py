@@ -90,16 +90,17 @@ def read_checkpoint(path: str | Path) -> Any:
         raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({type(e).__name__}: {e})") from e
 
 
-def load_official_checkpoint(path_or_state: str | Path | dict[str, Any], img_size: int | None = None,
+def load_official_checkpoint(path_or_state: str | Path | dict[str, Any],
+                             img_size: int | tuple[int, int] | None = None, source: str | None = None,
                              **overrides: Any) -> MaskedAutoencoder:
     """An official facebookresearch/mae checkpoint (or any state dict in its layout) -> MAE.
 
     Encoder-only files (``mae_pretrain_vit_*.pth``) load strictly into the encoder and leave
     the decoder freshly initialized; full files (``mae_visualize_vit_*.pth``) load strictly
     into the whole model. ``overrides`` set ModelConfig fields that shapes cannot tell, e.g.
-    ``norm_pix_loss=True`` or ``decoder_num_heads``.
+    ``norm_pix_loss=True`` or ``decoder_num_heads``; ``source`` names a given state dict in errors.
     """
-    source = str(path_or_state) if not isinstance(path_or_state, dict) else "state dict"
+    source = str(path_or_state) if not isinstance(path_or_state, dict) else source or "state dict"
     raw = read_checkpoint(path_or_state) if not isinstance(path_or_state, dict) else path_or_state
     sd = unwrap_state_dict(raw, source)
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
@@ -168,3 +169,60 @@ def load_exported_encoder(path: str | Path, **timm_overrides: Any) -> torch.nn.M
     model = timm.create_model(meta["timm_name"], pretrained=False, **kwargs)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model
+
+
+# ---------------------------------------------------------------------------------- starting a run from weights
+def load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """``module.load_state_dict(sd, strict=True)``; on any difference one CheckpointError naming the first
+    differing tensor (in the module's order, then the file's extra ones) and both shapes."""
+    own = module.state_dict()
+    for key, value in own.items():
+        if key not in sd:
+            raise CheckpointError(f"{source}: tensor {key!r} (shape {tuple(value.shape)} in the model) is missing "
+                                  "from the checkpoint")
+        if sd[key].shape != value.shape:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(sd[key].shape)} in the checkpoint "
+                                  f"but {tuple(value.shape)} in the model")
+    extra = [k for k in sd if k not in own]
+    if extra:
+        raise CheckpointError(f"{source}: tensor {extra[0]!r} (shape {tuple(sd[extra[0]].shape)} in the checkpoint)"
+                              f" is not in the model" + (f", nor are {len(extra) - 1} more" if len(extra) > 1 else ""))
+    module.load_state_dict(sd, strict=True)
+
+
+def read_mae_weights(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(official-layout state dict, the ModelConfig fields it records or {}) of a Hugging Face directory,
+    a maelab run directory or ``.pt``, or an official ``.pth``."""
+    from maelab.engine.checkpoint import resolve_checkpoint_path
+    from maelab.models.hf import is_hf_dir, read_hf
+
+    if is_hf_dir(source):
+        return read_hf(source)
+    p = resolve_checkpoint_path(source)
+    raw = read_checkpoint(p)
+    recorded = raw.get("model_config", {}) if isinstance(raw, dict) else {}
+    return unwrap_state_dict(raw, str(p)), recorded
+
+
+def init_from_mae(model: MaskedAutoencoder, source: str | Path) -> None:
+    """``pretrain --init``: every weight of ``model``, decoder included, from ``source`` (see :func:`read_mae_weights`).
+
+    Raises:
+        CheckpointError: an encoder-only source, other head counts, or a tensor of another shape.
+    """
+    sd, recorded = read_mae_weights(source)
+    if not any(k.startswith("decoder_") for k in sd):
+        raise CheckpointError(f"{source}: no decoder weights (an encoder-only checkpoint): start the encoder "
+                              "from it with --init-encoder")
+    for name in ("num_heads", "decoder_num_heads"):
+        if name in recorded and recorded[name] != getattr(model.cfg, name):
+            raise CheckpointError(f"{source}: {name}={recorded[name]} in the checkpoint but "
+                                  f"{getattr(model.cfg, name)} in the model (model_args.{name})")
+    load_strict(model, sd, str(source))
+
+
+def init_from_timm(model: MaskedAutoencoder, path: str | Path) -> None:
+    """``pretrain --init-encoder``: ``model.encoder`` from a timm ViT state dict (``.safetensors`` / ``.pth``),
+    strictly except the classifier head."""
+    sd = unwrap_state_dict(read_checkpoint(path), str(path))
+    load_strict(model.encoder, {k: v for k, v in sd.items() if not k.startswith("head.")}, str(path))
