@@ -58,6 +58,54 @@ def test_fsdp_checkpoint_reloads_at_another_world_size(tmp_path, one_process_run
     assert_weights_close(_weights(one_process_run), _weights(out2))
 
 
+GATHER_SCRIPT = """
+import sys, torch, torch.distributed as dist
+import maelab
+from maelab.engine.distributed import full_state_on_rank0, shard_model
+from maelab.engine.optim import build_adamw
+
+def stepped(shard):
+    torch.manual_seed(0)
+    model = maelab.create_model("mae_vit_pico_patch4_32", **ARGS)
+    if shard:
+        shard_model(model, [*model.encoder.blocks, *model.decoder_blocks])
+    opt = build_adamw(model, 1e-3)
+    torch.manual_seed(1)  # the same images on both ranks: FSDP's mean gradient is one process's gradient
+    model(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 64)).loss.backward()
+    opt.step()
+    return model, opt
+
+dist.init_process_group("gloo")
+model_sd, optim_sd = full_state_on_rank0(*stepped(shard=True))
+if dist.get_rank() == 0:
+    plain, opt = stepped(shard=False)
+    torch.save({"fsdp": (model_sd, optim_sd), "plain": (plain.state_dict(), opt.state_dict())}, sys.argv[1])
+else:
+    assert model_sd == {} and optim_sd == {}, "rank 1 must not hold the full state"
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_state_is_gathered_onto_rank_0_only_in_the_unsharded_format(tmp_path):
+    """Under FSDP a checkpoint's full model and optimizer state lands on rank 0's CPU only (rank 1 gets
+    empty dicts), keyed like an unsharded ``state_dict()`` and ``Optimizer.state_dict()``."""
+    script = tmp_path / "gather.py"
+    script.write_text(f"ARGS = {TINY_MODEL_ARGS!r}\n" + GATHER_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "state.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = torch.load(tmp_path / "state.pt", weights_only=False)
+    (model_sd, optim_sd), (plain_model, plain_optim) = out["fsdp"], out["plain"]
+    assert all(t.device.type == "cpu" for t in model_sd.values())
+    assert_weights_close(plain_model, model_sd)
+    assert optim_sd["param_groups"] == plain_optim["param_groups"]
+    assert optim_sd["state"].keys() == plain_optim["state"].keys()
+    for i, entry in plain_optim["state"].items():
+        assert entry.keys() == optim_sd["state"][i].keys()
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optim_sd["state"][i][name], entry[name], rtol=1e-4, atol=1e-9)
+
+
 def test_resume_with_another_global_batch_is_refused(tmp_path):
     out = tmp_path / "run"
     _run(["pretrain", "--output", str(out), "--batch-size", "16", "--max-steps", "1", *COMMON])

@@ -128,14 +128,29 @@ def _is_dtensor(value: object) -> bool:
     return isinstance(value, DTensor)
 
 
-def full_tensors(tree: object) -> object:
-    """Replace every DTensor in a nested dict/list by its full tensor on CPU (a collective)."""
-    if _is_dtensor(tree):
-        return tree.full_tensor().cpu()  # type: ignore[attr-defined]
+def full_state_on_rank0(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """``model.state_dict()`` and ``optimizer.state_dict()`` of an FSDP model, unsharded onto rank 0's CPU.
+
+    A collective (every rank calls it): the DTensors are all-gathered one at a time and only rank 0
+    keeps each full tensor, so the other ranks never hold the whole model or optimizer; they get two
+    empty dicts. (torch.distributed.checkpoint's ``get_model_state_dict`` with ``full_state_dict=True,
+    cpu_offload=True`` does the same, but cannot map the official key names of MaskedAutoencoder's
+    state-dict hooks back to its modules.)"""
+    keep = dist.get_rank() == 0
+    model_sd, optim_sd = _gather(model.state_dict(), keep), _gather(optimizer.state_dict(), keep)
+    return (model_sd, optim_sd) if keep else ({}, {})
+
+
+def _gather(tree: object, keep: bool) -> object:
+    """``tree`` (nested dicts/lists) with every tensor full and on the CPU where ``keep``, else None;
+    each DTensor is all-gathered on every rank (a collective) and dropped right away where not kept."""
+    if torch.is_tensor(tree):
+        full = tree.full_tensor() if _is_dtensor(tree) else tree  # type: ignore[attr-defined]
+        return full.cpu() if keep else None
     if isinstance(tree, dict):
-        return {k: full_tensors(v) for k, v in tree.items()}
+        return {k: _gather(v, keep) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [full_tensors(v) for v in tree]
+        return [_gather(v, keep) for v in tree]
     return tree
 
 

@@ -36,7 +36,7 @@ from maelab.engine.distributed import (
     all_reduce_mean,
     all_reduce_min,
     barrier,
-    full_tensors,
+    full_state_on_rank0,
     load_full_optimizer_state,
     setup_process,
     shard_like,
@@ -381,10 +381,11 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, batch_in_epoch: int) -> dict[str, Any]:
-        """Everything needed to resume; unsharded (under FSDP this is a collective)."""
-        model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
-        if self.fsdp:
-            model_sd, optim_sd = full_tensors(model_sd), full_tensors(optim_sd)
+        """Everything needed to resume; unsharded (under FSDP a collective, and only rank 0's holds the weights)."""
+        if self.fsdp:  # gathered onto rank 0's CPU; the other ranks get empty dicts
+            model_sd, optim_sd = full_state_on_rank0(self.model, self.optimizer)
+        else:
+            model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
         return {
             "model": model_sd,
             "optimizer": optim_sd,
