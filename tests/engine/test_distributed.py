@@ -41,6 +41,14 @@ def test_two_gloo_processes_match_one_process(tmp_path, one_process_run):
     assert len(recs[0]) == len(recs[1]) == 2
 
 
+def test_two_gloo_processes_match_one_process_with_block_masks(tmp_path):
+    """Each rank draws the block masks of its own rows only: still exactly one process's masks."""
+    args = ["model_args.mask_type=block", "--max-steps", "3", *COMMON]
+    _run(["pretrain", "--output", str(tmp_path / "one"), "--batch-size", "16", *args])
+    _run(["pretrain", "--output", str(tmp_path / "two"), "--batch-size", "8", *args], nproc=2)
+    assert_weights_close(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
+
+
 def test_fsdp_checkpoint_reloads_at_another_world_size(tmp_path, one_process_run):
     # 2 FSDP ranks stop mid-epoch; one plain process finishes the run.
     out = tmp_path / "fsdp"

@@ -168,6 +168,25 @@ def test_block_masks_are_clustered(grid: tuple[int, int], ratio: float, margin: 
     assert len({tuple(row.tolist()) for row in block.mask}) > 80
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_are_those_rows_of_the_whole_batch_and_cost_only_theirs(kind: str, monkeypatch) -> None:
+    """A rank's rows (``rows=range(rank, B, world)``) equal those rows of the whole batch's noise and leave
+    the generator where the whole batch does (exact resume, N ranks == 1 process); block masks are drawn
+    for those rows only."""
+    from maelab.models import masking
+
+    drawn = []
+    real_block_mask = masking.block_mask
+    monkeypatch.setattr(masking, "block_mask", lambda *a, **kw: drawn.append(1) or real_block_mask(*a, **kw))
+    whole_gen, part_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    whole = make_noise(kind, 12, (6, 6), 0.5, generator=whole_gen)
+    drawn.clear()
+    part = make_noise(kind, 12, (6, 6), 0.5, generator=part_gen, rows=range(1, 12, 4))
+    assert torch.equal(part, whole[1::4])
+    assert torch.equal(part_gen.get_state(), whole_gen.get_state())
+    assert len(drawn) == (3 if kind == "block" else 0)
+
+
 @pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1, -1.0])
 def test_bad_ratio_raises(ratio: float) -> None:
     noise = torch.rand(2, 16)

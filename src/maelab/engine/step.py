@@ -18,10 +18,11 @@ class TrainStep:
     """forward (autocast) + backward over micro-batches, optional clipping, optimizer update.
 
     ``forward`` is the model, its DDP wrapper or their ``torch.compile``d version. Masking
-    noise comes from ``generator``, which every rank seeds alike: each rank draws the noise of
-    the whole global batch and keeps its own rows (``[rank::world_size]``, the rows of its
-    samples in the sampler's interleaved split). So a run's masks can be saved and resumed, and
-    N processes compute exactly what one process does with the same global batch.
+    noise comes from ``generator``, which every rank seeds alike: each rank gets its own rows of the
+    global batch's noise (``[rank::world_size]``, the rows of its samples in the sampler's interleaved
+    split; block masks are drawn for those rows only) and the generator advances as for the whole
+    batch. So a run's masks can be saved and resumed, and N processes compute exactly what one
+    process does with the same global batch.
     """
 
     def __init__(self, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -55,8 +56,9 @@ class TrainStep:
     def noise(self, batch_size: int) -> torch.Tensor:
         """This rank's rows of the global batch's noise: [batch_size, L]."""
         kind, grid, ratio = self._noise_args
-        noise = make_noise(kind, batch_size * self.world_size, grid, ratio, self.device, generator=self.generator)
-        return noise[self.rank::self.world_size] if self.world_size > 1 else noise
+        total = batch_size * self.world_size
+        return make_noise(kind, total, grid, ratio, self.device, generator=self.generator,
+                          rows=range(self.rank, total, self.world_size) if self.world_size > 1 else None)
 
     def __call__(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
