@@ -5,7 +5,8 @@ global batch ``2 b``: the same samples per step (interleaved sampler slices), th
 per-sample augmentation (seeded by (seed, epoch, index)), gradients averaged by DDP, the
 linear probe's BatchNorm on global-batch statistics, and evaluation in disjoint shards whose
 counts are summed. Randomness that depends on how a batch is split (Mixup pairing, drop
-path) is switched off, so the trained weights can be compared at fp32 tolerance. The test
+path; each rank draws them from its own seed, as the official ``seed + rank``) is switched
+off, so the trained weights can be compared at fp32 tolerance. The test
 split has an odd size (33 images): a padded shard would count an image twice.
 """
 

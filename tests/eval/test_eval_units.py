@@ -159,6 +159,72 @@ def test_no_weight_decay_on_norms_biases_and_tokens(mae):
     assert "head.weight" not in names and "blocks.0.attn.qkv.weight" not in names
 
 
+def test_seed_rank_gives_each_rank_its_own_drop_path_masks():
+    """Official main_finetune.py seeds ``seed + rank``: two ranks (same seed, same epoch) draw different drop-path
+    masks; the same (seed, rank, epoch) draws the same ones, another epoch other ones."""
+    import timm
+
+    from maelab.eval.finetune import seed_rank
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=4, num_classes=3,
+                            drop_path_rate=0.5).train()
+    x = torch.randn(4, 3, 16, 16)
+
+    def out(rank: int, epoch: int = 0) -> torch.Tensor:
+        seed_rank(7, rank, epoch)
+        return vit(x)
+
+    rank0 = out(0)
+    assert torch.equal(out(0), rank0)
+    assert not torch.allclose(out(1), rank0, atol=1e-4)
+    assert not torch.allclose(out(0, epoch=1), rank0, atol=1e-4)
+
+
+def test_finetune_seeds_each_epoch_by_rank(tmp_path, monkeypatch):
+    """The training loop reseeds every epoch with (seed, this process's rank, epoch), here as rank 1 of a run
+    whose collectives are stubbed (world_size 1)."""
+    from maelab.engine.distributed import DistInfo
+
+    ft = importlib.import_module("maelab.eval.finetune")
+    calls = []
+    monkeypatch.setattr(ft, "seed_rank", lambda *args: calls.append(args))
+    monkeypatch.setattr(ft, "setup_process", lambda device, precision: (DistInfo(rank=1), torch.device("cpu"),
+                                                                          torch.float32))
+    data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0, crop_pct=1.0)
+    cfg = FinetuneConfig(from_scratch=True, model="mae_vit_pico_patch4_32", model_args={"depth": 1}, data=data,
+                         batch_size=16, epochs=2, warmup_epochs=0, seed=3, output=str(tmp_path / "ft"),
+                         eval_every=2, auto_augment=None, reprob=0.0)
+    ft.Finetuner(cfg, progress=False).run()
+    assert calls == [(3, 1, 0), (3, 1, 1)]
+
+
+def test_finetune_resume_draws_what_the_uninterrupted_run_draws(tmp_path):
+    """With drop path and Mixup/CutMix on, a 2-epoch run stopped after epoch 1 and resumed gives the weights of the
+    uninterrupted run: the per-(rank, epoch) seeding needs no RNG state in the checkpoint."""
+    import dataclasses
+
+    from maelab.eval.finetune import Finetuner
+
+    data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0, crop_pct=1.0)
+
+    def trainer(out: str, resume: bool = False) -> Finetuner:
+        cfg = FinetuneConfig(from_scratch=True, model="mae_vit_pico_patch4_32", model_args={"depth": 1}, data=data,
+                             batch_size=16, epochs=2, warmup_epochs=0, drop_path=0.3, eval_every=2,
+                             auto_augment=None, reprob=0.0, output=str(tmp_path / out))
+        return Finetuner(cfg, resume=resume, progress=False)
+
+    straight = trainer("straight")
+    straight.run()
+    stopped = trainer("resumed")
+    stopped.cfg = dataclasses.replace(stopped.cfg, epochs=1)  # the 2-epoch schedule, interrupted after epoch 1
+    stopped.run()
+    resumed = trainer("resumed", resume=True)
+    resumed.run()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_probe_optimizer_groups_follow_the_official_lars():
     head = torch.nn.Sequential(torch.nn.BatchNorm1d(8, affine=False), torch.nn.Linear(8, 3))
     groups = probe_param_groups(head, 0.1, lars=True)

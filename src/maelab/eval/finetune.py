@@ -18,8 +18,10 @@ atomically, ``metrics.jsonl`` gets one record per epoch and ``eval.json`` the fi
 Under ``torchrun`` the classifier is wrapped in ``DistributedDataParallel``; each rank reads
 its interleaved slice of the epoch's permutation (``ResumableSampler``), so N processes with
 batch ``b`` see the global batches of one process with batch ``N x b``, and the lr follows
-the global batch (``batch_size x accum_steps x world_size``). Every rank starts from the same
-seed, so Mixup/CutMix draw the same lambda (and box) on every rank, as one global batch would.
+the global batch (``batch_size x accum_steps x world_size``). Every rank builds the model from
+the same seed; the training draws (drop path, Mixup/CutMix) then come from a stream of its own,
+as the official ``seed + rank`` (:func:`seed_rank`), so the ranks' slices of a global batch get
+different drop-path masks and mixing, as under the official code.
 Evaluation is sharded (disjoint slices, no padding) and the correct counts are summed over
 ranks; the EMA is updated on every rank. Only rank 0 writes checkpoints, metrics and
 ``eval.json`` and shows progress; on ``--resume`` every rank loads ``last.pt``.
@@ -51,9 +53,7 @@ from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
 from maelab.engine.runtime import (
     autocast,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
 from maelab.engine.schedule import lr_at
 from maelab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
@@ -195,6 +195,18 @@ def _eval_record(ev: dict[str, float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------- training
+def seed_rank(seed: int, rank: int, epoch: int) -> None:
+    """Seed python, numpy and torch for one rank's training draws in one epoch (drop path, Mixup/CutMix).
+
+    Each rank gets its own stream, as the official ``main_finetune.py`` seeds ``seed + rank``; the
+    epoch is mixed in (numpy's ``SeedSequence``) so that a run resumed at an epoch boundary draws
+    what the uninterrupted run draws, with no per-rank RNG state in the checkpoint.
+    """
+    import numpy as np
+
+    seed_everything(int(np.random.SeedSequence([seed + rank, epoch]).generate_state(1)[0]))
+
+
 @dataclass
 class FinetuneResult:
     output: Path
@@ -212,7 +224,7 @@ class Finetuner:
         self.dist, self.device, self.dtype = setup_process(cfg.device, cfg.precision)
         self.is_main = self.dist.is_main
         self.world_size = self.dist.world_size
-        seed_everything(cfg.seed)  # the same on every rank: identical initialization and Mixup draws
+        seed_everything(cfg.seed)  # the same on every rank: identical initialization (the head, the EMA copy)
         self.out = Path(cfg.output)
         self.ckpt_dir = self.out / "checkpoints"
         state = self._resume_state() if resume else None  # every rank reads the checkpoint
@@ -383,7 +395,6 @@ class Finetuner:
         self.step, self.epoch = state["step"], state["epoch"]
         self.best = state.get("best", self.best)
         self.last_eval = state.get("last_eval", {})
-        set_rng_state(state["rng"])  # rank 0's state on every rank: they stay alike
         log.info("resumed %s at epoch %d, step %d", self._resume_path, self.epoch, self.step)
 
     def state_dict(self, full: bool = True) -> dict[str, Any]:
@@ -406,7 +417,7 @@ class Finetuner:
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if full:
-            state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rng_state())
+            state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict())
         return state
 
     # ------------------------------------------------------------------ training
@@ -460,6 +471,7 @@ class Finetuner:
         while self.epoch < cfg.epochs:
             bar.set_description(f"finetune {self.epoch + 1}/{cfg.epochs}")
             self.sampler.set_epoch(self.epoch)
+            seed_rank(cfg.seed, self.dist.rank, self.epoch)  # drop path and Mixup differ between ranks
             self.train_mode()
             t_epoch, seen = time.perf_counter(), 0
             loss_sum, loss_steps = 0.0, 0
