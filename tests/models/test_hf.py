@@ -19,6 +19,7 @@ from maelab.config import to_dict
 from maelab.engine.checkpoint import load_pretrained
 from maelab.models.hf import load_hf, save_hf
 from maelab.models.registry import create_model
+from maelab.models.weights import load_exported_encoder
 from tests.conftest import TINY_MODEL_ARGS
 
 transformers = pytest.importorskip("transformers")
@@ -67,18 +68,23 @@ def error_line(capsys, argv: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------- HF -> maelab
-@pytest.mark.parametrize("file", ["model.safetensors", "pytorch_model.bin"])
-def test_hf_model_loads_as_checkpoint_with_same_mask_pred_loss(tmp_path, file) -> None:
-    """save_pretrained output (safetensors), or a snapshot with pytorch_model.bin in transformers 5's own key
-    names, -> what every --checkpoint goes through -> same mask, prediction and loss as HF for the same noise."""
+@pytest.mark.parametrize("file", ["model.safetensors", "sharded", "pytorch_model.bin"])
+def test_hf_model_loads_as_checkpoint_with_same_mask_pred_loss(tmp_path, capsys, file) -> None:
+    """save_pretrained output (safetensors, also in shards), or a snapshot with pytorch_model.bin in transformers
+    5's own key names, -> what every --checkpoint goes through -> same mask, prediction and loss as HF for the
+    same noise; ``maelab export --checkpoint`` takes the directory too."""
     hf = random_hf_mae(seed=0)
     d = tmp_path / "hf"
-    if file == "model.safetensors":
-        hf.save_pretrained(d)
-    else:
+    if file == "pytorch_model.bin":
         hf.config.save_pretrained(d)
         torch.save(hf.state_dict(), d / file)
+    else:
+        hf.save_pretrained(d, **({"max_shard_size": "200KB"} if file == "sharded" else {}))
+        assert (d / "model.safetensors.index.json").exists() == (file == "sharded")
     ours = load_pretrained(str(d)).eval()
+    assert main(["export", "--checkpoint", str(d), "--output", str(tmp_path / "enc.safetensors")]) == 0
+    torch.testing.assert_close(load_exported_encoder(tmp_path / "enc.safetensors").state_dict(),
+                               ours.encoder_state_dict(), atol=0, rtol=0)
     assert (ours.cfg.norm_pix_loss, ours.cfg.mask_ratio) == (True, 0.6)
     g = torch.Generator().manual_seed(1)
     imgs, noise = torch.randn(3, 3, 32, 32, generator=g), torch.rand(3, 64, generator=g)
