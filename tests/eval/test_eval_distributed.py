@@ -12,7 +12,6 @@ split has an odd size (33 images): a padded shard would count an image twice.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,9 +25,9 @@ import torch
 from tests.conftest import assert_weights_close
 
 import maelab
+from maelab import cli
 from maelab.config import to_dict
 from maelab.engine.checkpoint import atomic_save
-from maelab.eval.cli import add_eval_commands
 
 TINY = {"img_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1,
         "decoder_num_heads": 1}
@@ -41,23 +40,19 @@ def synth() -> list[str]:
 
 
 def run_one(argv: list[str]) -> int:
-    """One process, in this interpreter (the eval commands' own parser)."""
-    parser = argparse.ArgumentParser(prog="maelab")
-    add_eval_commands(parser.add_subparsers(dest="command", required=True))
-    flags = [a for a in argv if not ("=" in a and not a.startswith("-"))]
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    args = parser.parse_args(flags + overrides)
-    return args.func(args)
+    """One process, in this interpreter, through the real entry point ``maelab.cli.main``."""
+    return cli.main(argv)
 
 
-def run_two(argv: list[str]) -> subprocess.CompletedProcess:
-    """Two gloo processes: ``torchrun --standalone --nproc_per_node 2 -m maelab ...``."""
+def run_two(argv: list[str], summary: str = "eval.json in") -> subprocess.CompletedProcess:
+    """Two gloo processes: ``torchrun --standalone --nproc_per_node 2 -m maelab ...``; ``summary`` is a
+    part of the command's one-line summary, which only rank 0 prints."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "maelab",
            *argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("eval.json in") == 1, proc.stdout  # only rank 0 reports
+    assert proc.stdout.count(summary) == 1, proc.stdout  # only rank 0 reports
     return proc
 
 
