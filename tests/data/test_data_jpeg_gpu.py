@@ -172,6 +172,31 @@ def test_pil_fallback_when_decode_jpeg_refuses(tmp_path, monkeypatch):
         assert torch.equal(x, u)
 
 
+def test_a_file_the_batched_decoder_rejects_leaves_the_others_batched(tmp_path, monkeypatch):
+    """One rejected file in a batch of 8: the batch is split in halves around it (4, 2 and 1 decoded together),
+    only that file goes to Pillow, and the pixels equal the CPU path's."""
+    root = _folder(tmp_path / "data", 4)
+    cpu, s_cpu, dev, s_dev = _loader_pair(root, batch=8)
+    bad = (root / "dog" / "2.jpg").read_bytes()
+    decoded, pillow = [], []
+    real_decode, real_pil = jpeg_gpu._decode, dev._pil
+
+    def decode(data, *args):
+        if any(bytes(t.numpy()) == bad for t in data):
+            raise RuntimeError("decode_jpeg: unsupported")
+        decoded.append(len(data))
+        return real_decode(data, *args)
+
+    monkeypatch.setattr(jpeg_gpu, "_decode", decode)
+    monkeypatch.setattr(dev, "_pil", lambda i: pillow.append(i) or real_pil(i))
+    s_cpu.set_epoch(0)
+    s_dev.set_epoch(0)
+    for (x, y), (u, v) in zip(cpu, dev, strict=True):
+        assert torch.equal(x, u) and torch.equal(y, v)
+    assert sorted(decoded) == [1, 2, 4]
+    assert [dev.folder.samples[i][0] for i in pillow] == [str(root / "dog" / "2.jpg")]
+
+
 def test_one_channel(tmp_path):
     root = _folder(tmp_path / "data", 2)
     _jpeg(root / "cat" / "gray.jpg", (30, 30), 5, mode="L")

@@ -278,26 +278,37 @@ class JPEGDecodeLoader:
         """File ``i`` decoded by Pillow (the CPU path's loader) -> uint8 [C, H, W] on the device."""
         return TF.pil_to_tensor(self.folder.load(i)).to(self.device)
 
-    def _decode_one(self, payload: torch.Tensor, i: int, labels: torch.Tensor, k: int) -> torch.Tensor:
-        """File ``i``'s bytes -> uint8 [C, H, W] on the device, by decode_jpeg or else Pillow.
+    def _pil_fallback(self, i: int, labels: torch.Tensor, k: int) -> torch.Tensor:
+        """File ``i``, which the device decoder rejected, by Pillow -> uint8 [C, H, W] on the device.
 
-        A file neither can decode follows the skip/strict policy (strict: DataError; else the
-        next readable file, whose label goes to ``labels[k]``).
+        A file Pillow cannot decode either follows the skip/strict policy (strict: DataError; else
+        the next readable file, whose label goes to ``labels[k]``).
         """
-        try:
-            return self._device_decode(payload)
-        except RuntimeError as e:
-            log.debug("decode_jpeg refused %s (%s): decoding with Pillow", self.folder.samples[i][0], e)
         j, img = self.folder.first_readable(i, self._pil)
         labels[k] = self.folder.samples[j][1]
         return img
+
+    def _decode_batched(self, payloads: Sequence[torch.Tensor], files: Sequence[int], labels: torch.Tensor,
+                        ks: Sequence[int]) -> list[torch.Tensor]:
+        """Payloads ``ks`` (file bytes) in one batched ``decode_jpeg`` call; if the decoder rejects the batch,
+        each half is retried batched in turn, so only the files it rejects alone go to Pillow."""
+        try:
+            return list(self._device_decode([payloads[k] for k in ks]))
+        except RuntimeError as e:
+            if len(ks) == 1:
+                log.debug("decode_jpeg refused %s (%s): decoding with Pillow", self.folder.samples[files[ks[0]]][0], e)
+                return [self._pil_fallback(files[ks[0]], labels, ks[0])]
+            log.debug("batched decode_jpeg failed (%s): retrying each half", e)
+        half = len(ks) // 2
+        return (self._decode_batched(payloads, files, labels, ks[:half])
+                + self._decode_batched(payloads, files, labels, ks[half:]))
 
     def decode(self, payloads: Sequence[torch.Tensor], files: Sequence[int],
                labels: torch.Tensor) -> list[torch.Tensor]:
         """Payloads (file bytes [num_bytes] or decoded uint8 [C, H, W]) -> uint8 [C, H, W] each, on the device.
 
-        The encoded ones are decoded in one batched ``decode_jpeg`` call; if it fails, one by
-        one (:meth:`_decode_one`). ``files`` are the payloads' file indices; ``labels`` [B] is
+        The encoded ones are decoded in one batched ``decode_jpeg`` call (split in halves around the files it
+        rejects, :meth:`_decode_batched`). ``files`` are the payloads' file indices; ``labels`` [B] is
         updated where an undecodable file had to be replaced.
         """
         out: list[torch.Tensor | None] = [None] * len(payloads)
@@ -306,12 +317,7 @@ class JPEGDecodeLoader:
             if p.dim() != 1:
                 out[k] = p.to(self.device, non_blocking=True)
         if encoded:
-            try:
-                decoded = self._device_decode([payloads[k] for k in encoded])
-            except RuntimeError as e:
-                log.debug("batched decode_jpeg failed (%s): decoding one by one", e)
-                decoded = [self._decode_one(payloads[k], files[k], labels, k) for k in encoded]
-            for k, img in zip(encoded, decoded):
+            for k, img in zip(encoded, self._decode_batched(payloads, files, labels, encoded)):
                 out[k] = img
         return out  # type: ignore[return-value]
 
