@@ -80,6 +80,9 @@ def test_recipes_are_valid():
     assert paper.global_batch == 4096 and paper.effective_batch() == 4096  # one process: 64 x 64 accum
     assert paper.resolved_lr() == pytest.approx(2.4e-3)
     assert paper.epochs == 800 and paper.warmup_epochs == 40 and paper.model_args["norm_pix_loss"] is True
+    large = build_config(PretrainConfig, Path(recipes[0]).parent / "imagenet_vit_large_paper.yaml")  # PRETRAIN.md
+    assert (large.model, large.effective_batch(8), large.resolved_lr(8), large.epochs, large.warmup_epochs) == \
+        ("mae_vit_large_patch16", 4096, pytest.approx(2.4e-3), 800, 40)
 
 
 EVAL_SOURCE = {"checkpoint": "ckpt.pt"}  # the configs only check that a source is named

@@ -343,6 +343,14 @@ def test_recipes_are_valid_configs():
     assert found >= 8
     paper = build_config(FinetuneConfig, recipes / "finetune_imagenet_vit_base_paper.yaml")
     assert paper.effective_batch() == 1024 and paper.resolved_lr() == pytest.approx(4e-3)
+    official = build_config(FinetuneConfig, recipes / "finetune_imagenet_vit_base_official.yaml")  # FINETUNE.md
+    assert (official.base_lr, official.layer_decay, official.drop_path, official.effective_batch(8)) == \
+        (5e-4, 0.65, 0.1, 1024)
+    for size, model, drop_path in (("large", "mae_vit_large_patch16", 0.2), ("huge", "mae_vit_huge_patch14", 0.3)):
+        big = build_config(FinetuneConfig, recipes / f"finetune_imagenet_vit_{size}.yaml")
+        assert (big.model, big.epochs, big.base_lr, big.layer_decay, big.drop_path, big.effective_batch(8)) == \
+            (model, 50, 1e-3, 0.75, drop_path, 1024)
+        get_config(big.model)
     probe = build_config(LinprobeConfig, recipes / "linprobe_imagenet_vit_base_paper.yaml")
     assert probe.resolved_lr() == pytest.approx(6.4) and probe.pool == "cls" and probe.optimizer == "lars"
 
