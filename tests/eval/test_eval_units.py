@@ -181,6 +181,14 @@ def test_seed_rank_gives_each_rank_its_own_drop_path_masks():
     assert not torch.allclose(out(0, epoch=1), rank0, atol=1e-4)
 
 
+def tiny_finetune(output, **kw) -> FinetuneConfig:
+    """2 epochs of 2 steps of a 1-block pico ViT from scratch on 32 synthetic images (no RandAugment/erasing)."""
+    data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0, crop_pct=1.0)
+    return FinetuneConfig(from_scratch=True, model="mae_vit_pico_patch4_32", model_args={"depth": 1}, data=data,
+                          batch_size=16, epochs=2, warmup_epochs=0, eval_every=2, auto_augment=None, reprob=0.0,
+                          output=str(output), **kw)
+
+
 def test_finetune_seeds_each_epoch_by_rank(tmp_path, monkeypatch):
     """The training loop reseeds every epoch with (seed, this process's rank, epoch), here as rank 1 of a run
     whose collectives are stubbed (world_size 1)."""
@@ -191,11 +199,7 @@ def test_finetune_seeds_each_epoch_by_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(ft, "seed_rank", lambda *args: calls.append(args))
     monkeypatch.setattr(ft, "setup_process", lambda device, precision: (DistInfo(rank=1), torch.device("cpu"),
                                                                           torch.float32))
-    data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0, crop_pct=1.0)
-    cfg = FinetuneConfig(from_scratch=True, model="mae_vit_pico_patch4_32", model_args={"depth": 1}, data=data,
-                         batch_size=16, epochs=2, warmup_epochs=0, seed=3, output=str(tmp_path / "ft"),
-                         eval_every=2, auto_augment=None, reprob=0.0)
-    ft.Finetuner(cfg, progress=False).run()
+    ft.Finetuner(tiny_finetune(tmp_path / "ft", seed=3), progress=False).run()
     assert calls == [(3, 1, 0), (3, 1, 1)]
 
 
@@ -206,13 +210,8 @@ def test_finetune_resume_draws_what_the_uninterrupted_run_draws(tmp_path):
 
     from maelab.eval.finetune import Finetuner
 
-    data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0, crop_pct=1.0)
-
     def trainer(out: str, resume: bool = False) -> Finetuner:
-        cfg = FinetuneConfig(from_scratch=True, model="mae_vit_pico_patch4_32", model_args={"depth": 1}, data=data,
-                             batch_size=16, epochs=2, warmup_epochs=0, drop_path=0.3, eval_every=2,
-                             auto_augment=None, reprob=0.0, output=str(tmp_path / out))
-        return Finetuner(cfg, resume=resume, progress=False)
+        return Finetuner(tiny_finetune(tmp_path / out, drop_path=0.3), resume=resume, progress=False)
 
     straight = trainer("straight")
     straight.run()
