@@ -197,6 +197,25 @@ def test_a_file_the_batched_decoder_rejects_leaves_the_others_batched(tmp_path, 
     assert [dev.folder.samples[i][0] for i in pillow] == [str(root / "dog" / "2.jpg")]
 
 
+def test_batched_resize_groups_images_by_size_and_matches_torchvision(tmp_path, monkeypatch):
+    """The CUDA resize (``batched=True``, run here on CPU): one batched call per image size, the pixels
+    within one uint8 level of torchvision's per-image uint8 ``resized_crop`` (float weights vs its integer
+    kernel), crop boxes and flips included."""
+    _, _, dev, _ = _loader_pair(_folder(tmp_path / "data", 1))
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(3, 1, 1, generator=g) * 200 + torch.rand(3, *hw, generator=g) * 55).to(torch.uint8)
+              for hw in [(40, 52), (33, 61), (40, 52), (40, 52), (33, 61), (70, 45)]]
+    params = dev.params(range(100, 106), [tuple(img.shape[1:]) for img in images])
+    assert {flip for _, flip in params} == {False, True}
+    calls = []
+    real = jpeg_gpu.antialiased_resized_crop
+    monkeypatch.setattr(jpeg_gpu, "antialiased_resized_crop", lambda x, *a: calls.append(len(x)) or real(x, *a))
+    batched = torch.stack(dev.resize(images, params, batched=True))
+    per_image = torch.stack(dev.resize(images, params, batched=False))
+    assert sorted(calls) == [1, 2, 3]
+    assert batched.dtype == torch.uint8 and (batched.int() - per_image.int()).abs().max() <= 1
+
+
 def test_one_channel(tmp_path):
     root = _folder(tmp_path / "data", 2)
     _jpeg(root / "cat" / "gray.jpg", (30, 30), 5, mode="L")

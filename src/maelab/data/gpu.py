@@ -70,6 +70,7 @@ __all__ = [
     "DeferredTransform",
     "GPUBatchLoader",
     "Uint8Image",
+    "antialiased_resized_crop",
     "batched_resized_crop",
     "fits_in_memory",
     "load_uint8_tensor",
@@ -407,6 +408,22 @@ def _normalize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor,
     return x.clamp_(0.0, 255.0).div_(255.0).sub_(mean_t).div_(std_t)
 
 
+def antialiased_resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: Size,
+                             flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crops ``boxes`` [B, 4] (top, left, h, w) of ``images`` [B, C, H, W] resized to ``out_size`` with the
+    weights of torchvision's antialiased bicubic ``resized_crop`` (separable per-sample matrices, two batched
+    matmuls) and mirrored where ``flip`` [B] (bool) -> float32 [B, C, oh, ow], not clamped."""
+    _, _, height, width = images.shape
+    oh, ow = _hw(out_size)
+    top, left, h, w = boxes.to(device=images.device, dtype=torch.float32).unbind(1)
+    wy = _aa_weights(top, h, height, oh)  # [B, oh, H]
+    wx = _aa_weights(left, w, width, ow)  # [B, ow, W]
+    if flip is not None:
+        wx = torch.where(flip.to(images.device)[:, None, None], wx.flip(1), wx)
+    # horizontal pass first, like torch's separable kernel (only float rounding depends on it)
+    return torch.matmul(wy[:, None], torch.matmul(images.to(torch.float32), wx.transpose(1, 2)[:, None]))
+
+
 def batched_resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: Size,
                          flip: torch.Tensor | None = None,
                          mean: Sequence[float] | torch.Tensor = (0.0,),
@@ -447,12 +464,7 @@ def batched_resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: Si
     boxes = boxes.to(device=images.device, dtype=torch.float32)
     top, left, h, w = boxes.unbind(1)
     if antialias:
-        wy = _aa_weights(top, h, height, oh)  # [B, oh, H]
-        wx = _aa_weights(left, w, width, ow)  # [B, ow, W]
-        if flip is not None:
-            wx = torch.where(flip.to(images.device)[:, None, None], wx.flip(1), wx)
-        # horizontal pass first, like torch's separable kernel (only float rounding depends on it)
-        out = torch.matmul(wy[:, None], torch.matmul(x, wx.transpose(1, 2)[:, None]))
+        out = antialiased_resized_crop(x, boxes, (oh, ow), flip)
     else:
         # output normalized x_o in [-1, 1] -> input normalized (2 * left + (x_o + 1) * w) / W - 1
         sx, tx = w / width, (2.0 * left + w) / width - 1.0

@@ -12,9 +12,11 @@ libjpeg-turbo on CPU; TorchCodec's when it is installed, else torchvision's, see
    exactly as the CPU path seeds it (:class:`~maelab.data.loader.SeededDataset`). So for an
    image decoded at the same size, both paths pick the *same* crop box and flip, and a run
    resumed mid-epoch continues exactly;
-2. ``torchvision.transforms.v2.functional.resized_crop(..., BICUBIC, antialias=True)`` of the
-   uint8 image (the CPU path's call: on CPU the same uint8 kernel; on CUDA torchvision resizes
-   in float and rounds back to uint8), horizontal flip;
+2. crop, antialiased bicubic resize and horizontal flip: on CPU one
+   ``torchvision.transforms.v2.functional.resized_crop(..., BICUBIC, antialias=True)`` per uint8
+   image (the CPU path's call and kernel); on CUDA the images of each decoded size at once, with
+   torchvision's weights as two batched matmuls, clamped and rounded back to uint8 as
+   torchvision's float resize on CUDA does (:meth:`JPEGDecodeLoader.resize`);
 3. the batch [B, C, h, w] -> float32 / 255 -> ``(x - mean) / std``, as ``pretrain_transform``.
 
 On CPU, libjpeg-turbo gives the same pixels as Pillow, so the output equals the CPU path's
@@ -26,7 +28,7 @@ decoding): non-JPEG files, JPEGs that are not RGB or grayscale (CMYK, ...), file
 the end-of-image marker (truncated), and images above :data:`GPU_DECODE_MAX_PIXELS`.
 Unreadable files follow the dataset's skip/strict policy
 (:meth:`~maelab.data.folders.ImageFolderDataset.first_readable`); a file the device decoder
-still rejects is decoded with Pillow in the main process.
+still rejects is decoded with Pillow in the main process (the rest of its batch still batched).
 
 ``data.decode=auto`` means ``cpu`` for now: ``gpu`` is the option to measure on a GPU
 (against ``cpu``, same folder, batch size and workers) before it becomes a default. On CPU
@@ -49,6 +51,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from maelab.data.folders import ImageFolderDataset
+from maelab.data.gpu import antialiased_resized_crop
 from maelab.data.loader import ResumableSampler
 from maelab.data.prefetch import normalize_uint8, stats_tensors
 from maelab.errors import DataError
@@ -326,8 +329,8 @@ class JPEGDecodeLoader:
                sizes: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int, int, int], bool]]:
         """``((top, left, h, w), flip)`` per sample: the CPU path's draws for each seed and (H, W) image size.
 
-        For each sample torch's CPU generator is seeded with its seed (what ``torch.manual_seed``
-        does to it in :class:`~maelab.data.loader.SeededDataset`), then RandomResizedCrop's
+        For each sample torch's CPU generator is seeded with its seed (as
+        :class:`~maelab.data.loader.SeededDataset` seeds it), then RandomResizedCrop's
         parameters and RandomHorizontalFlip's ``torch.rand(1) < 0.5`` are drawn in the order
         ``pretrain_transform`` draws them. The generator's state is restored afterwards.
         """
@@ -345,15 +348,42 @@ class JPEGDecodeLoader:
             gen.set_state(state)
         return out
 
+    def resize(self, images: Sequence[torch.Tensor], params: Sequence[tuple[tuple[int, int, int, int], bool]],
+               batched: bool) -> list[torch.Tensor]:
+        """Decoded uint8 [C, H_i, W_i] images -> their crops ``params`` (from :meth:`params`), resized to
+        ``img_size`` (bicubic, antialiased) and flipped: uint8 [C, h, w] each.
+
+        ``batched=False``: one torchvision ``resized_crop`` per image (on CPU its uint8 kernel, bit for bit the
+        CPU path's). ``batched=True`` (CUDA): the images of each size at once, by torchvision's weights as
+        two batched matmuls (:func:`~maelab.data.gpu.antialiased_resized_crop`), clamped and rounded to
+        uint8 as torchvision's float resize on CUDA does.
+        """
+        if not batched:
+            out = []
+            for img, ((top, left, h, w), flip) in zip(images, params):
+                x = TF.resized_crop(img, top, left, h, w, list(self.img_size),
+                                    interpolation=InterpolationMode.BICUBIC, antialias=True)
+                out.append(x.flip(-1) if flip else x)
+            return out
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, img in enumerate(images):
+            groups.setdefault(tuple(img.shape), []).append(k)
+        resized: list[torch.Tensor | None] = [None] * len(images)
+        for ks in groups.values():
+            rows = torch.tensor([[*params[k][0], params[k][1]] for k in ks], dtype=torch.float32)  # box, flip
+            if self.device.type == "cuda":  # pinned: the copy does not make the host wait for the GPU
+                rows = rows.pin_memory()
+            rows = rows.to(self.device, non_blocking=True)
+            x = antialiased_resized_crop(torch.stack([images[k] for k in ks]), rows[:, :4], self.img_size,
+                                         rows[:, 4] > 0)
+            for k, img in zip(ks, x.clamp_(0, 255).round_().to(torch.uint8).unbind(0)):
+                resized[k] = img
+        return resized  # type: ignore[return-value]
+
     def augment(self, images: Sequence[torch.Tensor], seeds: Sequence[int]) -> torch.Tensor:
         """Decoded uint8 [C, H_i, W_i] images -> float32 [B, C, h, w]: crop, resize, flip, normalize."""
         params = self.params(seeds, [(int(img.shape[-2]), int(img.shape[-1])) for img in images])
-        out = []
-        for img, ((top, left, h, w), flip) in zip(images, params):
-            x = TF.resized_crop(img, top, left, h, w, list(self.img_size),
-                                interpolation=InterpolationMode.BICUBIC, antialias=True)
-            out.append(x.flip(-1) if flip else x)
-        batch = torch.stack(out)
+        batch = torch.stack(self.resize(images, params, batched=self.device.type != "cpu"))
         if self._stats is None or self._stats[0].device != batch.device:
             # once: from the lists, torchvision would copy them to the device (a blocking copy) every batch
             self._stats = stats_tensors(self.mean, self.std, batch.device)
