@@ -561,8 +561,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from e
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]  # str(e) quotes the line: several lines
+        raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not a text file") from e
     if data is None:

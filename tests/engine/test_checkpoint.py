@@ -29,7 +29,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", exploding_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=f"the previous {LAST} is intact"):
         atomic_save({"model": {}, "step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=False)["step"] == 1

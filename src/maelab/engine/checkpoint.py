@@ -25,7 +25,12 @@ _PERIODIC = re.compile(r"^(epoch|step)_(\d+)\.pt$")
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to ``path`` atomically (temp file + fsync + rename)."""
+    """torch.save to ``path`` atomically (temp file + fsync + rename).
+
+    Raises:
+        CheckpointError: the write failed (a full disk, no permission, ...): the temporary file is
+            removed and a previous file at ``path`` is left as it was, which the message says.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
@@ -35,6 +40,9 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
+    except OSError as e:
+        kept = f"the previous {p.name} is intact" if p.exists() else "nothing was saved"
+        raise CheckpointError(f"cannot write checkpoint {p} ({e.strerror or e}); {kept}") from e
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -44,7 +44,7 @@ from maelab.engine.distributed import (
 )
 from maelab.engine.metrics import ENV_FILE, STEP_LOG, MetricsLog
 from maelab.engine.optim import build_adamw
-from maelab.engine.runtime import (autocast, rng_state, seed_everything,
+from maelab.engine.runtime import (autocast, explain_out_of_memory, rng_state, seed_everything,
                                    set_rng_state)
 from maelab.engine.schedule import lr_at
 from maelab.engine.step import TrainStep
@@ -469,7 +469,7 @@ class Pretrainer:
     def train_step(self, batches: list[torch.Tensor]) -> torch.Tensor | None:
         """One optimizer step over ``accum_steps`` micro-batches; returns the mean loss (on device),
         or None when a non-finite loss was skipped (``max_bad_steps``)."""
-        with explain_compile_failure(self.compiled):
+        with explain_out_of_memory(self.cfg, self.device), explain_compile_failure(self.compiled):
             loss = self.stepper(batches, self.lr())
         self.compiled = self.compiled and not self.stepper.fell_back
         self.step += 1

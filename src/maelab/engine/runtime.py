@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from maelab.errors import ConfigError
+from maelab.errors import ConfigError, DeviceMemoryError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -37,6 +38,34 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def out_of_memory_advice(batch_size: int, accum_steps: int | None, global_batch: int = 0) -> str:
+    """What to change when a training step at ``batch_size`` images per process does not fit in memory
+    (``accum_steps`` None: a protocol without gradient accumulation, the linear probe)."""
+    if batch_size < 2:
+        return "use a smaller model or input size"
+    if accum_steps is None:
+        return ("lower --batch-size or run more processes (the linear probe does not accumulate gradients: "
+                "its BatchNorm needs the whole batch)")
+    if global_batch:
+        return (f"lower --batch-size, e.g. --batch-size {batch_size // 2}: global_batch={global_batch} then takes "
+                f"more accumulation steps (now accum_steps={accum_steps})")
+    return (f"lower --batch-size and raise accum_steps by the same factor to keep the batch per optimizer step, "
+            f"e.g. --batch-size {batch_size // 2} --accum-steps {accum_steps * 2}")
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(cfg: Any, device: torch.device) -> Iterator[None]:
+    """Turn an out-of-memory error of a training step into a one-line DeviceMemoryError naming the
+    per-process batch size (``cfg.batch_size``) and what to change (:func:`out_of_memory_advice`)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        advice = out_of_memory_advice(cfg.batch_size, getattr(cfg, "accum_steps", None),
+                                      getattr(cfg, "global_batch", 0))
+        raise DeviceMemoryError(f"out of memory on {device} in a training step at batch_size={cfg.batch_size} "
+                                f"per process: {advice}") from e
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -53,6 +53,7 @@ from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
 from maelab.engine.runtime import (
     autocast,
+    explain_out_of_memory,
     seed_everything,
 )
 from maelab.engine.schedule import lr_at
@@ -482,7 +483,8 @@ class Finetuner:
                 pending.append(batch)
                 if len(pending) < cfg.accum_steps:
                     continue
-                loss = self.train_step(pending)
+                with explain_out_of_memory(cfg, self.device):
+                    loss = self.train_step(pending)
                 seen += sum(b[0].shape[0] for b in pending) * self.world_size
                 pending = []
                 steps_done += 1

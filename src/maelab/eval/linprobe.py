@@ -52,6 +52,7 @@ from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
 from maelab.engine.runtime import (
     autocast,
+    explain_out_of_memory,
     seed_everything,
 )
 from maelab.engine.schedule import lr_at
@@ -398,7 +399,8 @@ class LinearProber:
             t_epoch, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             window, window_steps, t_window = torch.zeros((), device=self.device), 0, time.perf_counter()
             for done, (feats, labels) in enumerate(batches, start=1):
-                loss = self.train_step(feats, labels)
+                with explain_out_of_memory(cfg, self.device):
+                    loss = self.train_step(feats, labels)
                 seen += feats.shape[0] * (1 if self.cached else self.world_size)
                 window += loss
                 window_steps += 1

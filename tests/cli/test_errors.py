@@ -1,0 +1,180 @@
+"""User-facing failures through the real entry point: one line ``maelab: error: ...`` on stderr, exit code 2.
+
+Also when the failure happens in a DataLoader worker process (every loader: the per-sample CPU
+DataLoader, the GPU-resident builder, the JPEG-decode loader, feature extraction of the
+evaluation commands), on a full disk while saving, and on an out-of-memory training step.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import maelab
+from maelab.cli import main
+from maelab.config import to_dict
+from maelab.data.images import load_image
+from maelab.engine.checkpoint import LAST, atomic_save
+from maelab.errors import DataError
+from tests.conftest import TINY_MODEL_ARGS
+
+TINY = [f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]
+QUIET = ["--no-progress", "--batch-size", "8"]
+WORKERS = ["--num-workers", "2", "--strict-data"]
+
+
+def one_epoch(command: str) -> list[str]:
+    """``--epochs 1`` for the commands that train (kNN has no epochs)."""
+    return [] if command == "knn" else ["--epochs", "1"]
+
+
+def error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``maelab argv``: it must fail with exit code 2 and exactly one ``maelab: error:`` line on stderr."""
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("maelab: error: "), err
+    return err
+
+
+def direct_error(path: Path) -> str:
+    """The message of reading ``path`` in this process (no worker): what the user must see from a worker too."""
+    with pytest.raises(DataError) as e:
+        load_image(path)
+    return str(e.value)
+
+
+def labeled_folder(root: Path, suffix: str) -> Path:
+    """``root/train/{a,b}`` (8 images each, one of them truncated) and ``root/val/{a,b}``; returns the bad file."""
+    for split in ("train", "val"):
+        for c, cls in enumerate("ab"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (32, 32), (30 * i, 120 * c, 90)).save(root / split / cls / f"{i}{suffix}")
+    bad = root / "train" / "a" / f"3{suffix}"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    return bad
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pngs")
+    return root, labeled_folder(root, ".png")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-init tiny MAE saved as a maelab checkpoint."""
+    torch.manual_seed(0)
+    mae = maelab.create_model("mae_vit_pico_patch4_32", **TINY_MODEL_ARGS)
+    path = tmp_path_factory.mktemp("ckpt") / "mae.pt"
+    return atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0}, path)
+
+
+# ------------------------------------------------------------------ errors raised in loader workers
+@pytest.mark.parametrize("loader", [[], ["data.gpu_resident=on"], ["data.decode=gpu"]],
+                         ids=["dataloader", "gpu-resident-builder", "jpeg-decode"])
+def test_worker_error_is_one_line_in_pretrain(tmp_path, capsys, loader):
+    """--strict-data with 2 workers: a truncated image ends the run with the same line as without workers."""
+    suffix = ".jpg" if "data.decode=gpu" in loader else ".png"
+    bad = labeled_folder(tmp_path / "data", suffix)
+    err = error_line(capsys, ["pretrain", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
+                              *QUIET, *one_epoch("pretrain"), *WORKERS, *loader, *TINY])
+    assert err == f"maelab: error: {direct_error(bad)}"
+
+
+@pytest.mark.parametrize("command", ["knn", "linprobe"])
+def test_worker_error_is_one_line_in_evaluation(tmp_path, capsys, pngs, checkpoint, command):
+    root, bad = pngs
+    err = error_line(capsys, [command, "--checkpoint", str(checkpoint), "--data", str(root),
+                              "--output", str(tmp_path / "out"), *QUIET, *one_epoch(command), *WORKERS])
+    assert err == f"maelab: error: {direct_error(bad)}"
+
+
+def test_worker_error_in_a_real_process_is_one_error_line(tmp_path, pngs):
+    """The whole stderr of ``python -m maelab`` (log lines aside): no traceback, the error line last; the
+    process ends (its workers too) within the timeout."""
+    root, bad = pngs
+    proc = subprocess.run([sys.executable, "-m", "maelab", "pretrain", "--data", str(root), "--output",
+                           str(tmp_path / "run"), *QUIET, *one_epoch("pretrain"), *WORKERS, *TINY],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith(("INFO ", "WARNING "))]
+    assert lines == [f"maelab: error: {direct_error(bad)}"], proc.stderr
+
+
+# ------------------------------------------------------------------ other user-facing failures
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    """ENOSPC while saving: one line saying the previous last.pt is intact; it is, byte for byte; no temp file."""
+    run = tmp_path / "run"
+    argv = ["pretrain", "--output", str(run), "--no-progress", "--batch-size", "8", "--num-workers", "0",
+            "data.num_samples=16", *TINY]
+    assert main([*argv, "--epochs", "1"]) == 0
+    last = run / "checkpoints" / LAST
+    before = last.read_bytes()
+
+    def full_disk(obj: object, f) -> None:
+        f.write(b"the first bytes fit")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    err = error_line(capsys, [*argv, "--epochs", "2", "--resume"])
+    monkeypatch.undo()
+    assert err == (f"maelab: error: cannot write checkpoint {last} ({os.strerror(errno.ENOSPC)}); "
+                   f"the previous {LAST} is intact")
+    assert last.read_bytes() == before
+    assert torch.load(last, weights_only=False)["epoch"] == 1
+    assert not [p.name for p in last.parent.iterdir() if ".tmp" in p.name]
+
+
+def _backward_out_of_memory(*args: object, **kwargs: object) -> None:
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+@pytest.mark.parametrize(("command", "advice"), [
+    ("pretrain", "--batch-size 4 --accum-steps 2"),
+    ("finetune", "--batch-size 4 --accum-steps 2"),
+    ("linprobe", "does not accumulate gradients"),
+])
+def test_out_of_memory_names_the_batch_size_and_what_to_change(tmp_path, capsys, monkeypatch, checkpoint,
+                                                              command, advice):
+    """An out-of-memory training step (raised here from backward) -> one line with the per-process batch size."""
+    source = [] if command == "pretrain" else ["--checkpoint", str(checkpoint)]
+    monkeypatch.setattr(torch.Tensor, "backward", _backward_out_of_memory)
+    err = error_line(capsys, [command, *source, "--data", "synthetic", "data.num_samples=16", "--num-workers", "0",
+                              "--output", str(tmp_path / "out"), *QUIET, *one_epoch(command),
+                              *(TINY if command == "pretrain" else [])])
+    assert "out of memory on cpu in a training step at batch_size=8 per process" in err
+    assert advice in err
+
+
+@pytest.mark.parametrize("command", ["knn", "linprobe", "finetune", "visualize", "export"])
+def test_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, checkpoint, command):
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(checkpoint.read_bytes()[:3000])
+    extra = {"visualize": ["--images", str(tmp_path)], "export": ["--output", str(tmp_path / "e.safetensors")]}
+    err = error_line(capsys, [command, "--checkpoint", str(bad), *extra.get(command, ["--data", "synthetic"])])
+    assert err.startswith(f"maelab: error: {bad}: corrupt or unreadable checkpoint")
+
+
+@pytest.mark.parametrize("command", ["pretrain", "knn"])
+def test_missing_data_path_is_one_line_naming_it(tmp_path, capsys, checkpoint, command):
+    missing = tmp_path / "no" / "such" / "folder"
+    source = [] if command == "pretrain" else ["--checkpoint", str(checkpoint)]
+    err = error_line(capsys, [command, *source, "--data", str(missing), "--output", str(tmp_path / "out"), *QUIET, *one_epoch(command)])
+    assert f"'{missing}'" in err
+
+
+def test_invalid_yaml_recipe_names_file_line_and_column(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 2\nbatch_size: 8\n  lr: 0.1\n")
+    err = error_line(capsys, ["pretrain", "--config", str(recipe)])
+    assert err == f"maelab: error: {recipe}: invalid YAML at line 3, column 5: mapping values are not allowed here"
