@@ -92,3 +92,15 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def save_random_mae(path: Path, **model_args) -> Path:
+    """A randomly initialized (seed 0) ``mae_vit_pico_patch4_32`` with ``model_args``, saved at ``path`` as a
+    maelab checkpoint (weights, model config, step), the input evaluation commands take."""
+    import maelab
+    from maelab.config import to_dict
+    from maelab.engine.checkpoint import atomic_save
+
+    torch.manual_seed(0)
+    mae = maelab.create_model("mae_vit_pico_patch4_32", **model_args)
+    return atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0}, path)

@@ -17,13 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-import maelab
 from maelab.cli import main
-from maelab.config import to_dict
 from maelab.data.images import load_image
-from maelab.engine.checkpoint import LAST, atomic_save
+from maelab.engine.checkpoint import LAST
 from maelab.errors import DataError
-from tests.conftest import TINY_MODEL_ARGS
+from tests.conftest import TINY_MODEL_ARGS, save_random_mae
 
 TINY = [f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]
 QUIET = ["--no-progress", "--batch-size", "8"]
@@ -72,11 +70,7 @@ def pngs(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A random-init tiny MAE saved as a maelab checkpoint."""
-    torch.manual_seed(0)
-    mae = maelab.create_model("mae_vit_pico_patch4_32", **TINY_MODEL_ARGS)
-    path = tmp_path_factory.mktemp("ckpt") / "mae.pt"
-    return atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0}, path)
+    return save_random_mae(tmp_path_factory.mktemp("ckpt") / "mae.pt", **TINY_MODEL_ARGS)
 
 
 # ------------------------------------------------------------------ errors raised in loader workers

@@ -7,12 +7,9 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
-import maelab
 from maelab.cli import main
-from maelab.config import to_dict
-from maelab.engine.checkpoint import atomic_save
+from tests.conftest import save_random_mae
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY = {"embed_dim": 64, "depth": 2, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
@@ -21,10 +18,7 @@ SMALL_DATA = ["data.num_samples=32", "data.num_classes=4", "--num-workers", "0",
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    mae = maelab.create_model("mae_vit_pico_patch4_32", **TINY)
-    path = tmp_path_factory.mktemp("ckpt") / "mae.pt"
-    return atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0}, path)
+    return save_random_mae(tmp_path_factory.mktemp("ckpt") / "mae.pt", **TINY)
 
 
 def _warmup_warnings(caplog) -> list[str]:
