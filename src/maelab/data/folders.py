@@ -187,21 +187,35 @@ class ImageFolderDataset(Dataset):
             i = (index + step) % n
             if i in self._bad:
                 continue
-            try:
-                return i, read(i)
-            except DataError as e:
-                if self.strict:
-                    raise
-                self._skip(i, e)
+            out = self.try_read(i, read)
+            if out is not None:
+                return i, out
         raise DataError(f"no readable image in {self.root}: all {n} files failed to load "
                         "(see the warnings above)")
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        i, img = self.first_readable(index, self.load)
-        label = self.samples[i][1]
+    def try_read(self, index: int, read: Callable[[int], T]) -> T | None:
+        """``read(index)``, or None when file ``index`` is unreadable (counted, warned about and
+        remembered); with ``strict`` the :class:`~maelab.errors.DataError` propagates instead.
+
+        The skip/strict policy without substitution: :func:`first_readable` moves on to the next
+        file, ``maelab embed`` leaves the file out (:mod:`maelab.eval.embed`)."""
+        try:
+            return read(index)
+        except DataError as e:
+            if self.strict:
+                raise
+            self._skip(index, e)
+            return None
+
+    def apply_transform(self, img: Image.Image) -> Any:
+        """``transform(img)`` (``img`` itself without a transform), Pillow's size check lifted for huge images."""
         if self.transform is None:
-            return img, label
+            return img
         if exceeds_pil_limit(img):  # Pillow re-checks the size when cropping
             with pixel_limit_lifted():
-                return self.transform(img), label
-        return self.transform(img), label
+                return self.transform(img)
+        return self.transform(img)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        i, img = self.first_readable(index, self.load)
+        return self.apply_transform(img), self.samples[i][1]

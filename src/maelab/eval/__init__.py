@@ -5,7 +5,8 @@ Each protocol is its own module on one shared frozen-feature builder (:mod:`.fea
 - :func:`finetune` (:mod:`.finetune`): timm ViT classifier, paper recipe;
 - :func:`linprobe` (:mod:`.linprobe`): BN + linear head on frozen features (cached when
   nothing upstream changes), or the last ``train_blocks`` blocks tuned too;
-- :func:`run_knn`, :func:`knn_monitor` (:mod:`.knn`): weighted kNN on frozen features.
+- :func:`run_knn`, :func:`knn_monitor` (:mod:`.knn`): weighted kNN on frozen features;
+- :func:`embed` (:mod:`.embed`): the frozen features of every image of a folder, written to a file.
 
 Configs are in :mod:`.config`; :func:`maelab.eval.cli.add_eval_commands` adds the commands.
 """
@@ -15,14 +16,15 @@ from maelab.eval.classifier import (
     layer_decay_param_groups,
     set_trainable_blocks,
 )
-from maelab.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig
+from maelab.eval.config import EmbedConfig, FinetuneConfig, KnnConfig, LinprobeConfig
+from maelab.eval.embed import embed
 from maelab.eval.features import extract_features, pool_tokens
 from maelab.eval.finetune import evaluate, finetune
 from maelab.eval.knn import knn_accuracy, knn_monitor, knn_predict, run_knn
 from maelab.eval.linprobe import LinearProbe, linprobe
 
 __all__ = [
-    "FinetuneConfig", "KnnConfig", "LinearProbe", "LinprobeConfig", "build_classifier", "evaluate",
-    "extract_features", "finetune", "knn_accuracy", "knn_monitor", "knn_predict", "layer_decay_param_groups",
-    "linprobe", "pool_tokens", "run_knn", "set_trainable_blocks",
+    "EmbedConfig", "FinetuneConfig", "KnnConfig", "LinearProbe", "LinprobeConfig", "build_classifier", "embed",
+    "evaluate", "extract_features", "finetune", "knn_accuracy", "knn_monitor", "knn_predict",
+    "layer_decay_param_groups", "linprobe", "pool_tokens", "run_knn", "set_trainable_blocks",
 ]

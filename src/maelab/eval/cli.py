@@ -1,11 +1,12 @@
-"""``maelab finetune | linprobe | knn``: :func:`add_eval_commands` registers them on the main parser.
+"""``maelab finetune | linprobe | knn | embed``: :func:`add_eval_commands` registers them on the main parser.
 
 Each command reads an optional YAML recipe (``--config``), applies the explicit flags and
 ``key=value`` overrides on top, runs, writes ``eval.json`` (metrics, encoder source, config)
-into ``--output`` and prints a one-line summary. User mistakes raise
-:class:`~maelab.errors.MaelabError` subclasses, which the main CLI prints as one line.
+into ``--output`` (embed: the features file ``--output`` and its file list) and prints a one-line
+summary. User mistakes raise :class:`~maelab.errors.MaelabError` subclasses, which the main CLI
+prints as one line.
 
-All three run under ``torchrun`` too (e.g. ``torchrun --nproc_per_node 8 -m maelab finetune ...``):
+All of them run under ``torchrun`` too (e.g. ``torchrun --nproc_per_node 8 -m maelab finetune ...``):
 ``--batch-size`` is then per process, only rank 0 writes outputs and prints the summary, and
 the process group is closed when the command is done.
 """
@@ -105,12 +106,27 @@ def cmd_knn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from maelab.config import build_config
+    from maelab.eval.config import EmbedConfig
+    from maelab.eval.embed import embed, sidecar
+
+    cfg = build_config(EmbedConfig, args.config, eval_overrides(args))
+    path = embed(cfg, progress=not args.no_progress)
+    close_process_group()
+    if not is_main_process():
+        return 0
+    print(f"embed ({cfg.pool} features): wrote {path} and {sidecar(path, 'files.txt')}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- parser
 _SOURCE_HELP = ("pre-trained weights: a pre-training run directory, a maelab .pt, an official MAE .pth, "
                 "or an encoder exported by `maelab export` (.safetensors)")
 
 
-def _add_shared(p: argparse.ArgumentParser, batch_help: str = "per-device (per-process) batch size") -> None:
+def _add_shared(p: argparse.ArgumentParser, batch_help: str = "per-device (per-process) batch size",
+                output_help: str = "output directory (eval.json, metrics.jsonl, checkpoints/)") -> None:
     p.add_argument("--config", help="YAML recipe (see recipes/finetune_*.yaml, linprobe_*.yaml, knn_*.yaml)")
     p.add_argument("--checkpoint", help=_SOURCE_HELP)
     p.add_argument("--model", help="preset name; with --checkpoint it is checked against the checkpoint")
@@ -120,7 +136,7 @@ def _add_shared(p: argparse.ArgumentParser, batch_help: str = "per-device (per-p
     p.add_argument("--strict-data", action="store_true", help="fail on the first unreadable image")
     p.add_argument("--pool", choices=["avg", "cls"], help="feature pooling: global average or class token")
     p.add_argument("--batch-size", type=int, help=batch_help)
-    p.add_argument("--output", help="output directory (eval.json, metrics.jsonl, checkpoints/)")
+    p.add_argument("--output", help=output_help)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--seed", type=int)
@@ -139,7 +155,7 @@ def _add_training(p: argparse.ArgumentParser) -> None:
 
 
 def add_eval_commands(sub: Any) -> None:
-    """Register ``finetune``, ``linprobe`` and ``knn`` on an argparse subparsers object."""
+    """Register ``finetune``, ``linprobe``, ``knn`` and ``embed`` on an argparse subparsers object."""
     p = sub.add_parser("finetune", help="fine-tune a pre-trained encoder (paper recipe: layer decay, mixup, ...)")
     _add_shared(p)
     _add_training(p)
@@ -166,3 +182,8 @@ def add_eval_commands(sub: Any) -> None:
     p.add_argument("--k", type=int, help="neighbours (default 20)")
     p.add_argument("--temperature", type=float, help="vote weight exp(similarity / T) (default 0.07)")
     p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("embed", help="frozen features of every image of a folder, to .safetensors or .npy")
+    _add_shared(p, batch_help="images per batch (per process)",
+                output_help="features file, .safetensors or .npy (+ <stem>.files.txt, <stem>.skipped.txt)")
+    p.set_defaults(func=cmd_embed)

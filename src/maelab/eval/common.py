@@ -109,10 +109,27 @@ def evaluation_transform(img_size: int | tuple[int, int], mean: tuple[float, ...
     return eval_transform(img_size, mean, std, crop_pct=crop_pct)
 
 
-def plain_loader(ds: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    """Sequential, non-dropping loader for evaluation and feature extraction."""
+def frozen_encoder_setup(cfg: Any) -> tuple[DistInfo, torch.device, torch.dtype, MaskedAutoencoder,
+                                            Callable[[Any], Any]]:
+    """Start of a frozen-feature command (``knn``, ``embed``): ``(info, device, dtype, mae, transform)``.
+
+    Joins torchrun's process group (if any), seeds, loads the checkpoint's MAE and builds its
+    evaluation transform from ``cfg.data`` (crop_pct, mean/std)."""
+    from maelab.engine.distributed import setup_process
+    from maelab.engine.runtime import seed_everything
+
+    info, device, dtype = setup_process(cfg.device, cfg.precision)
+    seed_everything(cfg.seed)
+    mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)
+    mean, std = resolve_stats(cfg.data, mae.cfg.in_chans)
+    return info, device, dtype, mae, evaluation_transform(mae.cfg.img_size, mean, std, cfg.data.crop_pct)
+
+
+def plain_loader(ds: Dataset, batch_size: int, num_workers: int, device: torch.device,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+    """Sequential, non-dropping loader for evaluation and feature extraction (``collate_fn``: torch's default)."""
     return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+                      pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate_fn)
 
 
 # ---------------------------------------------------------------------------------- torchrun helpers

@@ -5,6 +5,7 @@
 - :class:`LinprobeConfig`: linear probing on frozen features (paper Table 10), or partial
   fine-tuning of the last ``train_blocks`` blocks with the probe's head.
 - :class:`KnnConfig`: weighted k-nearest-neighbour classification of frozen features.
+- :class:`EmbedConfig`: frozen features of every image of a folder, written to a file (``maelab embed``).
 
 Read them with ``maelab.config.build_config(FinetuneConfig, file, overrides)``.
 """
@@ -299,3 +300,39 @@ class KnnConfig:
         _check(self.k >= 1, "k", self.k, "a positive int")
         _check(self.temperature > 0, "temperature", self.temperature, "a positive number")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "a positive int")
+
+
+EMBED_FORMATS = (".safetensors", ".npy")
+"""Output files of ``maelab embed``, by suffix."""
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Frozen features (class token or patch-token mean) of every image of a folder, in its sorted scan order."""
+
+    checkpoint: str | None = None
+    """Pre-trained weights: run directory, maelab .pt, official MAE .pth, exported .safetensors or an HF directory."""
+    model: str | None = None
+    """Optional preset checked against the checkpoint's architecture."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    """data.name: the image folder (labeled ImageFolder or any tree of images); data.strict: stop at the first
+    unreadable image instead of skipping it; data.crop_pct / mean / std: the evaluation transform."""
+    pool: str = "cls"
+    """cls: class token after the final norm; avg: mean of the normed patch tokens."""
+    batch_size: int = 256
+    """Images per batch (per process under torchrun)."""
+    device: str = "auto"
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32; the features are stored as float32."""
+    seed: int = 0
+    output: str | None = None
+    """The features file, .safetensors (tensors features [N, D] and labels [N]) or .npy (features; labels in
+    <stem>.labels.npy); <stem>.files.txt lists the images, <stem>.skipped.txt the unreadable ones."""
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        _check_source(self, scratch_allowed=False)
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "a positive int")
+        _check(bool(self.output) and str(self.output).endswith(EMBED_FORMATS), "output", self.output,
+               f"required: a file ending in {' or '.join(EMBED_FORMATS)}; pass --output")

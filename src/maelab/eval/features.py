@@ -37,6 +37,11 @@ def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> 
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
+def feature_dim(encoder: nn.Module) -> int:
+    """D of the pooled features: the encoder's width (timm ``num_features``)."""
+    return int(getattr(encoder, "num_features", getattr(encoder, "embed_dim", 0)))
+
+
 def encode(encoder: nn.Module, imgs: torch.Tensor, pool: str) -> torch.Tensor:
     """imgs [B, C, H, W] -> pooled features [B, D] (grad and mode are the caller's business)."""
     tokens = encoder.forward_features(imgs)
@@ -49,10 +54,11 @@ def extract_features(encoder: nn.Module, loader: DataLoader, pool: str, device: 
                      desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every item of ``loader``, in loader order.
 
-    The encoder runs in eval mode without gradients (its mode is restored afterwards).
+    The encoder runs in eval mode without gradients (its mode is restored afterwards). Empty
+    batches (a collate that dropped every item, e.g. unreadable images) are passed over.
 
     Returns:
-        feats: float32 [N, D] on ``device``; labels: int64 [N] on ``device``.
+        feats: float32 [N, D] on ``device``; labels: int64 [N] on ``device`` (N = 0 for an empty loader).
     """
     device = torch.device(device)
     was_training = encoder.training
@@ -63,6 +69,8 @@ def extract_features(encoder: nn.Module, loader: DataLoader, pool: str, device: 
     t0 = time.perf_counter()
     try:
         for imgs, target in loader:
+            if imgs.shape[0] == 0:
+                continue
             imgs = imgs.to(device, non_blocking=True)
             with autocast(device, dtype):
                 f = encode(encoder, imgs, pool)
@@ -75,7 +83,8 @@ def extract_features(encoder: nn.Module, loader: DataLoader, pool: str, device: 
         bar.close()
         encoder.train(was_training)
     if not feats:
-        raise ValueError("extract_features: the loader yielded no batches")
+        return (torch.zeros(0, feature_dim(encoder), device=device),
+                torch.zeros(0, dtype=torch.long, device=device))
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -92,15 +101,10 @@ def extract_split(encoder: nn.Module, ds: Dataset, pool: str, device: torch.devi
     """
     info = info or DistInfo()
     device = torch.device(device)
-    part = shard(ds, info)
-    if len(part) > 0 or not info.enabled:  # type: ignore[arg-type]
-        loader = plain_loader(part, batch_size, num_workers, device)
-        feats, labels = extract_features(encoder, loader, pool, device, dtype,
-                                         progress=progress and info.is_main, desc=desc)
-    else:  # fewer items than ranks: this rank has nothing to encode but still joins the gather
-        dim = int(getattr(encoder, "num_features", getattr(encoder, "embed_dim", 0)))
-        feats = torch.zeros(0, dim, device=device)
-        labels = torch.zeros(0, dtype=torch.long, device=device)
+    # fewer items than ranks: a rank may have nothing to encode ([0, D]) but still joins the gather
+    loader = plain_loader(shard(ds, info), batch_size, num_workers, device)
+    feats, labels = extract_features(encoder, loader, pool, device, dtype,
+                                     progress=progress and info.is_main, desc=desc)
     if gather and info.enabled:
         total = len(ds)  # type: ignore[arg-type]
         feats = all_gather_interleaved(feats, total, info)

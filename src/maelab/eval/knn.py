@@ -27,15 +27,12 @@ from torch.utils.data import Dataset
 
 from maelab.config import batch_summary, save_yaml
 from maelab.data import dataset_info
-from maelab.engine.distributed import all_reduce_sum, barrier, DistInfo, setup_process
-from maelab.engine.runtime import seed_everything
+from maelab.engine.distributed import all_reduce_sum, barrier, DistInfo
 from maelab.errors import DataError
 from maelab.eval.common import (
-    evaluation_transform,
-    load_encoder_model,
+    frozen_encoder_setup,
     percent_metrics,
     plain_loader,
-    resolve_stats,
     train_and_test_sets,
     write_eval_json,
 )
@@ -163,12 +160,8 @@ class KnnResult:
 
 def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
     """``maelab knn``: features of the train and test splits, weighted kNN, ``eval.json``."""
-    info, device, dtype = setup_process(cfg.device, cfg.precision)
-    seed_everything(cfg.seed)
-    mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)  # type: ignore[arg-type]
+    info, device, dtype, mae, tf = frozen_encoder_setup(cfg)
     mcfg = mae.cfg
-    mean, std = resolve_stats(cfg.data, mcfg.in_chans)
-    tf = evaluation_transform(mcfg.img_size, mean, std, cfg.data.crop_pct)
     train_ds, test_ds, num_classes = train_and_test_sets(cfg.data, img_size=mcfg.img_size, in_chans=mcfg.in_chans,
                                                          train_transform=tf, test_transform=tf, seed=cfg.seed,
                                                          protocol="knn")

@@ -1,0 +1,186 @@
+"""``maelab embed``: rows = pooled encoder features of each file under the evaluation transform, in the
+folder's sorted order, with labels and the file list; unreadable files left out and listed (or a one-line
+error with --strict-data); 2 gloo processes write the same single output as 1 process."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import maelab
+from maelab.cli import main
+from maelab.config import to_dict
+from maelab.data.transforms import default_stats, eval_transform
+from maelab.engine.checkpoint import atomic_save
+from tests.eval.test_eval_distributed import TINY, run_one, run_two
+
+CLASSES = ("bird", "cat")
+PER_CLASS = 6
+
+
+@pytest.fixture(scope="module")
+def mae_ckpt(tmp_path_factory) -> tuple[maelab.MaskedAutoencoder, Path]:
+    """A random-init tiny MAE (16 px) and its checkpoint file."""
+    torch.manual_seed(0)
+    mae = maelab.create_model("mae_vit_pico_patch4_32", **TINY).eval()
+    path = atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0},
+                       tmp_path_factory.mktemp("ckpt") / "mae.pt")
+    return mae, path
+
+
+def make_folder(root: Path) -> list[str]:
+    """A labeled folder of 2 x 6 random PNGs of different sizes; their paths in sorted (class, name) order."""
+    rng = np.random.default_rng(0)
+    names = []
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            h, w = 18 + 3 * i, 24 - 2 * i
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"img{i:02d}.png")
+            names.append(f"{c}/img{i:02d}.png")
+    return names
+
+
+@pytest.fixture
+def folder(tmp_path) -> tuple[Path, list[str]]:
+    root = tmp_path / "imgs"
+    return root, make_folder(root)
+
+
+def direct(mae: maelab.MaskedAutoencoder, path: Path, pool: str) -> torch.Tensor:
+    """The feature of one file computed by hand: evaluation transform, forward_features, pooling -> [D]."""
+    mean, std = default_stats(3)
+    x = eval_transform(mae.cfg.img_size, mean, std)(Image.open(path).convert("RGB"))
+    with torch.no_grad():
+        tokens = mae.encoder.forward_features(x[None])[0]
+    return tokens[0] if pool == "cls" else tokens[1:].mean(0)
+
+
+def embed_args(ckpt: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    return ["embed", "--checkpoint", str(ckpt), "--data", str(data), "--output", str(output), "--num-workers", "0",
+            "--device", "cpu", "--no-progress", *extra]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_embed_rows_are_each_files_pooled_features_in_order_with_labels(mae_ckpt, folder, tmp_path):
+    mae, ckpt = mae_ckpt
+    root, names = folder
+    out = tmp_path / "feats.safetensors"
+    assert run_one(embed_args(ckpt, root, out, "--pool", "avg", "--batch-size", "5")) == 0
+    saved = load_file(str(out))
+    assert saved["features"].shape == (12, mae.cfg.embed_dim) and saved["features"].dtype == torch.float32
+    assert saved["labels"].tolist() == [0] * PER_CLASS + [1] * PER_CLASS
+    assert lines(tmp_path / "feats.files.txt") == names
+    for row in (0, 4, 11):  # across batches (of 5) and classes
+        torch.testing.assert_close(saved["features"][row], direct(mae, root / names[row], "avg"), rtol=0, atol=1e-5)
+    assert not (tmp_path / "feats.skipped.txt").exists()
+
+
+def test_embed_npy_writes_labels_beside_and_cls_features(mae_ckpt, folder, tmp_path):
+    mae, ckpt = mae_ckpt
+    root, names = folder
+    out = tmp_path / "emb.npy"
+    assert run_one(embed_args(ckpt, root, out, "--pool", "cls")) == 0
+    feats = np.load(out)
+    assert feats.shape == (12, mae.cfg.embed_dim)
+    assert np.load(tmp_path / "emb.labels.npy").tolist() == [0] * PER_CLASS + [1] * PER_CLASS
+    assert lines(tmp_path / "emb.files.txt") == names
+    for row in (2, 9):
+        torch.testing.assert_close(torch.from_numpy(feats[row]), direct(mae, root / names[row], "cls"),
+                                   rtol=0, atol=1e-5)
+
+
+def test_embed_unlabeled_tree_has_no_labels(mae_ckpt, tmp_path):
+    _, ckpt = mae_ckpt
+    root = tmp_path / "loose"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (80 * i, 10, 10)).save(root / f"{i}.png")
+    out = tmp_path / "feats.safetensors"
+    assert run_one(embed_args(ckpt, root, out)) == 0
+    assert set(load_file(str(out))) == {"features"}
+    assert lines(tmp_path / "feats.files.txt") == ["0.png", "1.png", "2.png"]
+
+
+def add_bad_file(root: Path) -> str:
+    """A zero-byte image of the first class, sorted between bird/img02.png and bird/img03.png."""
+    (root / "bird" / "img02b.png").write_bytes(b"")
+    return "bird/img02b.png"
+
+
+def test_embed_skips_an_unreadable_image_without_a_substitute_and_lists_it(mae_ckpt, folder, tmp_path, caplog):
+    mae, ckpt = mae_ckpt
+    root, names = folder
+    bad = add_bad_file(root)
+    out = tmp_path / "feats.safetensors"
+    with caplog.at_level(logging.WARNING):
+        # batch size 1: the bad file's batch is empty
+        assert run_one(embed_args(ckpt, root, out, "--pool", "avg", "--batch-size", "1")) == 0
+    saved = load_file(str(out))
+    assert lines(tmp_path / "feats.files.txt") == names  # the bad file has no row
+    assert lines(tmp_path / "feats.skipped.txt") == [bad]
+    assert saved["features"].shape[0] == 12 and saved["labels"].tolist() == [0] * PER_CLASS + [1] * PER_CLASS
+    after = names.index("bird/img03.png")  # the files around the bad one keep their own rows and features
+    for row in (after - 1, after):
+        torch.testing.assert_close(saved["features"][row], direct(mae, root / names[row], "avg"), rtol=0, atol=1e-5)
+    assert any("skipped 1 unreadable image" in r.getMessage() for r in caplog.records)
+
+
+def test_embed_strict_data_stops_with_one_line_error(mae_ckpt, folder, tmp_path, capsys):
+    _, ckpt = mae_ckpt
+    root, _ = folder
+    bad = add_bad_file(root)
+    out = tmp_path / "feats.safetensors"
+    assert main(embed_args(ckpt, root, out, "--strict-data")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("maelab: error: cannot read image") and bad in err[0], err
+    assert list(tmp_path.glob("feats*")) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output", "feats.pt"], "invalid output='feats.pt'"),
+    (["--data", "synthetic"], "built-in dataset"),
+])
+def test_embed_refuses_bad_output_or_data_in_one_line(mae_ckpt, folder, tmp_path, capsys, argv, message):
+    _, ckpt = mae_ckpt
+    root, _ = folder
+    args = embed_args(ckpt, root, tmp_path / "feats.safetensors") + argv  # the later flag wins
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_embed_two_processes_write_the_one_process_output_once(mae_ckpt, folder, tmp_path):
+    """13 files (one unreadable) over 2 ranks: uneven shards, a skip on one rank, the same rows."""
+    _, ckpt = mae_ckpt
+    root, _ = folder
+    add_bad_file(root)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_one(embed_args(ckpt, root, one / "feats.safetensors", "--batch-size", "3")) == 0
+    run_two(embed_args(ckpt, root, two / "feats.safetensors", "--batch-size", "2"), summary="wrote")
+    assert sorted(p.name for p in two.iterdir()) == ["feats.files.txt", "feats.safetensors", "feats.skipped.txt"]
+    a, b = load_file(str(one / "feats.safetensors")), load_file(str(two / "feats.safetensors"))
+    torch.testing.assert_close(b["features"], a["features"], rtol=0, atol=1e-6)
+    assert torch.equal(b["labels"], a["labels"])
+    for name in ("feats.files.txt", "feats.skipped.txt"):
+        assert lines(two / name) == lines(one / name)
+
+
+def test_embed_docstring_example_runs(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the example's mkdtemp lands in tmp_path
+    module = importlib.import_module("maelab.eval.embed")  # maelab.eval.embed is also the function
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
