@@ -28,9 +28,9 @@ def test_optimizer_has_the_paper_settings(tmp_path):
     groups = trainer.optimizer.param_groups
     assert all(g["betas"] == (0.9, 0.95) for g in groups)
     names = {p: n for n, p in trainer.model.named_parameters()}
-    for g in groups:  # decay on weight matrices only: not on norms, biases (1-D) and tokens
+    for g in groups:  # as the official code: decay on all but 1-D params (norms, biases), tokens included
         for p in g["params"]:
-            decayed = p.ndim > 1 and not names[p].endswith("_token")
+            decayed = p.ndim > 1
             assert g["weight_decay"] == (0.05 if decayed else 0.0), names[p]
     assert {g["weight_decay"] for g in groups} == {0.05, 0.0}
     assert trainer.peak_lr == pytest.approx(1.5e-4 * (16 * 2) / 256)
