@@ -16,18 +16,21 @@ from maelab.config import PretrainConfig, build_config
 from maelab.engine.accel import compile_module, convert_to_fp8, uses_cudagraphs
 from maelab.engine.optim import build_adamw
 from maelab.engine.step import TrainStep
-from tests.conftest import TINY_MODEL_ARGS
+from tests.conftest import TINY_MODEL_ARGS, without_key_bias
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 ARGS = dict(TINY_MODEL_ARGS, embed_dim=64, decoder_embed_dim=32)
 
 
-def _steps(mode: str | None, fp8: str = "off", steps: int = 4, seed: int = 0):
-    """Losses of ``steps`` bf16 train steps from the same init, images and masking noise."""
+def _steps(mode: str | None, fp8: str = "off", steps: int = 8, seed: int = 0):
+    """Losses of ``steps`` bf16 train steps from the same init, images and masking noise, and the
+    update of every trainable tensor (final - initial weights; the key third of qkv biases left out,
+    see ``assert_weights_close``)."""
     torch.manual_seed(seed)
     model = maelab.create_model("mae_vit_pico_patch4_32", **ARGS).to(CUDA)
     convert_to_fp8(model, fp8, CUDA)
+    init = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     opt = build_adamw(model, lr=1e-3)
     forward = compile_module(model, mode) if mode is not None else model
     step = TrainStep(model, opt, CUDA, torch.bfloat16, generator=torch.Generator(CUDA).manual_seed(1),
@@ -35,17 +38,28 @@ def _steps(mode: str | None, fp8: str = "off", steps: int = 4, seed: int = 0):
     imgs = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2)).to(CUDA)
     losses = [step([imgs], 1e-3).item() for _ in range(steps)]
     torch._dynamo.reset()
-    return losses, model.state_dict()
+    params = dict(model.named_parameters())
+    return losses, {k: without_key_bias(k, (params[k].detach() - w).float()) for k, w in init.items()}
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_and_cuda_graph_steps_follow_eager(mode):
-    eager, w_eager = _steps(None)
-    compiled, w_compiled = _steps(mode)
+    """The compiled steps make the eager updates: a skipped, halved or sign-flipped update is off by
+    0.5 or more; bf16 kernels that round differently are off by a few % (the same test with CPU bf16 autocast
+    and inductor: 0.5 % overall, under 2 % per tensor)."""
+    eager, d_eager = _steps(None)
+    compiled, d_compiled = _steps(mode)
     assert compiled == pytest.approx(eager, rel=2e-2)  # bf16: fused kernels round differently
-    for k in w_eager:
-        if w_eager[k].is_floating_point():
-            torch.testing.assert_close(w_compiled[k].float(), w_eager[k].float(), rtol=5e-2, atol=5e-3)
+    for k in d_eager:  # every trainable tensor moved, by about lr per AdamW step
+        assert d_eager[k].abs().mean() > 1e-4 and d_compiled[k].abs().mean() > 1e-4, k
+        assert _relative(d_compiled[k], d_eager[k]) < 0.3, k
+    everything = [torch.cat([d[k].flatten() for k in d_eager]) for d in (d_compiled, d_eager)]
+    assert _relative(*everything) < 0.1
 
 
 def test_fp8_steps_follow_bf16():
