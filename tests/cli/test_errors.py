@@ -29,8 +29,8 @@ WORKERS = ["--num-workers", "2", "--strict-data"]
 
 
 def one_epoch(command: str) -> list[str]:
-    """``--epochs 1`` for the commands that train (kNN has no epochs)."""
-    return [] if command == "knn" else ["--epochs", "1"]
+    """``--epochs 1`` for the commands that train (kNN and embed have no epochs)."""
+    return [] if command in ("knn", "embed") else ["--epochs", "1"]
 
 
 def error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -85,11 +85,12 @@ def test_worker_error_is_one_line_in_pretrain(tmp_path, capsys, loader):
     assert err == f"maelab: error: {direct_error(bad)}"
 
 
-@pytest.mark.parametrize("command", ["knn", "linprobe"])
+@pytest.mark.parametrize("command", ["knn", "linprobe", "embed"])
 def test_worker_error_is_one_line_in_evaluation(tmp_path, capsys, pngs, checkpoint, command):
     root, bad = pngs
+    output = tmp_path / ("features.safetensors" if command == "embed" else "out")
     err = error_line(capsys, [command, "--checkpoint", str(checkpoint), "--data", str(root),
-                              "--output", str(tmp_path / "out"), *QUIET, *one_epoch(command), *WORKERS])
+                              "--output", str(output), *QUIET, *one_epoch(command), *WORKERS])
     assert err == f"maelab: error: {direct_error(bad)}"
 
 
