@@ -134,18 +134,21 @@ def _backward_out_of_memory(*args: object, **kwargs: object) -> None:
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
-@pytest.mark.parametrize(("command", "advice"), [
-    ("pretrain", "--batch-size 4 --accum-steps 2"),
-    ("finetune", "--batch-size 4 --accum-steps 2"),
-    ("linprobe", "does not accumulate gradients"),
-])
+@pytest.mark.parametrize(("command", "extra", "advice"), [
+    ("pretrain", [], "lower --batch-size and raise accum_steps by the same factor to keep the batch per optimizer "
+                     "step, e.g. --batch-size 4 --accum-steps 2"),
+    ("pretrain", ["global_batch=16"], "lower --batch-size, e.g. --batch-size 4: global_batch=16 then takes more "
+                                      "accumulation steps (now accum_steps=2)"),
+    ("finetune", ["--accum-steps", "2"], "e.g. --batch-size 4 --accum-steps 4"),
+    ("linprobe", [], "lower --batch-size or run more processes (the linear probe does not accumulate gradients"),
+], ids=["pretrain", "pretrain-global-batch", "finetune", "linprobe"])
 def test_out_of_memory_names_the_batch_size_and_what_to_change(tmp_path, capsys, monkeypatch, checkpoint,
-                                                              command, advice):
+                                                              command, extra, advice):
     """An out-of-memory training step (raised here from backward) -> one line with the per-process batch size."""
     source = [] if command == "pretrain" else ["--checkpoint", str(checkpoint)]
     monkeypatch.setattr(torch.Tensor, "backward", _backward_out_of_memory)
     err = error_line(capsys, [command, *source, "--data", "synthetic", "data.num_samples=16", "--num-workers", "0",
-                              "--output", str(tmp_path / "out"), *QUIET, *one_epoch(command),
+                              "--output", str(tmp_path / "out"), *QUIET, *one_epoch(command), *extra,
                               *(TINY if command == "pretrain" else [])])
     assert "out of memory on cpu in a training step at batch_size=8 per process" in err
     assert advice in err
