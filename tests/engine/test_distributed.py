@@ -1,5 +1,8 @@
-"""torchrun with the gloo backend on CPU: 2 processes == 1 process with the same global batch."""
+"""torchrun with the gloo backend on CPU: 2 processes == 1 process with the same global batch; a signal stops
+every rank after the same step."""
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -7,16 +10,20 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MODEL_ARGS, assert_weights_close
+from tests.engine import signal_child
 
 COMMON = ["--epochs", "2", "--num-workers", "0", "--no-progress", "data.num_samples=64", "lr=0.002",
           *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]]
 
 
+def _torchrun(nproc):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
 def _run(args, nproc=None):
     prefix = [sys.executable, "-m", "maelab"]
     if nproc:
-        prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                  "-m", "maelab"]
+        prefix = [*_torchrun(nproc), "-m", "maelab"]
     proc = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -134,3 +141,30 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "maelab", "pretrain", "--output", str(out), "--batch-size", "8",
                            "--resume", *COMMON], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "global batch of 16" in proc.stderr
+
+
+@pytest.mark.parametrize("to", ["torchrun-group", "rank1"])
+def test_signal_stops_every_rank_after_the_same_step(tmp_path, to):
+    # torchrun-group: SIGTERM to torchrun's process group; torchrun forwards it to each rank's own process group
+    # (a DataLoader worker included). rank1: SIGUSR1 to rank 1 alone; rank 0 learns it through the ranks' agreement.
+    group = to == "torchrun-group"
+    sig = signal.SIGTERM if group else signal.SIGUSR1
+    out = tmp_path / "run"
+    proc, ready = signal_child.start(out, 3, ["--batch-size", "8", *COMMON, "--num-workers", "1"],
+                                     ranks="all" if group else "1", launcher=tuple(_torchrun(2)))
+    pids = signal_child.wait_ready(proc, ready, [0, 1] if group else [1])  # step 3 of 8: mid-run
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(pids[1], sig)  # rank 0 is not held: it waits for rank 1 in the step's all-reduce
+    stdout, stderr = proc.communicate(timeout=120)
+    for rank in (0, 1):
+        assert f"received signal {sig.value} (rank {rank}): stopped after step 3" in stderr, stderr[-3000:]
+        assert (ready / f"exit{rank}").read_text() == "0"
+    assert "DataLoader worker" not in stderr
+    # torchrun itself exits 1 when it was signaled: its agent re-raises the signal as a SignalException
+    assert proc.returncode == (1 if group else 0), stderr[-3000:]
+    assert stdout.count("stopped (resume with --resume)") == 1  # only rank 0 reports
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 3 and state["world_size"] == 2

@@ -1,4 +1,5 @@
-"""Crash and preemption: SIGKILL at random moments and SIGTERM, then --resume, change nothing."""
+"""Crash and preemption: SIGKILL at random moments, SIGTERM/SIGUSR1/Ctrl-C to the main process or the whole
+process group, then --resume, change nothing."""
 
 import os
 import random
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MODEL_ARGS
+from tests.engine import signal_child
 
 ARGS = ["--epochs", "3", "--batch-size", "8", "--num-workers", "0", "--no-progress", "data.num_samples=64",
         "lr=0.002", "deterministic=true", *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]]
@@ -52,7 +54,7 @@ def ref(tmp_path_factory) -> Path:
 
 def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, ref):
     out = tmp_path / "killed"
-    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    rng = random.Random(1)
     kills = 0
     for attempt in range(3):
         extra = ["save_every_steps=1"] + (["--resume"] if attempt else [])
@@ -69,17 +71,28 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, ref):
     _assert_same(_weights(ref), _weights(out))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl_c"])
-def test_signal_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, ref, sig):
+HOLD_STEP = 5  # the signal arrives in step 5 of 24 (epoch 1 of 3): mid-run, mid-epoch
+CASES = [(signal.SIGTERM, "group"), (signal.SIGUSR1, "group"), (signal.SIGINT, "group"), (signal.SIGTERM, "main"),
+         (signal.SIGUSR1, "main")]
+
+
+@pytest.mark.parametrize("sig,to", CASES, ids=["sigterm-group", "sigusr1-group", "ctrl_c", "sigterm-main",
+                                               "sigusr1-main"])
+def test_signal_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, ref, sig, to):
+    # "group": every process of the job, a DataLoader worker included (SLURM, timeout, Ctrl-C in a terminal)
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert _wait_for(out / "config.yaml", proc)
-    time.sleep(0.5)
-    proc.send_signal(sig)
+    proc, ready = signal_child.start(out, HOLD_STEP, [*ARGS, "--num-workers", "1"])
+    pid = signal_child.wait_ready(proc, ready, [0])[0]
+    if to == "group":
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(pid, sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
-    if state["epoch"] < 3:  # the signal arrived before the run ended
-        assert "stopped" in stdout and "received signal" in stderr
-    subprocess.run(_cmd(out, "--resume"), check=True, capture_output=True, timeout=300)
-    _assert_same(_weights(ref), _weights(out))
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert f"received signal {sig.value}: stopped after step {HOLD_STEP}" in stderr and "stopped" in stdout
+    assert stderr.count("Ctrl-C: saving") == (sig == signal.SIGINT)  # once, not once per process
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step"] == HOLD_STEP  # < 24: mid-run
+    if to == "group" and sig != signal.SIGINT:  # the same checkpoint in every case: resumed twice, not five times
+        subprocess.run(_cmd(out, "--resume"), check=True, capture_output=True, timeout=300)
+        _assert_same(_weights(ref), _weights(out))

@@ -44,12 +44,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from maelab.config import BUILTIN_DATASETS, processes_on_node
-from maelab.data.loader import ResumableSampler, sample_seed
+from maelab.data.loader import ResumableSampler, SignalSafeDataLoader, sample_seed
 
 Size = int | tuple[int, int]
 
@@ -165,7 +165,7 @@ def load_uint8_tensor(dataset: Dataset, num_workers: int = 0, batch_size: int = 
         raise ValueError("load_uint8_tensor: the dataset is empty")
     from tqdm.auto import tqdm
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = SignalSafeDataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     images: torch.Tensor | None = None
     labels = torch.empty(n, dtype=torch.int64)
     pos = 0

@@ -45,14 +45,14 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from maelab.data.folders import ImageFolderDataset
 from maelab.data.gpu import antialiased_resized_crop
-from maelab.data.loader import ResumableSampler
+from maelab.data.loader import ResumableSampler, SignalSafeDataLoader
 from maelab.data.prefetch import normalize_uint8, stats_tensors
 from maelab.errors import DataError
 
@@ -240,7 +240,7 @@ class JPEGDecodeLoader:
         self.hflip = hflip
         self.crop = v2.RandomResizedCrop(self.img_size, scale=(min_scale, 1.0), ratio=ratio,
                                          interpolation=InterpolationMode.BICUBIC, antialias=True)
-        self.loader = DataLoader(
+        self.loader = SignalSafeDataLoader(
             EncodedImageFolder(folder), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
             collate_fn=collate_encoded, drop_last=True, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,

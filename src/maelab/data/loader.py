@@ -5,16 +5,21 @@ by ``seed`` and the epoch), split across ranks like ``DistributedSampler``, that
 part-way through an epoch. ``SeededDataset`` seeds torch's RNG with ``sample_seed`` before
 loading, so every sample's augmentation depends only on (seed, epoch, index): not on the
 number of workers, on which worker loads it, or on where a run was resumed.
+Every DataLoader maelab builds is a :class:`SignalSafeDataLoader`: its workers leave SIGTERM,
+SIGUSR1 and SIGINT to the main process (see :mod:`maelab.engine.signals`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from maelab.engine.signals import ignore_stop_signals, stop_signals_blocked
 
 _MIX = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
@@ -93,6 +98,24 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+class SignalSafeDataLoader(DataLoader):
+    """A DataLoader whose worker processes ignore SIGTERM, SIGUSR1 and SIGINT.
+
+    A scheduler's or terminal's signal to the whole process group then reaches only the main
+    process, which saves and stops, instead of killing a worker (torch's "DataLoader worker is
+    killed by signal" error). Workers are forked with those signals blocked until their
+    ``worker_init_fn`` (``ignore_stop_signals``, chained with the one given here) ignores them.
+    """
+
+    def __init__(self, dataset: Dataset, *, worker_init_fn: Callable[[int], Any] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(dataset, worker_init_fn=partial(ignore_stop_signals, init=worker_init_fn), **kwargs)
+
+    def __iter__(self) -> Any:
+        with stop_signals_blocked():  # workers (and persistent ones) are forked here
+            return super().__iter__()
+
+
 def build_loader(dataset: Dataset, batch_size: int, sampler: ResumableSampler, num_workers: int,
                  pin_memory: bool = False, drop_last: bool = True) -> DataLoader:
     """DataLoader over ``SeededDataset(dataset)`` driven by ``sampler``; drops incomplete batches by default.
@@ -103,7 +126,7 @@ def build_loader(dataset: Dataset, batch_size: int, sampler: ResumableSampler, n
     batches in page-locked memory, so the step's ``.to(device, non_blocking=True)`` overlaps
     compute. Batches come out in sampler order, which exact resumption relies on.
     """
-    return DataLoader(
+    return SignalSafeDataLoader(
         SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -47,6 +46,7 @@ from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import (autocast, explain_out_of_memory, rng_state, seed_everything,
                                    set_rng_state)
 from maelab.engine.schedule import lr_at
+from maelab.engine.signals import StopFlag
 from maelab.engine.step import TrainStep
 from maelab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from maelab.models.mae import MaskedAutoencoder
@@ -68,48 +68,6 @@ class RunResult:
     step: int
     epoch: int
     stopped_early: bool = False
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGUSR1 (preemption) or a first Ctrl-C: the loop saves a checkpoint and
-    exits cleanly. A second Ctrl-C aborts at once (the last checkpoint stays intact)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._received: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT):
-            if sig is None:
-                continue
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT:
-            if self._received is not None:
-                raise KeyboardInterrupt
-            log.warning("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)")
-        self._received = signum
-
-    def agree(self, info: Any) -> None:
-        """Make the signal visible (on every rank at the same step, under torch.distributed)."""
-        if not info.enabled:
-            self.signum = self._received
-            return
-        flag = torch.tensor([float(self._received or 0)])
-        if torch.distributed.get_backend() == "nccl":
-            flag = flag.cuda()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.signum = int(flag.item()) or None
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
@@ -503,7 +461,7 @@ class Pretrainer:
         if self.compiled and self.is_main:
             log.info("torch.compile: the first steps compile the model (a minute or more for large models; "
                      "compile=off skips it)")
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while self.epoch < cfg.epochs and not stopped:
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}")
                 self.sampler.set_epoch(self.epoch, start=start_batch * cfg.batch_size)
@@ -558,8 +516,10 @@ class Pretrainer:
                     if stop.signum is not None or hit_max:
                         self._flush_window(window, window_steps)
                         self.save(done_in_epoch)
-                        if stop.signum is not None:
-                            log.warning("received signal %d: saved %s and stopped", stop.signum, self.ckpt_dir / LAST)
+                        if stop.signum is not None:  # every rank says so: all stop after the same step
+                            rank = f" (rank {self.dist.rank})" if self.dist.enabled else ""
+                            log.warning("received signal %d%s: stopped after step %d, saved %s", stop.signum, rank,
+                                        self.step, self.ckpt_dir / LAST)
                         stopped = True
                         break
                     if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 \

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from maelab.config import DataConfig, ModelConfig, to_dict
 from maelab.data import build_dataset, dataset_info, default_stats, eval_transform
+from maelab.data.loader import SignalSafeDataLoader
 from maelab.engine.distributed import DistInfo
 from maelab.errors import CheckpointError, ConfigError, DataError
 from maelab.models.mae import MaskedAutoencoder
@@ -128,8 +129,8 @@ def frozen_encoder_setup(cfg: Any) -> tuple[DistInfo, torch.device, torch.dtype,
 def plain_loader(ds: Dataset, batch_size: int, num_workers: int, device: torch.device,
                  collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
     """Sequential, non-dropping loader for evaluation and feature extraction (``collate_fn``: torch's default)."""
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate_fn)
+    return SignalSafeDataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                                pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate_fn)
 
 
 # ---------------------------------------------------------------------------------- torchrun helpers
