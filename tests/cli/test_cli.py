@@ -68,6 +68,32 @@ def test_visualize_own_images(run_dir, tmp_path):
         assert im.format == "PNG" and im.size[0] > 100
 
 
+def test_visualize_refuses_encoder_only_checkpoints(run_dir, tmp_path, capsys):
+    """A checkpoint without decoder weights (exported encoder, official mae_pretrain_*.pth layout, ViT directory)
+    would reconstruct with a random decoder: one line instead of a meaningless picture."""
+    import maelab
+    from maelab.models.hf import save_hf
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("RGB", (32, 32), (40, 100, 200)).save(imgs / "a.png")
+    enc = tmp_path / "encoder.safetensors"
+    assert main(["export", "--checkpoint", str(run_dir), "--output", str(enc)]) == 0
+    mae = maelab.create_model("mae_vit_pico_patch4_32")
+    official = tmp_path / "mae_pretrain_vit_pico.pth"
+    torch.save({"model": mae.encoder_state_dict()}, official)
+    full = tmp_path / "mae_visualize_vit_pico.pth"
+    torch.save({"model": mae.state_dict()}, full)
+    vit_dir = save_hf(mae, tmp_path / "hf_vit", encoder_only=True)
+    capsys.readouterr()
+    for source in (enc, official, vit_dir):
+        err = _error_line(capsys, ["visualize", "--checkpoint", str(source), "--images", str(imgs),
+                                   "--output", str(tmp_path / "r.png")])
+        assert "encoder-only" in err and str(source) in err
+    assert main(["visualize", "--checkpoint", str(full), "--images", str(imgs), "--output",
+                 str(tmp_path / "full.png")]) == 0
+
+
 def test_models_lists_presets(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out

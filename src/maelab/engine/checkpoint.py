@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from maelab.config import ModelConfig, from_dict
-from maelab.errors import CheckpointError
+from maelab.errors import CheckpointError, error_summary
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _try_load(path: Path) -> dict[str, Any] | None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickle errors, ...
-        log.warning("checkpoint %s is corrupt or unreadable (%s: %s)", path, type(e).__name__, e)
+        log.warning("checkpoint %s is corrupt or unreadable (%s)", path, error_summary(e))
         return None
     if not isinstance(obj, dict) or "model" not in obj:
         log.warning("checkpoint %s has no model weights", path)
@@ -156,16 +156,33 @@ def load_pretrained(path: str | Path, **overrides: Any):  # -> MaskedAutoencoder
     return load_pretrained_with_config(path, **overrides)[0]
 
 
-def load_pretrained_with_config(path: str | Path, **overrides: Any) -> tuple[Any, dict[str, Any] | None]:
-    """``load_pretrained`` plus the pre-training run's config dict (None for other sources)."""
-    from maelab.models.hf import is_hf_dir, load_hf
+def _encoder_only(source: str | Path) -> CheckpointError:
+    """The error for a reconstruction asked of a checkpoint without decoder weights."""
+    return CheckpointError(f"{source}: an encoder-only checkpoint (no decoder weights: the released "
+                           "mae_pretrain_vit_*.pth files, exported encoders and ViT directories have none), so it "
+                           "cannot reconstruct; use a full one (a maelab run, mae_visualize_vit_*.pth, a ViTMAE "
+                           "directory)")
+
+
+def load_pretrained_with_config(path: str | Path, need_decoder: bool = False,
+                                **overrides: Any) -> tuple[Any, dict[str, Any] | None]:
+    """``load_pretrained`` plus the pre-training run's config dict (None for other sources).
+
+    ``need_decoder``: refuse (CheckpointError) a source without decoder weights instead of returning a model
+    whose decoder is freshly initialized (for reconstructions)."""
+    from maelab.models.hf import is_hf_dir, load_hf, read_hf
     from maelab.models.mae import MaskedAutoencoder
-    from maelab.models.weights import load_official_checkpoint, read_checkpoint, read_export_metadata
+    from maelab.models.weights import (load_official_checkpoint, read_checkpoint, read_export_metadata,
+                                       unwrap_state_dict)
 
     if is_hf_dir(path):
+        if need_decoder and not any(k.startswith("decoder_") for k in read_hf(path)[0]):
+            raise _encoder_only(path)
         return load_hf(path, **overrides), None
     p = resolve_checkpoint_path(path)
     if p.suffix == ".safetensors":
+        if need_decoder:
+            raise _encoder_only(p)
         meta = read_export_metadata(p)
         cfg = from_dict(ModelConfig, {**meta["model_config"], **overrides})
         model = MaskedAutoencoder(cfg)
@@ -185,4 +202,6 @@ def load_pretrained_with_config(path: str | Path, **overrides: Any) -> tuple[Any
         except RuntimeError as e:
             raise CheckpointError(f"{p}: weights do not match its recorded architecture ({e})") from e
         return model, raw.get("config")
-    return load_official_checkpoint(raw, **overrides), None
+    if need_decoder and not any(k.startswith("decoder_") for k in unwrap_state_dict(raw, str(p))):
+        raise _encoder_only(p)
+    return load_official_checkpoint(raw, source=str(p), **overrides), None

@@ -34,7 +34,7 @@ def collect_images(inputs: list[str], limit: int) -> list[Path]:
 def visualize_images(checkpoint: str, inputs: list[str], output: str, mask_ratio: float | None = None,
                      seed: int = 0, device: str = "auto", max_images: int = 8) -> Path:
     """Write a reconstruction grid for the given images; returns the PNG path."""
-    model, run_cfg = load_pretrained_with_config(checkpoint)
+    model, run_cfg = load_pretrained_with_config(checkpoint, need_decoder=True)
     cfg = model.cfg
     if cfg.target != "pixels":
         raise DataError(f"{checkpoint}: the model predicts {cfg.target} features, not pixels: there is no "
@@ -47,7 +47,7 @@ def visualize_images(checkpoint: str, inputs: list[str], output: str, mask_ratio
     mean, std = default_stats(cfg.in_chans)  # the run's own normalization when it recorded one
     data_cfg = (run_cfg or {}).get("data", {})
     mean, std = tuple(data_cfg.get("mean") or mean), tuple(data_cfg.get("std") or std)
-    transform = eval_transform(cfg.img_size, mean, std, data_cfg.get("crop_pct", 0.875))
+    transform = eval_transform(cfg.img_size, mean, std, data_cfg.get("crop_pct", "auto"))
     paths = collect_images(inputs, max_images)
     imgs = torch.stack([transform(load_image(p, channels=cfg.in_chans)) for p in paths])
     gen = torch.Generator().manual_seed(seed)
