@@ -26,6 +26,13 @@ def original_message(cls: type[BaseException], text: str) -> str:
     return text.rsplit(marker, 1)[1].strip()
 
 
+def error_summary(err: BaseException) -> str:
+    """``Type: first sentence`` of a library's error, for the parentheses of a one-line message (torch's zip
+    reader appends several sentences of advice; some messages span lines)."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first.split('. ')[0]}"
+
+
 class MaelabError(Exception):
     """A user mistake, reported by the CLI as one line and a non-zero exit."""
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from maelab.config import ModelConfig
-from maelab.errors import CheckpointError
+from maelab.errors import CheckpointError, error_summary
 from maelab.models.mae import MaskedAutoencoder
 
 _TIMM_BY_DIM = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
@@ -87,7 +87,7 @@ def read_checkpoint(path: str | Path) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({error_summary(e)})") from e
 
 
 def load_official_checkpoint(path_or_state: str | Path | dict[str, Any],
