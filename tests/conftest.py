@@ -18,10 +18,10 @@ TINY_MODEL_ARGS = dict(embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
 
 
 # CI sets MAELAB_REQUIRE_OPTIONAL=1 (.ci/run): there a test skipped because an extra of '.[test]' is missing
-# (the Hugging Face equivalence tests need transformers, the fp8 tests torchao) fails the run instead of
-# passing silently. Local runs without the extras keep skipping them.
+# (the Hugging Face equivalence tests need transformers, the fp8 tests torchao, the shard tests webdataset and
+# datasets) fails the run instead of passing silently. Local runs without the extras keep skipping them.
 REQUIRE_OPTIONAL = os.environ.get("MAELAB_REQUIRE_OPTIONAL") == "1"
-OPTIONAL_EXTRAS = ("transformers", "torchao")
+OPTIONAL_EXTRAS = ("transformers", "torchao", "'webdataset'", "'datasets'")  # quoted as importorskip names them
 _skipped_for_extras: list[str] = []
 
 

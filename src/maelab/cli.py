@@ -100,6 +100,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard(args: argparse.Namespace) -> int:
+    from maelab.data.shards import write_shards
+
+    index = write_shards(args.data, args.output, args.shard_size)
+    print(f"wrote {index['num_samples']} images in {len(index['shards'])} shards to {args.output} "
+          f"(index.json; pre-train with --data {args.output})")
+    return 0
+
+
 def cmd_visualize(args: argparse.Namespace) -> int:
     from maelab.viz.visualize import visualize_images
 
@@ -232,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("shard", help="write an image folder as WebDataset tar shards (+ index.json)")
+    p.add_argument("--data", required=True, help="image folder (ImageFolder classes become the cls field)")
+    p.add_argument("--output", required=True, help="directory for shard-NNNNNN.tar and index.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("visualize", help="reconstruct your own images from a checkpoint")
     p.add_argument("--checkpoint", required=True,

@@ -202,7 +202,9 @@ class DataConfig:
     """Where images come from and how they are loaded."""
 
     name: str = "synthetic"
-    """synthetic, cifar10, cifar100, stl10, or a folder (ImageFolder or a plain tree of images)."""
+    """synthetic, cifar10, cifar100, stl10, a folder (ImageFolder or a plain tree of images), WebDataset shards
+    ('shards/train-{000000..000127}.tar' or a directory written by maelab shard; pre-training only), or a Hugging
+    Face dataset on disk (a save_to_disk directory or a directory of parquet files)."""
     root: str | None = None
     """Local root for torchvision datasets (default ~/.cache/maelab/data)."""
     download: bool = False
@@ -229,6 +231,8 @@ class DataConfig:
     hflip: bool = True
     strict: bool = False
     """Fail on the first unreadable image instead of skipping it."""
+    image_column: str | None = None
+    """Hugging Face datasets on disk: the column holding the images (default: the first Image feature)."""
     gpu_resident: str | bool = "auto"
     """Pre-training: keep the decoded training set on the device as uint8 and crop/flip/normalize whole batches
     there (maelab.data.gpu). auto: on for CUDA when the images have at most 64 px on their longer side

@@ -1,7 +1,8 @@
 """One entry point from a :class:`~maelab.config.DataConfig` to a dataset.
 
 ``cfg.name`` picks the source: ``synthetic``, ``cifar10``, ``cifar100``, ``stl10`` (known
-names win over folders of the same name), or a path to an image folder. Items are
+names win over folders of the same name), WebDataset shards (``*.tar`` patterns or a directory
+written by ``maelab shard``), a saved Hugging Face dataset, or a path to an image folder. Items are
 ``(transform(image), int label)``: with a transform from :mod:`maelab.data.transforms`
 that is ``(float tensor [C, H, W], label)``; label -1 means unlabeled.
 """
@@ -20,6 +21,8 @@ from torchvision.datasets import STL10
 
 from maelab.config import DataConfig
 from maelab.data.folders import ImageFolderDataset, find_image_classes
+from maelab.data.hf_datasets import HFImageDataset, is_hf_dataset_dir, load_hf_table
+from maelab.data.shards import ShardStream, is_shard_spec
 from maelab.data.synthetic import SyntheticShapes
 from maelab.data.torchvision_sets import TORCHVISION_SETS, build_torchvision_dataset
 from maelab.errors import DataError
@@ -125,11 +128,30 @@ def build_dataset(cfg: DataConfig, *, img_size: int | tuple[int, int], in_chans:
         wrapped = transform if in_chans == 3 else _ToChannels(in_chans, transform)
         return build_torchvision_dataset(key, cfg.root, train=train, download=cfg.download,
                                          transform=wrapped, split=cfg.split)
+    if is_shard_spec(name):
+        return _shard_stream(cfg, img_size, in_chans, train, transform, seed)
     root = Path(name).expanduser()
     if not root.is_dir():
-        raise DataError(f"unknown dataset or missing folder {name!r}: use synthetic, cifar10, "
-                        "cifar100, stl10 or an image folder")
+        raise DataError(f"unknown dataset or missing folder {name!r}: use synthetic, cifar10, cifar100, stl10, "
+                        "an image folder, WebDataset shards (*.tar) or a saved Hugging Face dataset")
+    if is_hf_dataset_dir(root):
+        return HFImageDataset(load_hf_table(root, cfg.split, train), root, transform=transform, channels=in_chans,
+                              strict=cfg.strict, target_size=decode_size(img_size, cfg.min_scale),
+                              image_column=cfg.image_column)
     return _folder_dataset(cfg, root, img_size, in_chans, train, transform)
+
+
+def _shard_stream(cfg: DataConfig, img_size: int | tuple[int, int], in_chans: int, train: bool,
+                  transform: Callable[[Any], Any] | None, seed: int) -> ShardStream:
+    """This rank's :class:`~maelab.data.shards.ShardStream` of the shards ``cfg.name`` (training only)."""
+    if not train:
+        raise DataError(f"WebDataset shards {cfg.name!r} are read for pre-training only: evaluate on an image "
+                        "folder or a saved Hugging Face dataset")
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return ShardStream(cfg.name, transform=transform, channels=in_chans, strict=cfg.strict,
+                       target_size=decode_size(img_size, cfg.min_scale), seed=seed, rank=rank, world_size=world)
 
 
 def dataset_info(ds: Dataset) -> tuple[int | None, bool]:

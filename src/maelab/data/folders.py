@@ -89,6 +89,16 @@ def _has_image(directory: Path) -> bool:
     return False
 
 
+def warn_skipped(n: int, err: DataError, where: object) -> None:
+    """Log the ``n``-th unreadable image skipped in ``where``: named for the first few, then counted."""
+    if n <= MAX_NAMED_WARNINGS:
+        log.warning("skipping unreadable image (%d so far): %s", n, err)
+    if n == MAX_NAMED_WARNINGS:
+        log.warning("further unreadable images are only counted (attribute num_skipped)")
+    elif n > MAX_NAMED_WARNINGS and n & (n - 1) == 0:
+        log.warning("skipped %d unreadable images so far in %s", n, where)
+
+
 class ImageFolderDataset(Dataset):
     """Images from a folder tree, labeled by class subfolder or unlabeled (label -1).
 
@@ -162,13 +172,7 @@ class ImageFolderDataset(Dataset):
     def _skip(self, index: int, err: DataError) -> None:
         self._bad.add(index)
         self.num_skipped += 1
-        n = self.num_skipped
-        if n <= MAX_NAMED_WARNINGS:
-            log.warning("skipping unreadable image (%d so far): %s", n, err)
-        if n == MAX_NAMED_WARNINGS:
-            log.warning("further unreadable images are only counted (attribute num_skipped)")
-        elif n > MAX_NAMED_WARNINGS and n & (n - 1) == 0:
-            log.warning("skipped %d unreadable images so far in %s", n, self.root)
+        warn_skipped(self.num_skipped, err, self.root)
 
     def first_readable(self, index: int, read: Callable[[int], T]) -> tuple[int, T]:
         """``(i, read(i))`` for the first ``i`` from ``index`` on (wrapping) that ``read`` accepts.

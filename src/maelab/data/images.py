@@ -24,6 +24,7 @@ Every failure (missing, zero-byte, truncated, not an image, too large) raises
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,11 +121,13 @@ def _is_empty(path: str | Path) -> bool:
         return False
 
 
-def load_image(path: str | Path, channels: int = 3, target_size: int | None = None) -> Image.Image:
-    """Read an image file as an 8-bit PIL image with ``channels`` (1 -> 'L', 3 -> 'RGB').
+def load_image(path: str | Path | bytes, channels: int = 3, target_size: int | None = None,
+               name: str | None = None) -> Image.Image:
+    """Read an image file (or its encoded bytes) as an 8-bit PIL image with ``channels`` (1 -> 'L', 3 -> 'RGB').
 
     Args:
-        path: image file.
+        path: image file, or the file's bytes (a WebDataset or Hugging Face ``datasets`` sample).
+        name: what errors call the image (default: ``path``; give one for bytes).
         channels: 1 or 3.
         target_size: if given, the image may be decoded/reduced to a smaller size whose
             short side is still >= target_size (fast path for huge JPEGs). None keeps the
@@ -137,20 +140,24 @@ def load_image(path: str | Path, channels: int = 3, target_size: int | None = No
         DataError: the file is missing, unreadable, truncated, not an image, or larger than
             :data:`MAX_PIXELS`.
     """
+    encoded = isinstance(path, bytes)
+    where = name or ("<image bytes>" if encoded else path)
     if channels not in (1, 3):
-        raise DataError(f"cannot read image {path}: image files give 1 or 3 channels, "
+        raise DataError(f"cannot read image {where}: image files give 1 or 3 channels, "
                         f"not channels={channels}")
     mode = "RGB" if channels == 3 else "L"
     try:
+        if encoded and not path:
+            raise DataError(f"cannot read image {where}: empty file (0 bytes)")
         with pixel_limit_lifted():
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(path) if encoded else path)
         with img:
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise DataError(f"cannot read image {path}: {w}x{h} pixels is more than "
+                raise DataError(f"cannot read image {where}: {w}x{h} pixels is more than "
                                 f"maelab.data.images.MAX_PIXELS={MAX_PIXELS:,}")
             if w < 1 or h < 1:
-                raise DataError(f"cannot read image {path}: empty image ({w}x{h})")
+                raise DataError(f"cannot read image {where}: empty image ({w}x{h})")
             if target_size is not None and img.format == "JPEG":
                 draft_mode = mode if img.mode in ("RGB", "L") else None
                 img.draft(draft_mode, (target_size, target_size))
@@ -170,5 +177,5 @@ def load_image(path: str | Path, channels: int = 3, target_size: int | None = No
         elif isinstance(e, IsADirectoryError):
             reason = "is a directory"
         elif isinstance(e, UnidentifiedImageError):
-            reason = "empty file (0 bytes)" if _is_empty(path) else "not a recognised image format"
-        raise DataError(f"cannot read image {path}: {reason}") from e
+            reason = "empty file (0 bytes)" if not encoded and _is_empty(path) else "not a recognised image format"
+        raise DataError(f"cannot read image {where}: {reason}") from e

@@ -90,12 +90,18 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
-        if get_worker_info() is not None:  # a worker process: its RNG serves only the data
-            torch.default_generator.manual_seed(seed)
-            return self.dataset[index]
-        with torch.random.fork_rng(devices=[]):  # main process: leave its RNG (dropout, ...) alone
-            torch.default_generator.manual_seed(seed)
-            return self.dataset[index]
+        return seeded_call(seed, self.dataset.__getitem__, index)
+
+
+def seeded_call(seed: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with torch's CPU generator seeded by ``seed``: in a DataLoader worker simply seeded (its RNG
+    serves only the data), in the main process inside ``fork_rng``, leaving the training RNG (dropout, ...) alone."""
+    if get_worker_info() is not None:
+        torch.default_generator.manual_seed(seed)
+        return fn(*args)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return fn(*args)
 
 
 class SignalSafeDataLoader(DataLoader):

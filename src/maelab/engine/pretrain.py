@@ -27,7 +27,9 @@ from maelab.data.build import EVAL_SPLIT_DIRS
 from maelab.data.gpu import (FIXED_SIZE_DATASETS, DeferredTransform, GPUBatchLoader, load_uint8_tensor,
                              peek_image_sizes, plan_gpu_resident, uint8_transform)
 from maelab.data.jpeg_gpu import JPEGDecodeLoader, resolve_decode
+from maelab.data.folders import ImageFolderDataset
 from maelab.data.loader import ResumableSampler, build_loader
+from maelab.data.shards import ShardStream, build_stream_loader
 from maelab.data.prefetch import DeviceBatches
 from maelab.engine.accel import compile_or_eager, convert_to_fp8, explain_compile_failure, uses_cudagraphs
 from maelab.engine.checkpoint import LAST, atomic_link, atomic_save, config_mismatch, load_resume_state, rotate
@@ -207,10 +209,16 @@ class Pretrainer:
         if len(self.dataset) < cfg.batch_size * self.dist.world_size:
             raise DataError(f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than one global batch "
                             f"(batch_size={cfg.batch_size} x {self.dist.world_size} processes): lower --batch-size")
-        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
-                                        world_size=self.dist.world_size)
+        self.sampler: Any = ResumableSampler(len(self.dataset), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
+                                             world_size=self.dist.world_size)
+        per_rank = len(self.sampler)
         self.loader: Any
-        if self.gpu_resident:
+        if isinstance(self.dataset, ShardStream):  # its own sampler: set_epoch positions the stream
+            self.sampler, per_rank = self.dataset, self.dataset.samples_per_rank
+            self.loader = DeviceBatches(build_stream_loader(self.dataset, cfg.batch_size, cfg.data.num_workers,
+                                                            pin_memory=self.device.type == "cuda"),
+                                        self.device, self.mean, self.std)
+        elif self.gpu_resident:
             images, labels = load_uint8_tensor(self.dataset, num_workers=cfg.data.num_workers,
                                                progress=self.progress and self.is_main)
             self.loader = GPUBatchLoader(images.to(self.device), labels, cfg.batch_size, self.sampler,
@@ -226,7 +234,7 @@ class Pretrainer:
                                         self.device, self.mean, self.std)
         if self.gpu_resident or cfg.data.decode == "gpu":
             log.info("data: %r", self.loader)
-        self.batches_per_epoch = len(self.sampler) // cfg.batch_size
+        self.batches_per_epoch = per_rank // cfg.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.accum_steps
         if self.steps_per_epoch == 0:
             raise ConfigError(f"invalid accum_steps={cfg.accum_steps}: an epoch has only "
@@ -257,6 +265,11 @@ class Pretrainer:
         ds = build_dataset(data, img_size=img_size, in_chans=in_chans, train=True, transform=transform, seed=cfg.seed)
         fixed = data.name.lower() in FIXED_SIZE_DATASETS
         mode = data.gpu_resident
+        if not (fixed or type(ds) is ImageFolderDataset):  # shards and HF datasets: the CPU DataLoader
+            if mode == "on" or data.decode == "gpu":
+                raise ConfigError(f"data.gpu_resident=on and data.decode=gpu need an image folder or a built-in "
+                                  f"dataset, not {data.name!r}: use gpu_resident=auto and decode=cpu")
+            mode = "off"
         if mode == "auto" and (self.device.type != "cuda" or data.decode == "gpu"):
             mode = "off"  # an explicit decode=gpu asks for per-batch device decoding
         store = None
@@ -294,7 +307,11 @@ class Pretrainer:
         try:
             n = min(NUM_VIS_SAMPLES, len(ds))
             step = max(len(ds) // n, 1)
-            imgs = torch.stack([ds[i * step][0] for i in range(n)])
+            if isinstance(ds, ShardStream):  # a stream: its first images
+                imgs = torch.stack(ds.head(n, self._transform.transform))
+                n = imgs.shape[0]
+            else:
+                imgs = torch.stack([ds[i * step][0] for i in range(n)])
         finally:
             self._transform.set(training_transform)
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
@@ -311,6 +328,9 @@ class Pretrainer:
         if self.fsdp:
             log.warning("knn_every is ignored with fsdp=true (sharded forward passes need every rank)")
             return None
+        if isinstance(self.dataset, ShardStream):
+            raise ConfigError("knn_every needs an indexable training set, not WebDataset shards: set knn_every=0 "
+                              "and run maelab knn on an image folder or a saved Hugging Face dataset")
         tf = eval_transform(self.model_cfg.img_size, self.mean, self.std, self.cfg.data.crop_pct)
         kw = dict(img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans, transform=tf, seed=self.cfg.seed)
         train = build_dataset(self.cfg.data, train=True, **kw)
@@ -409,6 +429,12 @@ class Pretrainer:
         # position in the epoch, in this run's per-rank batches (the world size may have changed)
         samples_done = state["batch_in_epoch"] * saved_cfg.get("batch_size", self.cfg.batch_size) * saved_world
         self._resume_batch = samples_done // (self.cfg.batch_size * self.dist.world_size)
+        saved_workers = saved_cfg.get("data", {}).get("num_workers", self.cfg.data.num_workers)
+        if isinstance(self.dataset, ShardStream) and self._resume_batch and \
+                (saved_world, saved_workers) != (self.dist.world_size, self.cfg.data.num_workers):
+            log.warning("WebDataset shards: the interrupted epoch continues in another order (the run had %d "
+                        "processes x %d workers, now %d x %d); the next epochs are exact again", saved_world,
+                        saved_workers, self.dist.world_size, self.cfg.data.num_workers)
         self.epoch_loss_sum = state.get("epoch_loss_sum", 0.0)
         self.epoch_steps_done = state.get("epoch_steps_done", 0)
         self.bad_steps = state.get("bad_steps", 0)

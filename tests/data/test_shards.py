@@ -1,0 +1,215 @@
+"""WebDataset shards (``maelab shard``, :class:`ShardStream`) and Hugging Face datasets on disk."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maelab.cli import main
+from maelab.data.hf_datasets import HFImageDataset, load_hf_table
+from maelab.data.shards import ShardStream, build_stream_loader, write_shards
+from maelab.data.transforms import pretrain_transform
+from maelab.errors import DataError
+
+datasets = pytest.importorskip("datasets")
+wds = pytest.importorskip("webdataset")
+
+N_IMAGES = 24
+PICO = ["--model", "mae_vit_pico_patch4_32", "--device", "cpu", "--no-progress", "--epochs", "1"]
+
+
+def _images(root: Path, n: int = N_IMAGES) -> list[np.ndarray]:
+    """``n`` distinct 8x8 PNGs in two class folders (a/, b/), returned as arrays in scan order."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i in range(n):
+        arr = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        cls = "ab"[i % 2]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(root / cls / f"img{i:03d}.v1.png")  # a dot in the stem too
+        arrays.append(arr)
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("imgs")
+    _images(root)
+    return root
+
+
+def _shards(folder: Path, tmp_path: Path, size: int) -> Path:
+    out = tmp_path / f"shards{size}"
+    write_shards(folder, out, size)
+    return out
+
+
+def _pixels(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img))
+
+
+def test_shard_cli_writes_file_bytes_labels_and_index(folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sh"
+    assert main(["shard", "--data", str(folder), "--output", str(out), "--shard-size", "5"]) == 0
+    assert "24 images in 5 shards" in capsys.readouterr().out
+    index = json.loads((out / "index.json").read_text())
+    assert index["classes"] == ["a", "b"] and index["num_samples"] == N_IMAGES
+    assert [s["num_samples"] for s in index["shards"]] == [5, 5, 5, 5, 4]
+    seen = {}
+    for s in index["shards"]:
+        for sample in wds.tariterators.tarfile_samples([{"url": str(out / s["name"])}]):
+            seen[sample["__key__"]] = sample
+    assert len(seen) == N_IMAGES
+    for path in sorted(folder.rglob("*.png")):
+        rel = path.relative_to(folder).with_suffix("").as_posix().replace(".", "%2E")
+        assert seen[rel]["png"] == path.read_bytes()
+        assert int(seen[rel]["cls"]) == "ab".index(path.parent.name)
+
+
+def _loader_pixels(stream: ShardStream, batch_size: int, workers: int) -> list[torch.Tensor]:
+    stream.transform = _pixels
+    return [b for b, _ in build_stream_loader(stream, batch_size, workers)]
+
+
+@pytest.mark.parametrize("shard_size", [6, 12])  # 4 shards (one per slot) and 2 shards (shared by 2 slots)
+def test_every_sample_once_across_2_ranks_x_2_workers(folder: Path, tmp_path: Path, shard_size: int) -> None:
+    shards = _shards(folder, tmp_path, shard_size)
+    originals = {np.array(Image.open(p).convert("RGB")).tobytes() for p in folder.rglob("*.png")}
+    seen = []
+    for rank in range(2):
+        stream = ShardStream(str(shards), seed=3, rank=rank, world_size=2)
+        batches = _loader_pixels(stream, batch_size=2, workers=2)
+        assert len(batches) == N_IMAGES // 2 // 2
+        seen += [img.numpy().tobytes() for b in batches for img in b]
+    assert len(seen) == N_IMAGES and set(seen) == originals
+
+
+def test_labels_follow_their_images(folder: Path, tmp_path: Path) -> None:
+    stream = ShardStream(str(_shards(folder, tmp_path, 5)) + "/shard-{000000..000004}.tar", seed=0)
+    stream.set_batching(1, 0)
+    by_pixels = {np.array(Image.open(p).convert("RGB")).tobytes(): "ab".index(p.parent.name)
+                 for p in folder.rglob("*.png")}
+    items = list(stream)
+    assert len(items) == N_IMAGES
+    assert all(by_pixels[np.array(img).tobytes()] == label for img, label in items)
+
+
+def test_resume_mid_epoch_gives_the_same_batches(folder: Path, tmp_path: Path) -> None:
+    """Same world size and workers: batches k.. after set_epoch(e, start=k*bs) equal the full epoch's,
+    augmentation included (k odd, so the workers' lanes rotate)."""
+    stream = ShardStream(str(_shards(folder, tmp_path, 6)), seed=5,
+                         transform=pretrain_transform(8, (0.5,) * 3, (0.5,) * 3))
+    loader = build_stream_loader(stream, batch_size=3, num_workers=2)
+    stream.set_epoch(1)
+    full = [b for b, _ in loader]
+    assert len(full) == N_IMAGES // 3
+    stream.set_epoch(1, start=3 * 3)
+    resumed = [b for b, _ in loader]
+    assert len(resumed) == len(full) - 3
+    for a, b in zip(full[3:], resumed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    stream.set_epoch(2)
+    assert not torch.equal(torch.cat([b for b, _ in loader]), torch.cat(full))  # a new order each epoch
+
+
+def test_unreadable_sample_replaced_or_strict(folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    out.mkdir()
+    with wds.ShardWriter(str(out / "s-%02d.tar"), maxcount=100, verbose=0) as w:
+        paths = sorted(folder.rglob("*.png"))[:4]
+        for i, p in enumerate(paths):
+            w.write({"__key__": f"k{i}", "png": b"not an image" if i == 1 else p.read_bytes(), "cls": 0})
+    stream = ShardStream(str(out / "s-00.tar"), seed=0)
+    stream.set_batching(4, 0)
+    good = {np.array(Image.open(p).convert("RGB")).tobytes() for i, p in enumerate(paths) if i != 1}
+    items = list(stream)
+    assert len(items) == 4 and stream.num_skipped == 1
+    assert all(np.array(img).tobytes() in good for img, _ in items)
+    strict = ShardStream(str(out / "s-00.tar"), seed=0, strict=True)
+    strict.set_batching(4, 0)
+    with pytest.raises(DataError, match=r"s-00.tar:k1: not a recognised image format"):
+        list(strict)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def test_pretrain_on_shards_and_resume_is_exact(folder: Path, tmp_path: Path) -> None:
+    shards = _shards(folder, tmp_path, 6)
+    common = ["pretrain", "--data", str(shards), "--batch-size", "8", "--num-workers", "2", *PICO]
+    assert main([*common, "--output", str(tmp_path / "full")]) == 0
+    records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == N_IMAGES // 8  # the epoch length comes from index.json
+    # stopped after 1 of 3 batches: the workers' lanes rotate on resume
+    assert main([*common, "--output", str(tmp_path / "part"), "--max-steps", "1"]) == 0
+    assert main([*common, "--output", str(tmp_path / "part"), "--resume"]) == 0
+    full, part = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    for k in full:
+        torch.testing.assert_close(part[k], full[k], rtol=0, atol=0, msg=k)
+
+
+def _hf_table(folder: Path) -> object:
+    paths = sorted(folder.rglob("*.png"))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"]),
+                                  "note": datasets.Value("string")})
+    return datasets.Dataset.from_dict(
+        {"image": [str(p) for p in paths], "label": ["ab".index(p.parent.name) for p in paths],
+         "note": ["x"] * len(paths)}, features=features)
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+def test_pretrain_on_hf_dataset(folder: Path, tmp_path: Path, layout: str) -> None:
+    table, root = _hf_table(folder), tmp_path / "hf"
+    if layout == "save_to_disk":
+        table.save_to_disk(str(root))
+    else:
+        root.mkdir()
+        table.to_parquet(str(root / "train-00000-of-00001.parquet"))
+    ds = HFImageDataset(load_hf_table(root, "train", True), root)
+    assert ds.classes == ["a", "b"] and len(ds) == N_IMAGES
+    for i, path in enumerate(sorted(folder.rglob("*.png"))):
+        img, label = ds[i]
+        assert np.array_equal(np.array(img), np.array(Image.open(path).convert("RGB")))
+        assert label == "ab".index(path.parent.name)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(root), "--batch-size", "12", "--num-workers", "0", *PICO,
+                 "--output", str(out)]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == N_IMAGES // 12
+
+
+def test_hf_unreadable_row_skipped_or_strict(folder: Path, tmp_path: Path) -> None:
+    features = datasets.Features({"image": datasets.Image()})
+    good = sorted(folder.rglob("*.png"))[0].read_bytes()
+    table = datasets.Dataset.from_dict({"image": [{"bytes": good, "path": None}, {"bytes": b"junk", "path": None}]},
+                                       features=features)
+    ds = HFImageDataset(table, tmp_path)
+    assert not ds.labeled and ds[1][1] == -1 and ds.num_skipped == 1
+    with pytest.raises(DataError, match=r"\[1\]: not a recognised image format"):
+        HFImageDataset(table, tmp_path, strict=True)[1]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("{tmp}/missing/shard-{{000000..000003}}.tar", "shard not found: {tmp}/missing/shard-000000.tar (and 3 more)"),
+    ("{tmp}/garbage.tar", "cannot read shards"),
+    ("{tmp}/badindex", "cannot read shard index {tmp}/badindex/index.json")])
+def test_bad_shard_spec_is_one_line(tmp_path: Path, capsys, spec: str, message: str) -> None:
+    (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file" * 40)
+    (tmp_path / "badindex").mkdir()
+    (tmp_path / "badindex" / "index.json").write_text('{"format": "webdataset", "shards": [{"name": 1}]}')
+    code = main(["pretrain", "--data", spec.format(tmp=tmp_path), *PICO, "--output", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("maelab: error: ")
+    assert message.format(tmp=tmp_path) in err[0]
+
+
+def test_missing_package_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "webdataset", None)
+    with pytest.raises(DataError, match=r"pip install 'maelab\[shards\]'"):
+        write_shards(tmp_path, tmp_path / "out", 10)
