@@ -213,3 +213,20 @@ def test_missing_package_names_the_extra(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "webdataset", None)
     with pytest.raises(DataError, match=r"pip install 'maelab\[shards\]'"):
         write_shards(tmp_path, tmp_path / "out", 10)
+
+
+def test_hf_image_column_and_splits(folder: Path, tmp_path: Path) -> None:
+    """data.image_column picks the column; a saved DatasetDict gives data.split for training, test for evaluation."""
+    paths = sorted(folder.rglob("*.png"))
+    features = datasets.Features({"thumb": datasets.Image(), "full": datasets.Image()})
+    table = datasets.Dataset.from_dict({"thumb": [str(paths[0])] * 3, "full": [str(p) for p in paths[:3]]},
+                                       features=features)
+    ds = HFImageDataset(table, tmp_path, image_column="full")
+    assert np.array_equal(np.array(ds[2][0]), np.array(Image.open(paths[2]).convert("RGB")))
+    with pytest.raises(DataError, match=r"no image column 'nope' \(data.image_column\); columns: thumb, full"):
+        HFImageDataset(table, tmp_path, image_column="nope")
+    root = tmp_path / "dd"
+    datasets.DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(str(root))
+    assert len(load_hf_table(root, "train", True)) == 3 and len(load_hf_table(root, "train", False)) == 1
+    with pytest.raises(DataError, match=r"no split 'unlabeled' \(data.split\); it has: train, test"):
+        load_hf_table(root, "unlabeled", True)
