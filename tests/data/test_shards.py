@@ -230,3 +230,10 @@ def test_hf_image_column_and_splits(folder: Path, tmp_path: Path) -> None:
     assert len(load_hf_table(root, "train", True)) == 3 and len(load_hf_table(root, "train", False)) == 1
     with pytest.raises(DataError, match=r"no split 'unlabeled' \(data.split\); it has: train, test"):
         load_hf_table(root, "unlabeled", True)
+
+
+def test_epoch_length_counted_without_index(folder: Path, tmp_path: Path) -> None:
+    shards = _shards(folder, tmp_path, 5)
+    (shards / "index.json").unlink()
+    stream = ShardStream(str(shards / "shard-{000000..000004}.tar"))
+    assert stream.num_samples == N_IMAGES and stream.counts == [5, 5, 5, 5, 4]
