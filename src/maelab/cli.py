@@ -156,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from maelab.engine.checkpoint import load_pretrained
     from maelab.models.weights import export_encoder
 
-    model = load_pretrained(args.checkpoint)
+    model = load_pretrained(args.checkpoint, need_decoder=args.format == "hf" and not args.encoder_only)
     if args.format == "hf":
         from maelab.models.hf import save_hf
 

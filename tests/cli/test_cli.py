@@ -68,9 +68,9 @@ def test_visualize_own_images(run_dir, tmp_path):
         assert im.format == "PNG" and im.size[0] > 100
 
 
-def test_visualize_refuses_encoder_only_checkpoints(run_dir, tmp_path, capsys):
+def test_encoder_only_checkpoints_are_refused_where_a_decoder_is_needed(run_dir, tmp_path, capsys):
     """A checkpoint without decoder weights (exported encoder, official mae_pretrain_*.pth layout, ViT directory)
-    would reconstruct with a random decoder: one line instead of a meaningless picture."""
+    would reconstruct (visualize) or export (--format hf) with a random decoder: one line instead."""
     import maelab
     from maelab.models.hf import save_hf
 
@@ -90,6 +90,11 @@ def test_visualize_refuses_encoder_only_checkpoints(run_dir, tmp_path, capsys):
         err = _error_line(capsys, ["visualize", "--checkpoint", str(source), "--images", str(imgs),
                                    "--output", str(tmp_path / "r.png")])
         assert "encoder-only" in err and str(source) in err
+    # a full Hugging Face export of an encoder would ship a random decoder as ViTMAEForPreTraining
+    assert "encoder-only" in _error_line(capsys, ["export", "--checkpoint", str(enc), "--format", "hf",
+                                                  "--output", str(tmp_path / "hf_full")])
+    assert main(["export", "--checkpoint", str(enc), "--format", "hf", "--encoder-only",
+                 "--output", str(tmp_path / "hf_enc")]) == 0
     assert main(["visualize", "--checkpoint", str(full), "--images", str(imgs), "--output",
                  str(tmp_path / "full.png")]) == 0
 

@@ -149,19 +149,11 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return p
 
 
-def load_pretrained(path: str | Path, **overrides: Any):  # -> MaskedAutoencoder
+def load_pretrained(path: str | Path, need_decoder: bool = False, **overrides: Any):  # -> MaskedAutoencoder
     """A MaskedAutoencoder from a run dir, a maelab checkpoint, an official MAE ``.pth``, a Hugging
     Face ViTMAE / ViT directory (``save_pretrained`` output or hub snapshot), or an encoder exported
     by ``maelab export`` (for encoder-only sources the decoder stays freshly initialized)."""
-    return load_pretrained_with_config(path, **overrides)[0]
-
-
-def _encoder_only(source: str | Path) -> CheckpointError:
-    """The error for a reconstruction asked of a checkpoint without decoder weights."""
-    return CheckpointError(f"{source}: an encoder-only checkpoint (no decoder weights: the released "
-                           "mae_pretrain_vit_*.pth files, exported encoders and ViT directories have none), so it "
-                           "cannot reconstruct; use a full one (a maelab run, mae_visualize_vit_*.pth, a ViTMAE "
-                           "directory)")
+    return load_pretrained_with_config(path, need_decoder, **overrides)[0]
 
 
 def load_pretrained_with_config(path: str | Path, need_decoder: bool = False,
@@ -169,20 +161,18 @@ def load_pretrained_with_config(path: str | Path, need_decoder: bool = False,
     """``load_pretrained`` plus the pre-training run's config dict (None for other sources).
 
     ``need_decoder``: refuse (CheckpointError) a source without decoder weights instead of returning a model
-    whose decoder is freshly initialized (for reconstructions)."""
-    from maelab.models.hf import is_hf_dir, load_hf, read_hf
+    whose decoder is freshly initialized (reconstructions, a full Hugging Face export)."""
+    from maelab.models.hf import is_hf_dir, load_hf
     from maelab.models.mae import MaskedAutoencoder
-    from maelab.models.weights import (load_official_checkpoint, read_checkpoint, read_export_metadata,
-                                       unwrap_state_dict)
+    from maelab.models.weights import (encoder_only_error, load_official_checkpoint, read_checkpoint,
+                                       read_export_metadata)
 
     if is_hf_dir(path):
-        if need_decoder and not any(k.startswith("decoder_") for k in read_hf(path)[0]):
-            raise _encoder_only(path)
-        return load_hf(path, **overrides), None
+        return load_hf(path, need_decoder=need_decoder, **overrides), None
     p = resolve_checkpoint_path(path)
     if p.suffix == ".safetensors":
         if need_decoder:
-            raise _encoder_only(p)
+            raise encoder_only_error(p)
         meta = read_export_metadata(p)
         cfg = from_dict(ModelConfig, {**meta["model_config"], **overrides})
         model = MaskedAutoencoder(cfg)
@@ -202,6 +192,4 @@ def load_pretrained_with_config(path: str | Path, need_decoder: bool = False,
         except RuntimeError as e:
             raise CheckpointError(f"{p}: weights do not match its recorded architecture ({e})") from e
         return model, raw.get("config")
-    if need_decoder and not any(k.startswith("decoder_") for k in unwrap_state_dict(raw, str(p))):
-        raise _encoder_only(p)
-    return load_official_checkpoint(raw, source=str(p), **overrides), None
+    return load_official_checkpoint(raw, source=str(p), need_decoder=need_decoder, **overrides), None

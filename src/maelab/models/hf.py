@@ -246,15 +246,16 @@ def read_hf(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return from_hf_state_dict(read_hf_weights(d), str(d)), fields
 
 
-def load_hf(path: str | Path, **overrides: Any):  # -> MaskedAutoencoder
+def load_hf(path: str | Path, need_decoder: bool = False, **overrides: Any):  # -> MaskedAutoencoder
     """A Hugging Face ViTMAE (full MAE) or ViT / ViTMAEModel (encoder; the decoder stays freshly
-    initialized) directory -> :class:`MaskedAutoencoder`, every tensor checked strictly.
-    ``overrides`` set ModelConfig fields (e.g. ``mask_type``)."""
+    initialized, or ``need_decoder`` refuses it) directory -> :class:`MaskedAutoencoder`, every tensor
+    checked strictly. ``overrides`` set ModelConfig fields (e.g. ``mask_type``)."""
     from maelab.models.weights import load_official_checkpoint
 
     sd, fields = read_hf(path)
     fields.update(overrides)
-    return load_official_checkpoint(sd, img_size=fields.pop("img_size"), source=str(path), **fields)
+    return load_official_checkpoint(sd, img_size=fields.pop("img_size"), source=str(path),
+                                    need_decoder=need_decoder, **fields)
 
 
 def save_hf(model: Any, path: str | Path, encoder_only: bool = False) -> Path:

@@ -90,15 +90,25 @@ def read_checkpoint(path: str | Path) -> Any:
         raise CheckpointError(f"{p}: corrupt or unreadable checkpoint ({error_summary(e)})") from e
 
 
+def encoder_only_error(source: str | Path) -> CheckpointError:
+    """The error for a decoder asked of a checkpoint that has none."""
+    return CheckpointError(f"{source}: an encoder-only checkpoint (no decoder weights: the released "
+                           "mae_pretrain_vit_*.pth files, exported encoders and ViT directories have none); "
+                           "reconstructions and a full export need a full one (a maelab run, mae_visualize_vit_*.pth, "
+                           "a ViTMAE directory)")
+
+
 def load_official_checkpoint(path_or_state: str | Path | dict[str, Any],
                              img_size: int | tuple[int, int] | None = None, source: str | None = None,
-                             **overrides: Any) -> MaskedAutoencoder:
+                             need_decoder: bool = False, **overrides: Any) -> MaskedAutoencoder:
     """An official facebookresearch/mae checkpoint (or any state dict in its layout) -> MAE.
 
     Encoder-only files (``mae_pretrain_vit_*.pth``) load strictly into the encoder and leave
     the decoder freshly initialized; full files (``mae_visualize_vit_*.pth``) load strictly
     into the whole model. ``overrides`` set ModelConfig fields that shapes cannot tell, e.g.
     ``norm_pix_loss=True`` or ``decoder_num_heads``; ``source`` names a given state dict in errors.
+    ``need_decoder``: refuse an encoder-only file (CheckpointError) instead of returning a model whose
+    decoder is freshly initialized (reconstructions, a full Hugging Face export).
     """
     source = str(path_or_state) if not isinstance(path_or_state, dict) else source or "state dict"
     raw = read_checkpoint(path_or_state) if not isinstance(path_or_state, dict) else path_or_state
@@ -107,6 +117,8 @@ def load_official_checkpoint(path_or_state: str | Path | dict[str, Any],
     cfg = infer_model_config(sd, img_size=img_size, **overrides)
     model = MaskedAutoencoder(cfg)
     full = any(k.startswith(("decoder_", "mask_token")) for k in sd)
+    if need_decoder and not full:
+        raise encoder_only_error(source)
     target = model if full else model.encoder
     try:
         result = target.load_state_dict(sd, strict=False)
