@@ -191,7 +191,7 @@ def test_hf_unreadable_row_skipped_or_strict(folder: Path, tmp_path: Path) -> No
                                        features=features)
     ds = HFImageDataset(table, tmp_path)
     assert not ds.labeled and ds[1][1] == -1 and ds.num_skipped == 1
-    with pytest.raises(DataError, match=r"\[1\]: not a recognised image format"):
+    with pytest.raises(DataError, match=r"/row1: not a recognised image format"):
         HFImageDataset(table, tmp_path, strict=True)[1]
 
 
@@ -237,3 +237,32 @@ def test_epoch_length_counted_without_index(folder: Path, tmp_path: Path) -> Non
     (shards / "index.json").unlink()
     stream = ShardStream(str(shards / "shard-{000000..000004}.tar"))
     assert stream.num_samples == N_IMAGES and stream.counts == [5, 5, 5, 5, 4]
+
+
+@pytest.mark.parametrize("source", ["shards", "save_to_disk"])
+def test_embed_reads_shards_and_hf_datasets(folder: Path, tmp_path: Path, source: str) -> None:
+    """maelab embed on shards / a saved HF dataset: one row per image, the same features and labels as on the
+    folder they were made from, rows named by shard:key or row<i>."""
+    from safetensors.torch import load_file
+
+    import maelab
+    from maelab.models.weights import export_encoder
+
+    if source == "shards":
+        data = _shards(folder, tmp_path, 10)
+    else:
+        data = tmp_path / "hf"
+        _hf_table(folder).save_to_disk(str(data))
+    ckpt = export_encoder(maelab.create_model("mae_vit_pico_patch4_32"), tmp_path / "enc.safetensors")
+    outs = {}
+    for name, src in (("folder", folder), (source, data)):
+        out = tmp_path / f"{name}.safetensors"
+        assert main(["embed", "--checkpoint", str(ckpt), "--data", str(src), "--output", str(out), "--device", "cpu",
+                     "--num-workers", "0", "--no-progress"]) == 0
+        outs[name] = (load_file(out), (tmp_path / f"{name}.files.txt").read_text().split())
+    (ref, ref_files), (got, got_files) = outs["folder"], outs[source]
+    expected = ([f"shard-{i // 10:06d}.tar:{Path(f).with_suffix('').as_posix()}" for i, f in enumerate(ref_files)]
+                if source == "shards" else [f"row{i}" for i in range(N_IMAGES)])
+    assert got_files == expected
+    torch.testing.assert_close(got["features"], ref["features"], rtol=0, atol=0)
+    assert torch.equal(got["labels"], ref["labels"])

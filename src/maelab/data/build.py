@@ -22,7 +22,7 @@ from torchvision.datasets import STL10
 from maelab.config import DataConfig
 from maelab.data.folders import ImageFolderDataset, find_image_classes
 from maelab.data.hf_datasets import HFImageDataset, is_hf_dataset_dir, load_hf_table
-from maelab.data.shards import ShardStream, is_shard_spec
+from maelab.data.shards import ShardSamples, ShardStream, is_shard_spec
 from maelab.data.synthetic import SyntheticShapes
 from maelab.data.torchvision_sets import TORCHVISION_SETS, build_torchvision_dataset
 from maelab.errors import DataError
@@ -135,10 +135,33 @@ def build_dataset(cfg: DataConfig, *, img_size: int | tuple[int, int], in_chans:
         raise DataError(f"unknown dataset or missing folder {name!r}: use synthetic, cifar10, cifar100, stl10, "
                         "an image folder, WebDataset shards (*.tar) or a saved Hugging Face dataset")
     if is_hf_dataset_dir(root):
-        return HFImageDataset(load_hf_table(root, cfg.split, train), root, transform=transform, channels=in_chans,
-                              strict=cfg.strict, target_size=decode_size(img_size, cfg.min_scale),
-                              image_column=cfg.image_column)
+        return _hf_dataset(cfg, root, img_size, in_chans, train, transform)
     return _folder_dataset(cfg, root, img_size, in_chans, train, transform)
+
+
+def image_rows(cfg: DataConfig, img_size: int | tuple[int, int], in_chans: int,
+               transform: Callable[[Any], Any] | None) -> ImageFolderDataset:
+    """Every image of the folder, saved Hugging Face dataset or WebDataset shards ``cfg.name`` once, in stored
+    order, as an indexable :class:`ImageFolderDataset` (its skip/strict policy; ``samples`` name the images).
+
+    Raises:
+        DataError: missing or unreadable data, no images."""
+    name, target_size = cfg.name, decode_size(img_size, cfg.min_scale)
+    if is_shard_spec(name):
+        return ShardSamples(name, transform=transform, channels=in_chans, strict=cfg.strict, target_size=target_size)
+    root = Path(name).expanduser()
+    if is_hf_dataset_dir(root):
+        return _hf_dataset(cfg, root, img_size, in_chans, True, transform)
+    return ImageFolderDataset(name, transform=transform, channels=in_chans, strict=cfg.strict,
+                              target_size=target_size)
+
+
+def _hf_dataset(cfg: DataConfig, root: Path, img_size: int | tuple[int, int], in_chans: int, train: bool,
+                transform: Callable[[Any], Any] | None) -> HFImageDataset:
+    """The saved Hugging Face dataset ``root``: split ``cfg.split`` (training) or its test/validation split."""
+    return HFImageDataset(load_hf_table(root, cfg.split, train), root, transform=transform, channels=in_chans,
+                          strict=cfg.strict, target_size=decode_size(img_size, cfg.min_scale),
+                          image_column=cfg.image_column)
 
 
 def _shard_stream(cfg: DataConfig, img_size: int | tuple[int, int], in_chans: int, train: bool,

@@ -78,7 +78,7 @@ def load_hf_table(root: Path, split: str, train: bool) -> Any:
 
 
 class _Rows(Sequence[tuple[str, int]]):
-    """``samples`` of an :class:`HFImageDataset`: ``(row name, label)`` without materializing names."""
+    """``samples`` of an :class:`HFImageDataset`: ``("ROOT/row<i>", label)`` without materializing names."""
 
     def __init__(self, root: Path, targets: list[int]) -> None:
         self.root, self.targets = root, targets
@@ -87,14 +87,14 @@ class _Rows(Sequence[tuple[str, int]]):
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[str, int]:  # type: ignore[override]
-        return f"{self.root}[{i}]", self.targets[i]
+        return f"{self.root}/row{i}", self.targets[i]
 
 
 class HFImageDataset(ImageFolderDataset):
     """Rows of a Hugging Face dataset as ``(transform(image), label)`` (label -1: unlabeled).
 
     The skip/strict policy, transform handling and ``__getitem__`` are :class:`ImageFolderDataset`'s; rows
-    stand in for files (``samples[i] = ("ROOT[i]", label)``, the name errors use).
+    stand in for files (``samples[i] = ("ROOT/row<i>", label)``, the name errors and ``maelab embed`` use).
 
     Args:
         table: a ``datasets.Dataset``. root: where it was read from. image_column: the column with the

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import random
+import tarfile
 from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import count, islice
@@ -73,6 +74,11 @@ def _tar_key(relative: Path) -> str:
     with '.' written as %2E (webdataset takes a member's key up to the first dot of its name)."""
     stem = relative.with_suffix("").as_posix()
     return stem.replace("%", "%25").replace(".", "%2E")
+
+
+def _path_of_key(key: str) -> str:
+    """The relative path (without extension) a key of :func:`_tar_key` stands for."""
+    return key.replace("%2E", ".").replace("%25", "%")
 
 
 def write_shards(folder: str | Path, output: str | Path, shard_size: int) -> dict[str, Any]:
@@ -330,6 +336,54 @@ class ShardStream(IterableDataset):
         """``transform`` of the first ``n`` readable images of the first shard, in stored order (figures)."""
         samples = _webdataset().tariterators.tarfile_samples([{"url": self.urls[0]}])
         return [transform(img) for _, img, _ in islice(self.readable(iter(samples)), n)]
+
+
+class ShardSamples(ImageFolderDataset):
+    """Every sample of WebDataset shards once, in stored order, indexable like an image folder (``maelab embed``).
+
+    The tars' member headers are listed once (Python's ``tarfile``; keys split by webdataset's own rule); an
+    image is then read from its offset. ``samples[i] = ("SHARD:KEY", label)`` (the key as a relative path),
+    labels from ``cls``, classes from ``index.json``; the skip/strict policy is the folders'.
+    """
+
+    def __init__(self, spec: str, transform: Callable[[Image.Image], Any] | None = None, channels: int = 3,
+                 strict: bool = False, target_size: int | None = None) -> None:
+        urls, _, classes = resolve_shards(spec)
+        self.root = Path(urls[0]).parent
+        self.transform, self.channels, self.strict, self.target_size = transform, channels, strict, target_size
+        self.num_skipped, self._bad = 0, set()
+        self.classes, self.labeled = classes, bool(classes)
+        self.samples, self._where = [], []  # _where[i]: (shard, byte offset, size) of sample i's image
+        for url in urls:
+            self._list(url)
+        self.targets = [t for _, t in self.samples]
+
+    def _list(self, url: str) -> None:
+        base_plus_ext = _webdataset().tariterators.base_plus_ext
+        try:
+            with tarfile.open(url) as tar:
+                groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+                for m in tar.getmembers():
+                    key, ext = base_plus_ext(m.name) if m.isfile() else (None, None)
+                    if key is not None:
+                        groups.setdefault(key, {})[ext.lower()] = m
+                for key, fields in groups.items():
+                    cls = tar.extractfile(fields["cls"]).read() if "cls" in fields else None  # type: ignore[union-attr]
+                    image = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
+                    self.samples.append((f"{url}:{_path_of_key(key)}", int(cls) if cls is not None else -1))
+                    self._where.append((url, image.offset_data, image.size) if image else (url, -1, 0))
+        except (OSError, tarfile.TarError, ValueError) as e:
+            raise DataError(f"cannot read shard {url}: {e}") from e
+
+    def load(self, index: int) -> Image.Image:
+        """Sample ``index``'s image ('RGB' or 'L'), no transform and no skipping; DataError if unreadable."""
+        (url, offset, size), name = self._where[index], self.samples[index][0]
+        if offset < 0:
+            raise DataError(f"cannot read image {name}: no image field ({', '.join(IMAGE_FIELDS)}) in the sample")
+        with open(url, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        return load_image(data, channels=self.channels, target_size=self.target_size, name=name)
 
 
 def build_stream_loader(stream: ShardStream, batch_size: int, num_workers: int,

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from maelab.config import batch_summary
-from maelab.data.build import decode_size
+from maelab.data.build import image_rows
 from maelab.data.folders import ImageFolderDataset
 from maelab.data.torchvision_sets import TORCHVISION_SETS
 from maelab.engine.distributed import DistInfo, barrier
@@ -72,7 +72,8 @@ def collate_readable(batch: list[tuple[Any, int] | None]) -> tuple[torch.Tensor,
 
 def image_folder(cfg: EmbedConfig, img_size: int | tuple[int, int], in_chans: int,
                  transform: Any) -> ImageFolderDataset:
-    """The folder ``cfg.data.name`` as the evaluation protocols read it (same decode size, strict policy).
+    """The folder ``cfg.data.name`` as the evaluation protocols read it (same decode size, strict policy); a saved
+    Hugging Face dataset (rows ``row<i>``) or WebDataset shards (``SHARD:KEY``, stored order) are read the same way.
 
     Raises:
         DataError: a built-in dataset name instead of a folder, a missing folder, no images."""
@@ -80,8 +81,7 @@ def image_folder(cfg: EmbedConfig, img_size: int | tuple[int, int], in_chans: in
     if name.lower() in ("synthetic", *TORCHVISION_SETS):
         raise DataError(f"maelab embed reads an image folder and lists its files; {name!r} is a built-in dataset: "
                         "pass --data DIR")
-    return ImageFolderDataset(name, transform=transform, channels=in_chans, strict=cfg.data.strict,
-                              target_size=decode_size(img_size, cfg.data.min_scale))
+    return image_rows(cfg.data, img_size, in_chans, transform)  # a folder, a saved HF dataset or shards
 
 
 def embed_rows(encoder: torch.nn.Module, items: ReadableImages, pool: str, device: torch.device, *,
