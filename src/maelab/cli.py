@@ -1,4 +1,4 @@
-"""``maelab <command>``: pretrain, finetune, linprobe, knn, embed, visualize, compare, report, export, models, bench.
+"""``maelab <command>``: pretrain, shard, finetune, linprobe, knn, embed, visualize, compare, report, export, models, bench.
 
 Every user mistake ends with one line on stderr (``maelab: error: ...``) and exit code 2;
 internal bugs keep their traceback.
