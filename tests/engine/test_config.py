@@ -65,7 +65,7 @@ def test_parse_override():
         parse_override("epochs")
 
 
-def test_recipes_are_valid():
+def test_recipes_are_valid(monkeypatch):
     from pathlib import Path
 
     from maelab.models.registry import get_config
@@ -80,9 +80,15 @@ def test_recipes_are_valid():
     assert paper.global_batch == 4096 and paper.effective_batch() == 4096  # one process: 64 x 64 accum
     assert paper.resolved_lr() == pytest.approx(2.4e-3)
     assert paper.epochs == 800 and paper.warmup_epochs == 40 and paper.model_args["norm_pix_loss"] is True
-    large = build_config(PretrainConfig, Path(recipes[0]).parent / "imagenet_vit_large_paper.yaml")  # PRETRAIN.md
-    assert (large.model, large.effective_batch(8), large.resolved_lr(8), large.epochs, large.warmup_epochs) == \
-        ("mae_vit_large_patch16", 4096, pytest.approx(2.4e-3), 800, 40)
+    # global_batch 4096 at any GPU count with PRETRAIN.md's per-GPU 64 as the cap: (batch, accum) per world size
+    for world, split in ((1, (64, 64)), (8, (64, 8))):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        for name in ("imagenet_vit_base_paper", "imagenet_vit_large_paper"):  # large: PRETRAIN.md
+            cfg = build_config(PretrainConfig, Path(recipes[0]).parent / f"{name}.yaml")
+            assert (cfg.global_batch, (cfg.batch_size, cfg.accum_steps), cfg.effective_batch(world)) == \
+                (4096, split, 4096), (name, world)
+            assert cfg.resolved_lr(world) == pytest.approx(2.4e-3) and (cfg.epochs, cfg.warmup_epochs) == (800, 40)
+    assert cfg.model == "mae_vit_large_patch16"
 
 
 EVAL_SOURCE = {"checkpoint": "ckpt.pt"}  # the configs only check that a source is named

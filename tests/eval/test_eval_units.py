@@ -302,7 +302,7 @@ def test_default_data_config_is_accepted():
     assert cfg.checkpoint is None and cfg.data.num_classes == 3
 
 
-def test_recipes_are_valid_configs():
+def test_recipes_are_valid_configs(monkeypatch):
     from pathlib import Path
 
     recipes = Path(__file__).resolve().parents[2] / "recipes"
@@ -318,13 +318,23 @@ def test_recipes_are_valid_configs():
     paper = build_config(FinetuneConfig, recipes / "finetune_imagenet_vit_base_paper.yaml")
     assert paper.effective_batch() == 1024 and paper.resolved_lr() == pytest.approx(4e-3)
     official = build_config(FinetuneConfig, recipes / "finetune_imagenet_vit_base_official.yaml")  # FINETUNE.md
-    assert (official.base_lr, official.layer_decay, official.drop_path, official.effective_batch(8)) == \
-        (5e-4, 0.65, 0.1, 1024)
+    assert (official.base_lr, official.layer_decay, official.drop_path) == (5e-4, 0.65, 0.1)
     for size, model, drop_path in (("large", "mae_vit_large_patch16", 0.2), ("huge", "mae_vit_huge_patch14", 0.3)):
         big = build_config(FinetuneConfig, recipes / f"finetune_imagenet_vit_{size}.yaml")
-        assert (big.model, big.epochs, big.base_lr, big.layer_decay, big.drop_path, big.effective_batch(8)) == \
-            (model, 50, 1e-3, 0.75, drop_path, 1024)
+        assert (big.model, big.epochs, big.base_lr, big.layer_decay, big.drop_path) == \
+            (model, 50, 1e-3, 0.75, drop_path)
         get_config(big.model)
+    # global_batch 1024 at any GPU count, FINETUNE.md's per-GPU batch as the cap: (batch, accum) per world size
+    splits = {"base_official": {1: (32, 32), 8: (32, 4)}, "large": {1: (32, 32), 8: (32, 4)},
+              "huge": {1: (16, 64), 8: (16, 8)}}
+    for name, by_world in splits.items():
+        for world, split in by_world.items():
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+            cfg = build_config(FinetuneConfig, recipes / f"finetune_imagenet_vit_{name}.yaml")
+            assert (cfg.global_batch, (cfg.batch_size, cfg.accum_steps), cfg.effective_batch(world)) == \
+                (1024, split, 1024), (name, world)
+            assert cfg.resolved_lr(world) == pytest.approx(cfg.base_lr * 4), (name, world)
+    monkeypatch.delenv("WORLD_SIZE")
     probe = build_config(LinprobeConfig, recipes / "linprobe_imagenet_vit_base_paper.yaml")
     assert probe.resolved_lr() == pytest.approx(6.4) and probe.pool == "cls" and probe.optimizer == "lars"
 
