@@ -7,6 +7,9 @@ from __future__ import annotations
 import doctest
 import importlib
 import logging
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -177,6 +180,51 @@ def test_embed_two_processes_write_the_one_process_output_once(mae_ckpt, folder,
     assert torch.equal(b["labels"], a["labels"])
     for name in ("feats.files.txt", "feats.skipped.txt"):
         assert lines(two / name) == lines(one / name)
+
+
+GATHER_SCRIPT = """
+import torch, torch.distributed as dist
+import maelab
+from maelab.engine.distributed import DistInfo
+from maelab.eval.embed import embed_rows
+from maelab.eval.features import encode
+
+class Items(torch.utils.data.Dataset):  # 5 images, item 3 unreadable: shards of 3 and 2 rows
+    def __len__(self):
+        return 5
+    def __getitem__(self, i):
+        return None if i == 3 else (torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(i)), i)
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+encoder = maelab.create_model("mae_vit_pico_patch4_32", **TINY).encoder.eval()
+info = DistInfo(dist.get_rank(), dist.get_world_size())
+out = embed_rows(encoder, Items(), "avg", torch.device("cpu"), batch_size=2, num_workers=0, dtype=torch.float32,
+                 info=info, progress=False)
+if info.rank == 0:
+    feats, ok = out
+    assert feats.device.type == "cpu" and ok.tolist() == [True, True, True, False, True], ok
+    with torch.no_grad():
+        ref = torch.stack([encode(encoder, Items()[i][0][None], "avg")[0] if i != 3 else torch.zeros(64)
+                           for i in range(5)])
+    torch.testing.assert_close(feats, ref, rtol=0, atol=1e-6)
+    print("rank 0 holds the rows in order")
+else:
+    assert out is None, "rank 1 must hold its own shard only, not the gathered rows"
+dist.destroy_process_group()
+"""
+
+
+def test_embed_rows_are_gathered_onto_rank_0_only_in_dataset_order(tmp_path):
+    """Under torchrun only rank 0 receives the features (on its CPU, in dataset order, uneven shards, an
+    unreadable item left zero); rank 1 gets None instead of a copy of all N x D rows."""
+    script = tmp_path / "gather.py"
+    script.write_text(f"TINY = {TINY!r}\n" + GATHER_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 holds the rows in order" in proc.stdout
 
 
 def test_embed_docstring_example_runs(monkeypatch, tmp_path):

@@ -96,6 +96,12 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def cpu_group() -> dist.ProcessGroup | None:
+    """A group of all ranks for collectives on CPU tensors: the default group (None) under gloo, else (NCCL)
+    a new gloo group. A collective: every rank calls it."""
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 def is_main_process() -> bool:
     """Rank 0 of a torchrun launch, or a plain single process (from the environment alone)."""
     return int(os.environ.get("RANK", "0")) == 0

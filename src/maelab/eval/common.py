@@ -8,8 +8,8 @@ train/test splits with :func:`labeled_dataset`, and ends with :func:`write_eval_
 Under ``torchrun`` (see :mod:`maelab.engine.distributed`) :func:`shard` gives each rank its
 own slice of an evaluation split (``rank::world_size``, no padding, so nothing is counted
 twice), :func:`maelab.engine.distributed.all_reduce_sum` adds per-rank counts, :func:`all_gather_interleaved` puts
-per-rank rows back into dataset order, and :func:`percent_metrics` turns summed counts into
-percentages.
+per-rank rows back into dataset order (:func:`gather_interleaved_to_rank0`: on rank 0 only), and
+:func:`percent_metrics` turns summed counts into percentages.
 """
 
 from __future__ import annotations
@@ -144,8 +144,21 @@ def shard(ds: Dataset, info: DistInfo) -> Dataset:
     return Subset(ds, range(info.rank, len(ds), info.world_size))  # type: ignore[arg-type]
 
 
+def _padded_shard(local: torch.Tensor, total: int, world: int) -> torch.Tensor:
+    """This rank's rows [n, ...] padded with zero rows to the longest shard: [ceil(total / world), ...]."""
+    padded = local.new_zeros((-(-total // world), *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    return padded
+
+
+def _interleaved(shards: torch.Tensor, total: int) -> torch.Tensor:
+    """Padded shards [world, longest, ...] (rank r's row i is item ``r + i * world``) -> [total, ...] in dataset
+    order; the padding rows come last and are cut."""
+    return shards.transpose(0, 1).reshape(-1, *shards.shape[2:])[:total]
+
+
 def all_gather_interleaved(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
-    """Rows of :func:`shard`-ed data from every rank, back in dataset order: [total, ...].
+    """Rows of :func:`shard`-ed data from every rank, back in dataset order, on every rank: [total, ...].
 
     ``local`` holds this rank's rows (items ``rank::world_size``); shards differ in length by at
     most one row, so each is padded to the longest for ``all_gather`` and cut back afterwards."""
@@ -153,16 +166,32 @@ def all_gather_interleaved(local: torch.Tensor, total: int, info: DistInfo) -> t
         return local
     import torch.distributed as dist
 
-    world = info.world_size
-    longest = -(-total // world)
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    out = local.new_empty((total, *local.shape[1:]))
-    for r, part in enumerate(parts):
-        out[r::world] = part[: len(range(r, total, world))]
-    return out
+    padded = _padded_shard(local, total, info.world_size)
+    shards = padded.new_empty((info.world_size, *padded.shape))
+    dist.all_gather(list(shards.unbind(0)), padded)
+    return _interleaved(shards, total)
+
+
+def gather_interleaved_to_rank0(local: torch.Tensor, total: int, info: DistInfo,
+                                group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor | None:
+    """Rows of :func:`shard`-ed data from every rank, in dataset order on rank 0's CPU: [total, ...]; None on
+    the other ranks.
+
+    Unlike :func:`all_gather_interleaved` only rank 0 receives, and through the CPU: every rank moves its rows
+    [n, ...] to the CPU, so no GPU and no other rank holds more than its own shard. ``group``: a group for CPU
+    tensors (:func:`maelab.engine.distributed.cpu_group`; None = the default group, gloo)."""
+    local = local.cpu()
+    if not info.enabled:
+        return local
+    import torch.distributed as dist
+
+    padded = _padded_shard(local, total, info.world_size)
+    if not info.is_main:
+        dist.gather(padded, None, dst=0, group=group)
+        return None
+    shards = padded.new_empty((info.world_size, *padded.shape))
+    dist.gather(padded, list(shards.unbind(0)), dst=0, group=group)
+    return _interleaved(shards, total)
 
 
 def percent_metrics(correct: dict[str, torch.Tensor | float], n: int) -> dict[str, float]:

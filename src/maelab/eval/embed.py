@@ -35,9 +35,10 @@ from maelab.config import batch_summary
 from maelab.data.build import image_rows
 from maelab.data.folders import ImageFolderDataset
 from maelab.data.torchvision_sets import TORCHVISION_SETS
-from maelab.engine.distributed import DistInfo, barrier
+from maelab.engine.distributed import DistInfo, barrier, cpu_group
 from maelab.errors import DataError
-from maelab.eval.common import all_gather_interleaved, checkpoint_source, frozen_encoder_setup, plain_loader, shard
+from maelab.eval.common import (checkpoint_source, frozen_encoder_setup, gather_interleaved_to_rank0,
+                                 plain_loader, shard)
 from maelab.eval.config import EmbedConfig
 from maelab.eval.features import extract_features, feature_dim
 
@@ -86,10 +87,11 @@ def image_folder(cfg: EmbedConfig, img_size: int | tuple[int, int], in_chans: in
 
 def embed_rows(encoder: torch.nn.Module, items: ReadableImages, pool: str, device: torch.device, *,
                batch_size: int, num_workers: int, dtype: torch.dtype, info: DistInfo,
-               progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every item of ``items`` in dataset order, on every rank.
+               progress: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Features of every item of ``items`` in dataset order, on rank 0's CPU (None on the other ranks).
 
-    Each rank encodes its shard; the rows are gathered back into dataset order.
+    Each rank encodes its shard and moves it to the CPU; only rank 0 gathers the rows (through a gloo group under
+    NCCL), so every other rank holds its own shard only.
 
     Returns:
         feats: float32 [N, D] (zero rows for unreadable files); readable: bool [N].
@@ -99,13 +101,18 @@ def embed_rows(encoder: torch.nn.Module, items: ReadableImages, pool: str, devic
     feats, index = extract_features(encoder, loader, pool, device, dtype, progress=progress and info.is_main,
                                     desc="embed")
     # this rank's rows: dataset items rank, rank + W, ... (shard), unreadable ones left zero
-    rows = (index - info.rank) // info.world_size
-    local = torch.zeros(len(part), feature_dim(encoder), device=device)  # type: ignore[arg-type]
-    local[rows] = feats
-    ok = torch.zeros(len(part), dtype=torch.long, device=device)  # type: ignore[arg-type]
+    rows = ((index - info.rank) // info.world_size).cpu()
+    local = torch.zeros(len(part), feature_dim(encoder))  # type: ignore[arg-type]
+    local[rows] = feats.cpu()
+    del feats
+    ok = torch.zeros(len(part), dtype=torch.long)  # type: ignore[arg-type]
     ok[rows] = 1
-    total = len(items)
-    return all_gather_interleaved(local, total, info), all_gather_interleaved(ok, total, info).bool()
+    total, group = len(items), cpu_group() if info.enabled else None
+    all_feats = gather_interleaved_to_rank0(local, total, info, group)
+    all_ok = gather_interleaved_to_rank0(ok, total, info, group)
+    if all_feats is None or all_ok is None:
+        return None
+    return all_feats, all_ok.bool()
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -194,10 +201,10 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> Path:
         log.info(f"embed ({cfg.pool} features) of {cfg.checkpoint} on {folder.root} ({len(folder)} images, {kind}); "
                  f"{batch_summary(cfg.batch_size, 1, info.world_size)}, {device}; output {output}")
     encoder = mae.encoder.to(device)
-    feats, ok = embed_rows(encoder, ReadableImages(folder), cfg.pool, device, batch_size=cfg.batch_size,
-                           num_workers=int(cfg.data.num_workers), dtype=dtype, info=info, progress=progress)
-    if info.is_main:
-        keep = ok.cpu()
+    gathered = embed_rows(encoder, ReadableImages(folder), cfg.pool, device, batch_size=cfg.batch_size,
+                          num_workers=int(cfg.data.num_workers), dtype=dtype, info=info, progress=progress)
+    if gathered is not None:  # rank 0
+        feats, keep = gathered
         paths = [os.path.relpath(path, folder.root) for path, _ in folder.samples]
         files = [p for p, good in zip(paths, keep.tolist()) if good]
         skipped = [p for p, good in zip(paths, keep.tolist()) if not good]
@@ -205,7 +212,7 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> Path:
             raise DataError(f"no readable image in {folder.root}: all {len(paths)} files failed to load")
         labels = torch.tensor(folder.targets)[keep] if folder.labeled else None
         meta = {"pool": cfg.pool, "checkpoint": checkpoint_source(cfg), "data": str(folder.root.resolve())}
-        write_embeddings(output, feats.cpu()[keep], labels, files, skipped, meta)
+        write_embeddings(output, feats[keep], labels, files, skipped, meta)
         if skipped:
             log.warning(f"skipped {len(skipped)} unreadable image(s) of {len(paths)}: listed in "
                         f"{sidecar(output, 'skipped.txt')}")
