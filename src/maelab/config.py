@@ -84,6 +84,21 @@ def split_global_batch(global_batch: int, batch_size: int, world_size: int) -> t
     return share // accum, accum
 
 
+def warn_poor_split(global_batch: int, cap: int, world: int, batch: int, accum: int) -> None:
+    """One warning (rank 0) when :func:`split_global_batch` had to accumulate micro-batches of less than half the
+    cap ``batch_size`` (a share with no divisor near the cap, e.g. 509 = 1 x 509 accum), with a global_batch
+    that splits into full micro-batches and the next batch_size above the cap that divides the share."""
+    if accum == 1 or batch >= cap // 2 or int(os.environ.get("RANK", "0")) != 0:
+        return
+    share = batch * accum
+    better = max(1, round(share / cap)) * cap * world
+    above = next(b for b in range(cap + 1, share + 1) if share % b == 0)
+    log.warning("global_batch=%d over %d processes is %d images per process, split as batch %d x %d accum_steps "
+                "(batch_size=%d is the cap): a slow split; set e.g. global_batch=%d (batch %d x %d accum_steps), "
+                "or batch_size=%d if that fits in memory", global_batch, world, share, batch, accum, cap, better,
+                cap, better // (cap * world), above)
+
+
 def apply_global_batch(cfg: Any) -> None:
     """``global_batch`` set: derive ``batch_size`` (at most the given one) and ``accum_steps`` for this job's
     world size (:func:`split_global_batch`), so config.yaml records what each process runs. A config without
@@ -95,6 +110,7 @@ def apply_global_batch(cfg: Any) -> None:
     world = processes_in_job()
     batch, accum = split_global_batch(cfg.global_batch, cfg.batch_size, world)
     if hasattr(cfg, "accum_steps"):
+        warn_poor_split(cfg.global_batch, cfg.batch_size, world, batch, accum)
         object.__setattr__(cfg, "accum_steps", accum)
     else:
         _check(accum == 1, "batch_size", cfg.batch_size,
@@ -104,10 +120,11 @@ def apply_global_batch(cfg: Any) -> None:
     object.__setattr__(cfg, "batch_size", batch)
 
 
-def batch_summary(batch_size: int, accum_steps: int, world_size: int, lr: float | None = None) -> str:
-    """``batch 64 x 8 accum x 8 procs = 4096, peak lr 0.0024``: the start line's part on batch and lr."""
-    text = (f"batch {batch_size} x {accum_steps} accum x {world_size} procs = "
-            f"{batch_size * accum_steps * world_size}")
+def batch_summary(batch_size: int, accum_steps: int | None, world_size: int, lr: float | None = None) -> str:
+    """``batch 64 x 8 accum x 8 procs = 4096, peak lr 0.0024``: the start line's part on batch and lr.
+    ``accum_steps`` None (a protocol that never accumulates: kNN, embed, linear probe): ``batch 64 x 8 procs = 512``."""
+    accum = "" if accum_steps is None else f" x {accum_steps} accum"
+    text = f"batch {batch_size}{accum} x {world_size} procs = {batch_size * (accum_steps or 1) * world_size}"
     return text if lr is None else f"{text}, peak lr {lr:.3g}"
 
 
@@ -305,7 +322,8 @@ class PretrainConfig:
     batch_size: int = 64
     """Per-device batch size (with global_batch: the most images a process takes per forward)."""
     accum_steps: int = 1
-    """Gradient accumulation: optimizer steps every accum_steps batches (derived when global_batch is set)."""
+    """Gradient accumulation: optimizer steps every accum_steps batches (derived when global_batch is set: then
+    accum_steps on the command line is an error)."""
     global_batch: int = 0
     """Images per optimizer step over all processes, as papers state it (0: unset, batch_size x accum_steps x
     processes). When set, batch_size is the memory cap: each process takes global_batch / WORLD_SIZE images per
@@ -581,11 +599,26 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def refuse_accum_with_global_batch(cls: type, data: dict[str, Any], overrides: dict[str, Any],
+                                   file: str | Path | None = None) -> None:
+    """ConfigError when ``accum_steps`` is given on the command line (flag or key=value) while ``data`` (file +
+    overrides) sets a ``global_batch``, which derives accum_steps. Only the overrides count: a run's own
+    config.yaml records both (the derived accum_steps) and must reload at any world size."""
+    has_accum = any(f.name == "accum_steps" for f in fields(cls))  # type: ignore[arg-type]
+    if has_accum and "accum_steps" in overrides and data.get("global_batch"):
+        source = "" if "global_batch" in overrides or not file else f" (in {file})"
+        raise ConfigError(f"accum_steps={overrides['accum_steps']!r} and global_batch={data['global_batch']!r}{source} "
+                          "both given: global_batch derives accum_steps for the number of processes, with "
+                          "batch_size as the most images per forward; drop accum_steps, or set global_batch=0 "
+                          "to train with batch_size x accum_steps x processes")
+
+
 def build_config(cls: type[T], file: str | Path | None = None,
                  overrides: dict[str, Any] | None = None) -> T:
     """Config from an optional YAML file, then dotted overrides; errors name file and key."""
     data = load_yaml(file) if file else {}
     data = apply_overrides(data, overrides or {})
+    refuse_accum_with_global_batch(cls, data, overrides or {}, file)
     try:
         return from_dict(cls, data)
     except ConfigError as e:

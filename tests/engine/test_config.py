@@ -113,7 +113,7 @@ def test_warmup_longer_than_the_run_becomes_the_run_with_one_warning(cls, extra,
 @pytest.mark.parametrize("world, batch, accum", [(1, 64, 64), (2, 64, 32), (8, 64, 8), (128, 32, 1)])
 def test_global_batch_gives_per_process_batch_and_accumulation(world, batch, accum, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    cfg = build_config(PretrainConfig, None, {"global_batch": 4096, "batch_size": 64, "accum_steps": 3})
+    cfg = build_config(PretrainConfig, None, {"global_batch": 4096, "batch_size": 64})
     assert (cfg.batch_size, cfg.accum_steps) == (batch, accum)
     assert cfg.effective_batch(world) == 4096 and cfg.resolved_lr(world) == pytest.approx(1.5e-4 * 4096 / 256)
     ft = build_config(FinetuneConfig, None, {**EVAL_SOURCE, "global_batch": 1024, "batch_size": 128})
@@ -127,6 +127,72 @@ def test_global_batch_picks_the_fewest_equal_micro_batches_under_the_cap(monkeyp
     cfg = build_config(PretrainConfig, None, {"global_batch": 1000, "batch_size": 128})
     assert (cfg.batch_size, cfg.accum_steps) == (125, 4)  # 500 per process: 4 x 125 (3 x 166.7 is not equal)
     assert build_config(PretrainConfig, None, {"batch_size": 48, "accum_steps": 3}).accum_steps == 3  # unset: kept
+
+
+def test_accum_steps_given_with_global_batch_is_refused_naming_both(monkeypatch):
+    """An explicit accum_steps (flag or key=value) next to a global_batch (recipe or override) is refused in one
+    line instead of being replaced by the derived value; without global_batch it is kept."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "imagenet_vit_base_paper.yaml"  # global_batch 4096
+    with pytest.raises(ConfigError, match=r"^accum_steps=2 and global_batch=4096 \(in .*imagenet_vit_base_paper.yaml\)"
+                                          r" both given: .*drop accum_steps, or set global_batch=0"):
+        build_config(PretrainConfig, recipe, {"accum_steps": 2})
+    with pytest.raises(ConfigError, match=r"^accum_steps=4 and global_batch=1024 both given"):
+        build_config(FinetuneConfig, None, {**EVAL_SOURCE, "global_batch": 1024, "accum_steps": 4})
+    kept = build_config(PretrainConfig, recipe, {"accum_steps": 2, "global_batch": 0})
+    assert (kept.batch_size, kept.accum_steps, kept.global_batch) == (64, 2, 0)
+
+
+def test_a_runs_config_yaml_with_global_batch_reloads_at_any_world_size(tmp_path, monkeypatch):
+    """config.yaml records global_batch and the derived batch_size / accum_steps: it is not an explicit
+    accum_steps, so it reloads (as for --resume) at another world size, to the same global batch."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    saved = build_config(PretrainConfig, None, {"global_batch": 4096, "batch_size": 64})
+    save_yaml(saved, tmp_path / "config.yaml")
+    for world, split in ((8, (64, 8)), (1, (64, 64)), (2, (64, 32))):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        cfg = build_config(PretrainConfig, tmp_path / "config.yaml", {"epochs": 20, "batch_size": 64})
+        assert ((cfg.batch_size, cfg.accum_steps), cfg.effective_batch(world)) == (split, 4096)
+
+
+def test_resume_from_a_global_batch_runs_own_config_yaml(tmp_path, capsys):
+    """`maelab pretrain --config RUN/config.yaml --resume` continues a global_batch run; adding --accum-steps is
+    the one-line refusal."""
+    from maelab.cli import main
+    from tests.conftest import TINY_MODEL_ARGS
+
+    out = tmp_path / "run"
+    common = ["--no-progress", "--num-workers", "0"]
+    assert main(["pretrain", "--output", str(out), "--epochs", "1", "global_batch=16", "--batch-size", "8",
+                 "data.num_samples=16", *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()], *common]) == 0
+    assert "accum_steps: 2\nglobal_batch: 16\n" in (out / "config.yaml").read_text()
+    assert main(["pretrain", "--config", str(out / "config.yaml"), "--epochs", "2", "--resume", *common]) == 0
+    assert "finished: epoch 2/2, step 2" in capsys.readouterr().out
+    assert main(["pretrain", "--config", str(out / "config.yaml"), "--accum-steps", "1", "--resume", *common]) == 2
+    assert capsys.readouterr().err.startswith("maelab: error: accum_steps=1 and global_batch=16 (in ")
+
+
+def test_global_batch_split_into_small_micro_batches_warns_once_with_a_better_value(monkeypatch, caplog):
+    """509 images per process (a prime) under a cap of 64 can only be 1 x 509: one warning (rank 0) naming the split
+    and a global_batch that splits into full micro-batches; a good split, another rank or the reloaded derived
+    config stay silent."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with caplog.at_level(logging.WARNING):
+        cfg = build_config(PretrainConfig, None, {"global_batch": 8 * 509, "batch_size": 64})
+    assert (cfg.batch_size, cfg.accum_steps) == (1, 509)
+    assert [r.getMessage() for r in caplog.records] == [
+        "global_batch=4072 over 8 processes is 509 images per process, split as batch 1 x 509 accum_steps "
+        "(batch_size=64 is the cap): a slow split; set e.g. global_batch=4096 (batch 64 x 8 accum_steps), "
+        "or batch_size=509 if that fits in memory"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_config(PretrainConfig, None, {"global_batch": 4096, "batch_size": 64})  # 64 x 8
+        build_config(PretrainConfig, None, {"global_batch": 8 * 96, "batch_size": 64})  # 96 = 2 x 48: over half
+        build_config(PretrainConfig, None, {"global_batch": 8 * 509, "batch_size": 1})  # config.yaml's values
+        monkeypatch.setenv("RANK", "3")
+        build_config(PretrainConfig, None, {"global_batch": 8 * 509, "batch_size": 64})
+    assert not caplog.records
 
 
 def test_global_batch_that_does_not_divide_is_an_error_naming_the_values(monkeypatch):

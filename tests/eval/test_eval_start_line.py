@@ -1,5 +1,6 @@
 """Evaluation commands as a user runs them: a shortened run is not stopped by the recipe's warmup, and each
-command starts with one line stating the batch (per process x accumulation x processes) and the peak lr."""
+command starts with one line stating the batch (per process x accumulation x processes, the accumulation only
+where it exists: fine-tuning) and the peak lr."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_linprobe_recipe_with_fewer_epochs_than_its_warmup_runs_and_warns_once(c
         "warmup_epochs=5 is longer than the run (epochs=2): warming up over all 2 epochs instead"]
     assert (out / "eval.json").is_file()
     line = _start_line(caplog, "linear probe ")
-    assert "batch 32 x 1 accum x 1 procs = 32, peak lr 1.25, 2 epochs (2 warmup) = 2 steps" in line, line
+    assert "; batch 32 x 1 procs = 32, peak lr 1.25, 2 epochs (2 warmup) = 2 steps" in line, line
+    assert "accum" not in line, line  # the probe never accumulates
 
 
 def test_linprobe_states_the_batch_derived_from_global_batch(ckpt, tmp_path, caplog, monkeypatch):
@@ -69,7 +71,7 @@ def test_linprobe_states_the_batch_derived_from_global_batch(ckpt, tmp_path, cap
             "--epochs", "1", "warmup_epochs=0", "global_batch=32", "--output", str(out), *SMALL_DATA]
     with caplog.at_level(logging.INFO):
         assert main(argv) == 0
-    assert "batch 32 x 1 accum x 1 procs = 32, peak lr 1.25" in _start_line(caplog, "linear probe ")
+    assert "; batch 32 x 1 procs = 32, peak lr 1.25" in _start_line(caplog, "linear probe ")
     assert "batch_size: 32\n" in (out / "config.yaml").read_text()
 
 
@@ -78,4 +80,18 @@ def test_knn_states_its_feature_batch(ckpt, tmp_path, caplog):
         assert main(["knn", "--checkpoint", str(ckpt), "--data", "synthetic", "--batch-size", "32",
                      "--output", str(tmp_path / "knn"), *SMALL_DATA]) == 0
     line = _start_line(caplog, "kNN (k=20")
-    assert "feature extraction batch 32 x 1 accum x 1 procs = 32" in line and "32 train / " in line, line
+    assert "feature extraction batch 32 x 1 procs = 32, " in line and "32 train / " in line, line
+    assert "accum" not in line, line
+
+
+def test_embed_states_its_batch_without_accumulation(ckpt, tmp_path, caplog):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (32, 32), (90 * i, 40, 200)).save(tmp_path / "imgs" / f"{i}.png")
+    with caplog.at_level(logging.INFO):
+        assert main(["embed", "--checkpoint", str(ckpt), "--data", str(tmp_path / "imgs"), "--batch-size", "32",
+                     "--output", str(tmp_path / "f.npy"), "--num-workers", "0", "--no-progress"]) == 0
+    line = _start_line(caplog, "embed (")
+    assert "(2 images, unlabeled); batch 32 x 1 procs = 32, " in line and "accum" not in line, line

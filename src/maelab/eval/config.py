@@ -93,7 +93,8 @@ class FinetuneConfig:
     batch_size: int = 64
     """Per-device batch size (with global_batch: the most images a process takes per forward)."""
     accum_steps: int = 1
-    """Gradient accumulation: optimizer steps every accum_steps batches (derived when global_batch is set)."""
+    """Gradient accumulation: optimizer steps every accum_steps batches (derived when global_batch is set: then
+    accum_steps on the command line is an error)."""
     global_batch: int = 0
     """Images per optimizer step over all processes, as papers state it (paper: 1024; 0: unset). When set,
     batch_size is the memory cap and batch_size / accum_steps are derived for WORLD_SIZE processes as in

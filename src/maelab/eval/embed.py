@@ -199,7 +199,7 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> Path:
     if info.is_main:
         kind = "labeled" if folder.labeled else "unlabeled"
         log.info(f"embed ({cfg.pool} features) of {cfg.checkpoint} on {folder.root} ({len(folder)} images, {kind}); "
-                 f"{batch_summary(cfg.batch_size, 1, info.world_size)}, {device}; output {output}")
+                 f"{batch_summary(cfg.batch_size, None, info.world_size)}, {device}; output {output}")
     encoder = mae.encoder.to(device)
     gathered = embed_rows(encoder, ReadableImages(folder), cfg.pool, device, batch_size=cfg.batch_size,
                           num_workers=int(cfg.data.num_workers), dtype=dtype, info=info, progress=progress)

@@ -171,7 +171,7 @@ def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
         save_yaml(cfg, out / "config.yaml")
         log.info(f"kNN (k={cfg.k}, T={cfg.temperature}, {cfg.pool} features) of {cfg.checkpoint} on {cfg.data.name!r} "
                  f"({len(train_ds)} train / {len(test_ds)} test images, {num_classes} classes); feature extraction "
-                 f"{batch_summary(cfg.batch_size, 1, info.world_size)}, {device}; output {out}")
+                 f"{batch_summary(cfg.batch_size, None, info.world_size)}, {device}; output {out}")
     encoder = mae.encoder.to(device)
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": cfg.data.num_workers, "dtype": dtype,

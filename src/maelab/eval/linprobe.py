@@ -287,7 +287,7 @@ class LinearProber:
         what = "linear probe" if cfg.train_blocks == 0 else f"partial fine-tune ({cfg.train_blocks} blocks)"
         return (f"{what} of {cfg.checkpoint} ({cfg.pool} features, {cfg.optimizer}) on {cfg.data.name!r} "
                 f"({len(self.train_ds)} images, {self.num_classes} classes{', cached features' if self.cached else ''}"
-                f"); {batch_summary(cfg.batch_size, 1, self.world_size, self.peak_lr)}, {cfg.epochs} epochs "
+                f"); {batch_summary(cfg.batch_size, None, self.world_size, self.peak_lr)}, {cfg.epochs} epochs "
                 f"({cfg.warmup_epochs:g} warmup) = {self.total_steps} steps, {self.device}; output {self.out}")
 
     # ------------------------------------------------------------------ data
