@@ -45,6 +45,10 @@ def out_of_memory_advice(batch_size: int, accum_steps: int | None, global_batch:
     (``accum_steps`` None: a protocol without gradient accumulation, the linear probe)."""
     if batch_size < 2:
         return "use a smaller model or input size"
+    if accum_steps is None and global_batch:
+        return (f"run more processes, or set global_batch=0 and lower --batch-size (global_batch={global_batch} "
+                "puts each process's whole share in one batch: the linear probe does not accumulate gradients, "
+                "its BatchNorm needs the whole batch)")
     if accum_steps is None:
         return ("lower --batch-size or run more processes (the linear probe does not accumulate gradients: "
                 "its BatchNorm needs the whole batch)")
