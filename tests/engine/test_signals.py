@@ -1,5 +1,6 @@
 """DataLoader workers leave SIGTERM/SIGUSR1/SIGINT to the main process; their parent can still end them."""
 
+import multiprocessing
 import os
 import re
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -27,7 +29,12 @@ def _ended(pid: int, timeout: float = 60) -> bool:
     return False
 
 
-def test_a_worker_ignores_stop_signals_from_others_and_ends_on_its_parents_sigterm():
+@pytest.mark.parametrize("context", [None, "forkserver"])  # forkserver: Python 3.14's default start method
+def test_a_worker_ignores_stop_signals_from_others_and_ends_on_its_parents_sigterm(context, request):
+    if context is not None:  # a Python whose default start method is not fork: maelab's loaders still fork
+        old = multiprocessing.get_start_method(allow_none=True)
+        multiprocessing.set_start_method(context, force=True)
+        request.addfinalizer(lambda: multiprocessing.set_start_method(old, force=True))
     loader = build_loader(TensorDataset(torch.arange(64.0)), 4, ResumableSampler(64, seed=0), num_workers=1)
     it = iter(loader)
     next(it)

@@ -12,6 +12,8 @@ SIGUSR1 and SIGINT to the main process (see :mod:`maelab.engine.signals`).
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -115,7 +117,12 @@ class SignalSafeDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, *, worker_init_fn: Callable[[int], Any] | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(dataset, worker_init_fn=partial(ignore_stop_signals, init=worker_init_fn), **kwargs)
+        if sys.platform == "linux" and kwargs.get("num_workers", 0) > 0:
+            # forked workers start with the stop signals blocked (see __iter__); the default turns to
+            # forkserver in Python 3.14, whose workers would be exposed until their worker_init_fn runs
+            kwargs.setdefault("multiprocessing_context", "fork")
+        super().__init__(dataset, worker_init_fn=partial(ignore_stop_signals, init=worker_init_fn, parent=os.getpid()),
+                         **kwargs)
 
     def __iter__(self) -> Any:
         with stop_signals_blocked():  # workers (and persistent ones) are forked here

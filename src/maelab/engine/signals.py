@@ -43,9 +43,10 @@ def stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def ignore_stop_signals(worker_id: int, init: Callable[[int], Any] | None = None) -> None:
+def ignore_stop_signals(worker_id: int, init: Callable[[int], Any] | None = None, parent: int | None = None) -> None:
     """DataLoader ``worker_init_fn``: leave STOP_SIGNALS to the main process, then run ``init`` (the loader's
-    own ``worker_init_fn``, if any).
+    own ``worker_init_fn``, if any). ``parent``: the pid of the process that owns the loader (default: this
+    worker's parent process, which it is only under ``fork``; under ``forkserver``/``spawn`` pass it).
 
     SIGINT and SIGUSR1 are ignored (one pending since the fork is dropped). SIGTERM stays blocked and a
     thread waits for it: sent by the parent (how torch and multiprocessing end workers when the main
@@ -57,7 +58,7 @@ def ignore_stop_signals(worker_id: int, init: Callable[[int], Any] | None = None
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # in every thread started from here on
-        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid(),), name="maelab-sigterm",
+        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid() if parent is None else parent,), name="maelab-sigterm",
                          daemon=True).start()
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, others)
