@@ -66,7 +66,17 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
 
 
 def create_model(name: str, **overrides: Any):  # -> MaskedAutoencoder
-    """Build a preset MAE: ``create_model('mae_vit_base_patch16', norm_pix_loss=True)``."""
+    """Build a preset MAE (``maelab models`` lists the names); ``overrides`` set ModelConfig fields.
+
+    >>> import torch, maelab
+    >>> model = maelab.create_model("mae_vit_pico_patch4_32", norm_pix_loss=True)
+    >>> imgs = torch.randn(2, 3, 32, 32)
+    >>> out = model(imgs, noise=torch.rand(2, 64))  # 8 x 8 patches of 4 px; the same noise gives the same mask
+    >>> out.pred.shape, out.mask.shape, int(out.mask.sum(1)[0])  # pred [B, L, p*p*C]; mask True = hidden
+    (torch.Size([2, 64, 48]), torch.Size([2, 64]), 48)
+    >>> model.forward_features(imgs).shape  # encoder on the full image: [B, 1 + L, D]
+    torch.Size([2, 65, 96])
+    """
     from maelab.models.mae import MaskedAutoencoder
 
     return MaskedAutoencoder(get_config(name, **overrides))
