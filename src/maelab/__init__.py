@@ -37,8 +37,9 @@ epoch 1: loss ..., val top-1 ...
 :func:`maelab.eval.embed` writes the features of a folder of images (its docstring has an example).
 """
 
+from typing import Any
+
 from maelab.config import DataConfig, ModelConfig, PretrainConfig, build_config
-from maelab.engine.pretrain import pretrain
 from maelab.errors import CheckpointError, ConfigError, DataError, MaelabError
 from maelab.models.mae import MAEOutput, MaskedAutoencoder
 from maelab.models.masking import Masking, masking_from_noise, random_masking
@@ -53,3 +54,13 @@ __all__ = [
     "get_config", "list_models", "load_exported_encoder", "load_official_checkpoint", "masking_from_noise",
     "pretrain", "random_masking",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``maelab.pretrain`` on first use: the training engine (data loaders, torchvision) is not imported with
+    the model API."""
+    if name == "pretrain":
+        from maelab.engine.pretrain import pretrain
+
+        return pretrain
+    raise AttributeError(f"module 'maelab' has no attribute {name!r}")
