@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from maelab.config import COMPILE_MODES, FP8_RECIPES, SWITCHES, on_off
-from maelab.errors import ConfigError
+from maelab.errors import ConfigError, error_summary
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,8 @@ def is_compile_failure(err: BaseException) -> bool:
 
 
 def describe_compile_failure(err: BaseException) -> str:
-    """One line naming a torch.compile failure: its type and the first line of its message."""
-    first = (str(err).strip().splitlines() or [""])[0][:200]
-    return f"torch.compile failed on this machine ({type(err).__name__}: {first})"
+    """One line naming a torch.compile failure: its type and the first sentence of its message."""
+    return f"torch.compile failed on this machine ({error_summary(err)})"
 
 
 def compile_failure_error(err: BaseException) -> ConfigError:
