@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny model arguments and the optional real CIFAR-10 copy."""
+"""Shared fixtures and helpers: tiny model arguments, the optional real CIFAR-10 copy, a random MAE checkpoint,
+the one-line user error of a command."""
 
 from __future__ import annotations
 
@@ -107,3 +108,27 @@ def save_random_mae(path: Path, **model_args) -> Path:
     torch.manual_seed(0)
     mae = maelab.create_model("mae_vit_pico_patch4_32", **model_args)
     return atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0}, path)
+
+
+LOG_RECORD = ("DEBUG ", "INFO ", "WARNING ")  # the CLI's log format: "%(levelname)s %(name)s: %(message)s"
+
+
+def one_error_line(stderr: str, log_records: bool = False) -> str:
+    """The user error a command left on ``stderr``: one line ``maelab: error: ...``, the last and the only line
+    (``log_records``: a real process's log records may come before it). Returns that line."""
+    lines = stderr.rstrip().splitlines()
+    others = [line for line in lines[:-1] if not (log_records and line.startswith(LOG_RECORD))]
+    assert lines and lines[-1].startswith("maelab: error: ") and not others, stderr
+    return lines[-1]
+
+
+def error_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``maelab argv`` in this interpreter (``maelab.cli.main``) as a user mistake: exit code 2 and
+    :func:`one_error_line` on stderr. Returns that line."""
+    from maelab.cli import main
+
+    capsys.readouterr()  # only this command's output
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    return one_error_line(err)

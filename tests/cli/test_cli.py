@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from maelab.cli import main
-from tests.conftest import TINY_MODEL_ARGS
+from tests.conftest import TINY_MODEL_ARGS, error_line
 
 TINY = [f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]
 FAST = ["--epochs", "2", "--batch-size", "16", "--num-workers", "0", "data.num_samples=64", "--no-progress"]
@@ -87,11 +87,11 @@ def test_encoder_only_checkpoints_are_refused_where_a_decoder_is_needed(run_dir,
     vit_dir = save_hf(mae, tmp_path / "hf_vit", encoder_only=True)
     capsys.readouterr()
     for source in (enc, official, vit_dir):
-        err = _error_line(capsys, ["visualize", "--checkpoint", str(source), "--images", str(imgs),
+        err = error_line(capsys, ["visualize", "--checkpoint", str(source), "--images", str(imgs),
                                    "--output", str(tmp_path / "r.png")])
         assert "encoder-only" in err and str(source) in err
     # a full Hugging Face export of an encoder would ship a random decoder as ViTMAEForPreTraining
-    assert "encoder-only" in _error_line(capsys, ["export", "--checkpoint", str(enc), "--format", "hf",
+    assert "encoder-only" in error_line(capsys, ["export", "--checkpoint", str(enc), "--format", "hf",
                                                   "--output", str(tmp_path / "hf_full")])
     assert main(["export", "--checkpoint", str(enc), "--format", "hf", "--encoder-only",
                  "--output", str(tmp_path / "hf_enc")]) == 0
@@ -122,32 +122,24 @@ def test_bench_on_cpu_writes_json(tmp_path, capsys):
     assert "img/s" in capsys.readouterr().out
 
 
-def _error_line(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("maelab: error: "), err
-    return err
-
-
 def test_bad_inputs_are_one_clear_line(tmp_path, capsys):
     out = ["--output", str(tmp_path / "r"), "--no-progress", *FAST]
-    assert "missing" in _error_line(capsys, ["pretrain", "--data", str(tmp_path / "nope"), *out])
-    assert "mae_vit_base_patch16" in _error_line(capsys, ["pretrain", "--model", "vit_gigantic", *out])
-    assert "mask_ratio" in _error_line(capsys, ["pretrain", "--mask-ratio", "1.5", *out])
-    assert "divisible" in _error_line(capsys, ["pretrain", "model_args.img_size=30", *out])
-    assert "epochs" in _error_line(capsys, ["pretrain", "--epochs", "-1", *out[:-len(FAST)]])
+    assert "missing" in error_line(capsys, ["pretrain", "--data", str(tmp_path / "nope"), *out])
+    assert "mae_vit_base_patch16" in error_line(capsys, ["pretrain", "--model", "vit_gigantic", *out])
+    assert "mask_ratio" in error_line(capsys, ["pretrain", "--mask-ratio", "1.5", *out])
+    assert "divisible" in error_line(capsys, ["pretrain", "model_args.img_size=30", *out])
+    assert "epochs" in error_line(capsys, ["pretrain", "--epochs", "-1", *out[:-len(FAST)]])
     if not torch.cuda.is_available():
-        assert "CUDA" in _error_line(capsys, ["pretrain", "--device", "cuda", *out])
+        assert "CUDA" in error_line(capsys, ["pretrain", "--device", "cuda", *out])
     (tmp_path / "bad.yaml").write_text("epochs: [\n")
-    assert "bad.yaml" in _error_line(capsys, ["pretrain", "--config", str(tmp_path / "bad.yaml"), *out])
-    assert "not found" in _error_line(capsys, ["export", "--checkpoint", str(tmp_path / "none.pt")])
+    assert "bad.yaml" in error_line(capsys, ["pretrain", "--config", str(tmp_path / "bad.yaml"), *out])
+    assert "not found" in error_line(capsys, ["export", "--checkpoint", str(tmp_path / "none.pt")])
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    assert "corrupt" in _error_line(capsys, ["visualize", "--checkpoint", str(tmp_path / "junk.pt"),
+    assert "corrupt" in error_line(capsys, ["visualize", "--checkpoint", str(tmp_path / "junk.pt"),
                                              "--images", str(tmp_path)])
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert str(empty) in _error_line(capsys, ["pretrain", "--data", str(empty), *out])
+    assert str(empty) in error_line(capsys, ["pretrain", "--data", str(empty), *out])
 
 
 def test_strict_data_names_the_bad_file(tmp_path, capsys):
@@ -158,7 +150,7 @@ def test_strict_data_names_the_bad_file(tmp_path, capsys):
     (folder / "000_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     args = ["pretrain", "--data", str(folder), "--output", str(tmp_path / "r"), "--no-progress", "--epochs", "1",
             "--batch-size", "8", "--num-workers", "0", *TINY]
-    assert "000_broken.jpg" in _error_line(capsys, [*args, "--strict-data"])
+    assert "000_broken.jpg" in error_line(capsys, [*args, "--strict-data"])
     assert main([*args, "--output", str(tmp_path / "r2")]) == 0  # default: skipped with a warning
 
 

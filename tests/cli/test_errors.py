@@ -7,8 +7,6 @@ evaluation commands), on a full disk while saving, and on an out-of-memory train
 
 from __future__ import annotations
 
-import errno
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +20,7 @@ from maelab.data.images import load_image
 from maelab.engine.checkpoint import LAST
 from maelab.errors import DataError
 from tests.conftest import TINY_MODEL_ARGS, error_line, one_error_line, save_random_mae
+from tests.test_io import TOO_LARGE, file_size_limit
 
 TINY = [f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]
 QUIET = ["--no-progress", "--batch-size", "8"]
@@ -100,8 +99,9 @@ def test_worker_error_in_a_real_process_is_one_error_line(tmp_path, pngs):
 
 
 # ------------------------------------------------------------------ other user-facing failures
-def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
-    """ENOSPC while saving: one line saying the previous last.pt is intact; it is, byte for byte; no temp file."""
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys):
+    """A write that really fails partway while saving (a file-size limit below the checkpoint's size, as a full disk):
+    one line saying the previous last.pt is intact; it is, byte for byte; no temp file."""
     run = tmp_path / "run"
     argv = ["pretrain", "--output", str(run), "--no-progress", "--batch-size", "8", "--num-workers", "0",
             "data.num_samples=16", *TINY]
@@ -109,15 +109,11 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
     last = run / "checkpoints" / LAST
     before = last.read_bytes()
 
-    def full_disk(obj: object, f) -> None:
-        f.write(b"the first bytes fit")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    err = error_line(capsys, [*argv, "--epochs", "2", "--resume"])
-    monkeypatch.undo()
-    assert err == (f"maelab: error: cannot write checkpoint {last} ({os.strerror(errno.ENOSPC)}); "
-                   f"the previous {LAST} is intact")
+    # half the checkpoint: above the run's other files (config, metrics, figures); the write stops inside a tensor
+    # record, where torch.save raises a RuntimeError ("unexpected pos"), not the OSError behind it
+    with file_size_limit(len(before) // 2):
+        err = error_line(capsys, [*argv, "--epochs", "2", "--resume"])
+    assert err == f"maelab: error: cannot write checkpoint {last} ({TOO_LARGE}); the previous {LAST} is intact"
     assert last.read_bytes() == before
     assert torch.load(last, weights_only=False)["epoch"] == 1
     assert not [p.name for p in last.parent.iterdir() if ".tmp" in p.name]

@@ -16,6 +16,7 @@ from maelab.data.hf_datasets import HFImageDataset, load_hf_table
 from maelab.data.shards import ShardStream, build_stream_loader, write_shards
 from maelab.data.transforms import pretrain_transform
 from maelab.errors import DataError
+from tests.conftest import error_line
 
 datasets = pytest.importorskip("datasets")
 wds = pytest.importorskip("webdataset")
@@ -203,10 +204,8 @@ def test_bad_shard_spec_is_one_line(tmp_path: Path, capsys, spec: str, message: 
     (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file" * 40)
     (tmp_path / "badindex").mkdir()
     (tmp_path / "badindex" / "index.json").write_text('{"format": "webdataset", "shards": [{"name": 1}]}')
-    code = main(["pretrain", "--data", spec.format(tmp=tmp_path), *PICO, "--output", str(tmp_path / "r")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("maelab: error: ")
-    assert message.format(tmp=tmp_path) in err[0]
+    err = error_line(capsys, ["pretrain", "--data", spec.format(tmp=tmp_path), *PICO, "--output", str(tmp_path / "r")])
+    assert message.format(tmp=tmp_path) in err
 
 
 def test_missing_package_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

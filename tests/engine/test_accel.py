@@ -13,7 +13,7 @@ from maelab.engine.accel import compile_module, convert_to_fp8, is_fp8_candidate
 from maelab.engine.optim import build_adamw
 from maelab.engine.step import TrainStep
 from maelab.errors import ConfigError
-from tests.conftest import TINY_MODEL_ARGS
+from tests.conftest import TINY_MODEL_ARGS, error_line
 
 CPU = torch.device("cpu")
 # dims that are multiples of 16, as float8 matmuls need
@@ -261,8 +261,6 @@ def test_compile_auto_failing_in_the_first_step_reruns_it_eagerly_from_the_same_
 
 def test_compile_auto_failing_at_build_trains_eagerly_and_on_keeps_one_line_errors(tmp_path, monkeypatch, caplog,
                                                                                    capsys):
-    from maelab.cli import main
-
     _force_compile(monkeypatch, build_error=RuntimeError("Dynamo is not supported on this Python"))
     with caplog.at_level("INFO"):
         trainer, _ = _train(tmp_path, "auto", "auto")
@@ -274,16 +272,13 @@ def test_compile_auto_failing_at_build_trains_eagerly_and_on_keeps_one_line_erro
     argv = ["pretrain", "--model", "mae_vit_pico_patch4_32", "--device", "cpu", "--epochs", "1", "--batch-size", "8",
             "--num-workers", "0", "--no-progress", "--compile", "data.num_samples=16",
             *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]]
-    capsys.readouterr()
-    assert main([*argv, "--output", str(tmp_path / "on-build")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(
+    err = error_line(capsys, [*argv, "--output", str(tmp_path / "on-build")])
+    assert err.startswith(
         "maelab: error: torch.compile failed on this machine (RuntimeError: Dynamo is not supported on this Python)"
         "; rerun with compile=off"), err
     _force_compile(monkeypatch, [])  # compiles, then fails in the first step
-    assert main([*argv, "--output", str(tmp_path / "on-step")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"(TorchDynamoException: {COMPILE_ERROR}); rerun with compile=off" in err, err
+    err = error_line(capsys, [*argv, "--output", str(tmp_path / "on-step")])
+    assert f"(TorchDynamoException: {COMPILE_ERROR}); rerun with compile=off" in err, err
 
 
 def test_bench_step_falls_back_like_training(monkeypatch, caplog):

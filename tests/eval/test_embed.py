@@ -20,10 +20,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import maelab
-from maelab.cli import main
 from maelab.config import to_dict
 from maelab.data.transforms import default_stats, eval_transform
 from maelab.engine.checkpoint import atomic_save
+from tests.conftest import error_line
 from tests.eval.test_eval_distributed import TINY, run_one, run_two
 
 CLASSES = ("bird", "cat")
@@ -147,9 +147,8 @@ def test_embed_strict_data_stops_with_one_line_error(mae_ckpt, folder, tmp_path,
     root, _ = folder
     bad = add_bad_file(root)
     out = tmp_path / "feats.safetensors"
-    assert main(embed_args(ckpt, root, out, "--strict-data")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("maelab: error: cannot read image") and bad in err[0], err
+    err = error_line(capsys, embed_args(ckpt, root, out, "--strict-data"))
+    assert err.startswith("maelab: error: cannot read image") and bad in err, err
     assert list(tmp_path.glob("feats*")) == []
 
 
@@ -161,9 +160,7 @@ def test_embed_refuses_bad_output_or_data_in_one_line(mae_ckpt, folder, tmp_path
     _, ckpt = mae_ckpt
     root, _ = folder
     args = embed_args(ckpt, root, tmp_path / "feats.safetensors") + argv  # the later flag wins
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    assert message in error_line(capsys, args)
 
 
 def test_embed_two_processes_write_the_one_process_output_once(mae_ckpt, folder, tmp_path):

@@ -29,6 +29,7 @@ from maelab.eval.finetune import Finetuner, evaluate
 from maelab.eval.knn import knn_monitor
 from maelab.eval.linprobe import LinearProber
 from maelab.models.weights import export_encoder
+from tests.conftest import error_line
 
 TINY = {"embed_dim": 64, "depth": 2, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
 CHANCE = 25.0  # 4 classes
@@ -37,17 +38,6 @@ CHANCE = 25.0  # 4 classes
 def run_cli(argv: list[str]) -> int:
     """``maelab <argv>`` through the real entry point, in this interpreter."""
     return cli.main(argv)
-
-
-def user_error(argv: list[str], capsys) -> str:
-    """Runs ``maelab <argv>``, which must fail as a user mistake: exit code 2, one ``maelab: error:`` line on
-    stderr and no traceback. Returns that line."""
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("maelab:")]
-    assert len(lines) == 1 and lines[0].startswith("maelab: error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def synth(n: int, classes: int = 4) -> list[str]:
@@ -196,9 +186,9 @@ def test_finetune_paper_recipe_ema_resume_and_class_count_check(ckpts, tmp_path,
     rec = records(out)[0]
     assert {"epoch", "loss", "lr", "img_per_s", "top1", "top5", "val_loss", "ema_top1"} <= set(rec)
 
-    assert "already holds" in user_error(base + ["--epochs", "1"] + synth(96, classes=6), capsys)
-    assert re.search("6-class head.*4 classes", user_error(base + ["--epochs", "2", "--resume"] + synth(96, classes=4),
-                                                           capsys))
+    assert "already holds" in error_line(capsys, base + ["--epochs", "1"] + synth(96, classes=6))
+    resumed = base + ["--epochs", "2", "--resume"]
+    assert re.search("6-class head.*4 classes", error_line(capsys, resumed + synth(96, classes=4)))
     assert run_cli(base + ["--epochs", "2", "--resume"] + synth(96, classes=6)) == 0
     assert [r["epoch"] for r in records(out)] == [1, 2]
     assert read_eval(out)["metrics"]["epochs"] == 2
@@ -282,19 +272,19 @@ def test_unlabeled_data_is_a_one_line_error(ckpts, tmp_path, command, capsys):
     folder = _unlabeled_folder(tmp_path / "imgs")
     argv = [command, "--checkpoint", str(ckpts["pt"]), "--data", str(folder), "--output", str(tmp_path / "o"),
             "--num-workers", "0", "--batch-size", "2", "--no-progress"]
-    assert f"has no labels: {command} needs a labeled dataset" in user_error(argv, capsys)
+    assert f"has no labels: {command} needs a labeled dataset" in error_line(capsys, argv)
 
 
 @pytest.mark.parametrize("command", ["finetune", "linprobe", "knn"])
 def test_architecture_mismatch_is_a_one_line_error(ckpts, tmp_path, command, capsys):
     argv = [command, "--checkpoint", str(ckpts["pt"]), "--model", "mae_vit_tiny_patch4_32",
             "--output", str(tmp_path / "o")] + synth(64)
-    line = user_error(argv, capsys)
+    line = error_line(capsys, argv)
     assert "architecture does not match" in line and "embed_dim=64" in line
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
-    assert "not found" in user_error(["knn", "--checkpoint", str(tmp_path / "nope.pt")] + synth(64), capsys)
+    assert "not found" in error_line(capsys, ["knn", "--checkpoint", str(tmp_path / "nope.pt")] + synth(64))
 
 
 def test_installed_console_script_runs_an_evaluation(ckpts, tmp_path):

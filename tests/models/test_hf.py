@@ -20,7 +20,7 @@ from maelab.engine.checkpoint import load_pretrained
 from maelab.models.hf import load_hf, save_hf
 from maelab.models.registry import create_model
 from maelab.models.weights import load_exported_encoder
-from tests.conftest import TINY_MODEL_ARGS
+from tests.conftest import TINY_MODEL_ARGS, error_line
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,13 +58,6 @@ def random_hf_mae(seed: int) -> torch.nn.Module:
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """The model weights (official names) in a run's last checkpoint."""
     return torch.load(path / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
-
-
-def error_line(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("maelab: error: ") and "\n" not in err, err
-    return err
 
 
 # ---------------------------------------------------------------------------------- HF -> maelab

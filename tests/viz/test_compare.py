@@ -8,6 +8,7 @@ import pytest
 
 from maelab.cli import main
 from maelab.viz.compare import load_run, summarize_run
+from tests.conftest import error_line
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,9 +52,6 @@ def test_compare_cli_prints_table_and_writes_figure(tmp_path, capsys):
 
 
 def test_compare_errors_are_one_line(tmp_path, capsys):
-    assert main(["compare", str(tmp_path)]) == 2
-    assert "metrics.jsonl is missing" in capsys.readouterr().err
+    assert "metrics.jsonl is missing" in error_line(capsys, ["compare", str(tmp_path)])
     a = _write_run(tmp_path / "a", [1.0, 0.5])
-    assert main(["compare", str(a), "--labels", "one,two"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "2 names for 1 runs" in err
+    assert "2 names for 1 runs" in error_line(capsys, ["compare", str(a), "--labels", "one,two"])

@@ -22,6 +22,7 @@ from maelab.engine.pretrain import pretrain
 from maelab.eval.common import write_eval_json
 from maelab.eval.config import KnnConfig
 from maelab.viz.report import Series, build_report, find_evals, line_chart
+from tests.conftest import error_line
 from tests.engine.test_pretrain import tiny_cfg
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -130,11 +131,8 @@ def test_line_chart_has_axes_ticks_and_log_scale():
 
 
 def test_report_errors_are_one_line(tmp_path, capsys):
-    assert main(["report", str(tmp_path / "nowhere")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("maelab: error:") and "not a directory" in err
-    assert main(["report", str(tmp_path)]) == 2
-    assert "not a pre-training run directory" in capsys.readouterr().err
+    assert "not a directory" in error_line(capsys, ["report", str(tmp_path / "nowhere")])
+    assert "not a pre-training run directory" in error_line(capsys, ["report", str(tmp_path)])
 
 
 # ---------------------------------------------------------------------------------- real browser
