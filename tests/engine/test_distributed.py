@@ -121,20 +121,6 @@ def test_fsdp_state_is_gathered_onto_rank_0_only_in_the_unsharded_format(tmp_pat
             torch.testing.assert_close(optim_sd["state"][i][name], entry[name], rtol=1e-4, atol=1e-9)
 
 
-def test_dependency_floor_has_fully_shard():
-    """fsdp=true imports ``torch.distributed.fsdp.fully_shard``, public from torch 2.6 (with torchvision 0.21):
-    pyproject.toml must not allow an older torch."""
-    import re
-    from pathlib import Path
-
-    tomllib = pytest.importorskip("tomllib")
-    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
-    floors = {m["name"]: tuple(int(v) for v in m["version"].split("."))
-              for m in (re.match(r"(?P<name>[\w-]+)>=(?P<version>[\d.]+)", d) for d in pyproject["project"]["dependencies"])
-              if m}
-    assert floors["torch"] >= (2, 6) and floors["torchvision"] >= (0, 21)
-
-
 def test_resume_with_another_global_batch_is_refused(tmp_path):
     out = tmp_path / "run"
     _run(["pretrain", "--output", str(out), "--batch-size", "16", "--max-steps", "1", *COMMON])
