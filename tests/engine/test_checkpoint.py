@@ -9,6 +9,7 @@ from maelab.engine.checkpoint import (LAST, atomic_link, atomic_save, load_pretr
                                       periodic_checkpoints, rotate)
 from maelab.errors import CheckpointError
 from tests.conftest import TINY_MODEL_ARGS
+from tests.test_io import TOO_LARGE, file_size_limit
 
 
 def test_atomic_save_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -20,20 +21,34 @@ def test_atomic_save_replaces_whole_file_and_leaves_no_temp(tmp_path):
     assert sorted(os.listdir(path.parent)) == [LAST]
 
 
-def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_save_failing_partway_keeps_the_previous_checkpoint(tmp_path):
+    """A real failed write (a file-size limit between the two checkpoints' sizes, as a full disk): one line naming
+    the file and the reason, the previous last.pt byte for byte, no temporary file."""
     path = tmp_path / LAST
-    atomic_save({"model": {}, "step": 1}, path)
-
-    def exploding_save(obj, f):
-        f.write(b"partial garbage")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", exploding_save)
-    with pytest.raises(CheckpointError, match=f"the previous {LAST} is intact"):
-        atomic_save({"model": {}, "step": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["step"] == 1
+    atomic_save({"model": {"w": torch.zeros(10)}, "step": 1}, path)
+    before = path.read_bytes()
+    with file_size_limit(len(before) + 1000), pytest.raises(CheckpointError) as e:
+        atomic_save({"model": {"w": torch.zeros(10_000)}, "step": 2}, path)
+    assert str(e.value) == f"cannot write checkpoint {path} ({TOO_LARGE}); the previous {LAST} is intact"
+    assert path.read_bytes() == before
     assert os.listdir(tmp_path) == [LAST]
+
+
+def test_a_copy_failing_partway_keeps_the_previous_periodic_checkpoint(tmp_path, monkeypatch):
+    """atomic_link where the filesystem has no hard links copies; a real failed copy is one line too."""
+    old = atomic_save({"model": {"w": torch.zeros(10)}, "step": 1}, tmp_path / "epoch_0001.pt")
+    before = old.read_bytes()
+    last = atomic_save({"model": {"w": torch.zeros(10_000)}, "step": 2}, tmp_path / LAST)
+
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with file_size_limit(len(before) + 1000), pytest.raises(CheckpointError) as e:
+        atomic_link(last, old)
+    assert str(e.value) == f"cannot write checkpoint {old} ({TOO_LARGE}); the previous epoch_0001.pt is intact"
+    assert old.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0001.pt", LAST]
 
 
 def test_corrupt_last_falls_back_to_newest_good_periodic(tmp_path, caplog):

@@ -17,6 +17,7 @@ import torch
 
 from maelab.config import ModelConfig, from_dict
 from maelab.errors import CheckpointError, error_summary
+from maelab.io import atomic_path, atomic_write, write_synced
 
 log = logging.getLogger(__name__)
 
@@ -25,61 +26,29 @@ _PERIODIC = re.compile(r"^(epoch|step)_(\d+)\.pt$")
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to ``path`` atomically (temp file + fsync + rename).
+    """torch.save to ``path`` atomically (temp file + fsync + rename, :func:`maelab.io.atomic_write`).
 
     Raises:
-        CheckpointError: the write failed (a full disk, no permission, ...): the temporary file is
-            removed and a previous file at ``path`` is left as it was, which the message says.
+        CheckpointError: the write failed (a full disk, a file-size limit, no permission, ...): the temporary
+            file is removed and a previous file at ``path`` is left as it was, which the message says.
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except OSError as e:
-        kept = f"the previous {p.name} is intact" if p.exists() else "nothing was saved"
-        raise CheckpointError(f"cannot write checkpoint {p} ({e.strerror or e}); {kept}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(p.parent)
-    return p
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (fsync of the directory, where the filesystem allows it)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - not supported on every filesystem
-        pass
+    return atomic_write(path, lambda f: torch.save(obj, f), "checkpoint", CheckpointError)
 
 
 def atomic_link(src: Path, dst: Path) -> Path:
     """Give the written file ``src`` a second name ``dst``, atomically and without serializing again:
     a hard link (a flushed copy where the filesystem has none) under a temporary name, renamed over
-    ``dst``. Deleting either name later (rotation) leaves the other's data intact."""
-    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
+    ``dst``. Deleting either name later (rotation) leaves the other's data intact.
+
+    Raises:
+        CheckpointError: the copy failed (a full disk, ...); a previous ``dst`` is left as it was."""
+    with atomic_path(dst, "checkpoint", CheckpointError) as tmp:
         try:
             os.link(src, tmp)
         except OSError:  # no hard links here (some network or FAT filesystems)
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.replace(tmp, dst)  # if dst already is a name of src, this leaves tmp: removed below
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(dst.parent)
+            with open(src, "rb") as fin:
+                write_synced(tmp, lambda fout: shutil.copyfileobj(fin, fout))
+    # if dst already was a name of src, the rename left tmp, which atomic_path removed
     return dst
 
 
