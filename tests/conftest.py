@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from maelab.models.mae import MaskedAutoencoder
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -98,16 +102,26 @@ def load_script(name: str):
     return module
 
 
-def save_random_mae(path: Path, **model_args) -> Path:
-    """A randomly initialized (seed 0) ``mae_vit_pico_patch4_32`` with ``model_args``, saved at ``path`` as a
-    maelab checkpoint (weights, model config, step), the input evaluation commands take."""
+def random_mae(**model_args) -> MaskedAutoencoder:
+    """A randomly initialized (seed 0) ``mae_vit_pico_patch4_32`` with ``model_args``."""
     import maelab
+
+    torch.manual_seed(0)
+    return maelab.create_model("mae_vit_pico_patch4_32", **model_args)
+
+
+def save_mae(mae: MaskedAutoencoder, path: Path) -> Path:
+    """``mae`` saved at ``path`` as a maelab checkpoint (weights, model config, step 0), the input evaluation
+    commands take."""
     from maelab.config import to_dict
     from maelab.engine.checkpoint import atomic_save
 
-    torch.manual_seed(0)
-    mae = maelab.create_model("mae_vit_pico_patch4_32", **model_args)
     return atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0}, path)
+
+
+def save_random_mae(path: Path, **model_args) -> Path:
+    """:func:`random_mae` saved at ``path`` by :func:`save_mae`."""
+    return save_mae(random_mae(**model_args), path)
 
 
 LOG_RECORD = ("DEBUG ", "INFO ", "WARNING ")  # the CLI's log format: "%(levelname)s %(name)s: %(message)s"

@@ -20,10 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import maelab
-from maelab.config import to_dict
 from maelab.data.transforms import default_stats, eval_transform
-from maelab.engine.checkpoint import atomic_save
-from tests.conftest import error_line
+from tests.conftest import error_line, random_mae, save_mae
 from tests.eval.test_eval_distributed import TINY, run_one, run_two
 
 CLASSES = ("bird", "cat")
@@ -33,11 +31,8 @@ PER_CLASS = 6
 @pytest.fixture(scope="module")
 def mae_ckpt(tmp_path_factory) -> tuple[maelab.MaskedAutoencoder, Path]:
     """A random-init tiny MAE (16 px) and its checkpoint file."""
-    torch.manual_seed(0)
-    mae = maelab.create_model("mae_vit_pico_patch4_32", **TINY).eval()
-    path = atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0},
-                       tmp_path_factory.mktemp("ckpt") / "mae.pt")
-    return mae, path
+    mae = random_mae(**TINY).eval()
+    return mae, save_mae(mae, tmp_path_factory.mktemp("ckpt") / "mae.pt")
 
 
 def make_folder(root: Path) -> list[str]:

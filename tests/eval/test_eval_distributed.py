@@ -22,12 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import assert_weights_close
+from tests.conftest import assert_weights_close, save_random_mae
 
-import maelab
 from maelab import cli
-from maelab.config import to_dict
-from maelab.engine.checkpoint import atomic_save
 
 TINY = {"img_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1,
         "decoder_num_heads": 1}
@@ -83,10 +80,7 @@ def assert_same_metrics(one: dict, two: dict, keys: tuple[str, ...]) -> None:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A random-init tiny MAE checkpoint (its features separate the synthetic shapes somewhat)."""
-    torch.manual_seed(0)
-    mae = maelab.create_model("mae_vit_pico_patch4_32", **TINY)
-    return atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0},
-                       tmp_path_factory.mktemp("ckpt") / "mae.pt")
+    return save_random_mae(tmp_path_factory.mktemp("ckpt") / "mae.pt", **TINY)
 
 
 # ---------------------------------------------------------------------------------- fine-tuning

@@ -21,7 +21,7 @@ import torch
 
 import maelab
 from maelab import cli
-from maelab.config import DataConfig, to_dict
+from maelab.config import DataConfig
 from maelab.data import eval_transform
 from maelab.engine.checkpoint import atomic_save, load_pretrained
 from maelab.eval.config import FinetuneConfig, LinprobeConfig
@@ -29,7 +29,7 @@ from maelab.eval.finetune import Finetuner, evaluate
 from maelab.eval.knn import knn_monitor
 from maelab.eval.linprobe import LinearProber
 from maelab.models.weights import export_encoder
-from tests.conftest import error_line
+from tests.conftest import error_line, random_mae, save_mae
 
 TINY = {"embed_dim": 64, "depth": 2, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
 CHANCE = 25.0  # 4 classes
@@ -57,12 +57,10 @@ def records(out: Path) -> list[dict]:
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     """One random-init tiny MAE as every input users hold: run dir, .pt, official .pth, .safetensors."""
     root = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    mae = maelab.create_model("mae_vit_pico_patch4_32", **TINY)
-    pt = atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0}, root / "mae.pt")
+    mae = random_mae(**TINY)
+    pt = save_mae(mae, root / "mae.pt")
     run = root / "run"
-    atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0},
-                run / "checkpoints" / "last.pt")
+    save_mae(mae, run / "checkpoints" / "last.pt")
     official = {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder_", "mask_token"))}
     pth = atomic_save({"model": official}, root / "mae_pretrain_tiny.pth")
     st = export_encoder(mae, root / "encoder.safetensors")

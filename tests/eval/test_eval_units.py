@@ -23,6 +23,7 @@ from maelab.eval.features import extract_features, pool_tokens
 from maelab.eval.knn import knn_accuracy, knn_predict
 from maelab.eval.linprobe import LinearProbe, build_probe_optimizer, probe_param_groups
 from maelab.models.registry import get_config
+from tests.conftest import random_mae, save_mae
 
 DEPTH = 3
 TINY = {"embed_dim": 64, "depth": DEPTH, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
@@ -30,8 +31,7 @@ TINY = {"embed_dim": 64, "depth": DEPTH, "num_heads": 1, "decoder_embed_dim": 32
 
 @pytest.fixture(scope="module")
 def mae():
-    torch.manual_seed(0)
-    return maelab.create_model("mae_vit_pico_patch4_32", **TINY).eval()
+    return random_mae(**TINY).eval()
 
 
 # ---------------------------------------------------------------------------------- configs
@@ -342,11 +342,9 @@ def test_recipes_are_valid_configs(monkeypatch):
 @pytest.mark.parametrize("crop", [None, "torchvision"])
 def test_linear_probe_augments_with_the_official_crop_by_default(mae, tmp_path, monkeypatch, crop):
     """The probe's training crop: the official single clipped draw (util/crop.py) unless crop=torchvision."""
-    from maelab.config import to_dict
     from maelab.data.transforms import ClippedRandomResizedCrop
-    from maelab.engine.checkpoint import atomic_save
     linprobe = importlib.import_module("maelab.eval.linprobe")  # (maelab.eval.linprobe is also a function)
-    ckpt = atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0}, tmp_path / "m.pt")
+    ckpt = save_mae(mae, tmp_path / "m.pt")
     made, original = [], linprobe.pretrain_transform
 
     def spy(*args, **kwargs):

@@ -9,11 +9,11 @@ import importlib
 import pytest
 import torch
 
-import maelab
-from maelab.config import DataConfig, to_dict
-from maelab.engine.checkpoint import LAST, atomic_save
+from maelab.config import DataConfig
+from maelab.engine.checkpoint import LAST
 from maelab.eval.config import FinetuneConfig
 from maelab.eval.finetune import Finetuner
+from tests.conftest import save_random_mae
 
 finetune_mod = importlib.import_module("maelab.eval.finetune")  # maelab.eval.finetune is also a function
 
@@ -26,10 +26,7 @@ class Stop(Exception):
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    torch.manual_seed(0)
-    mae = maelab.create_model("mae_vit_pico_patch4_32", **TINY)
-    return atomic_save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg), "step": 0},
-                       tmp_path_factory.mktemp("ckpt") / "mae.pt")
+    return save_random_mae(tmp_path_factory.mktemp("ckpt") / "mae.pt", **TINY)
 
 
 def config(encoder, output) -> FinetuneConfig:
@@ -58,7 +55,6 @@ def test_resumed_finetune_gives_bit_identical_weights(encoder, tmp_path, monkeyp
     with pytest.raises(Stop):
         Finetuner(part, progress=False).run()
     monkeypatch.setattr(finetune_mod, "atomic_save", real_save)
-    torch.manual_seed(123)  # a fresh process would not continue the stopped run's random streams either
     assert torch.load(tmp_path / "part" / "checkpoints" / LAST, weights_only=False)["epoch"] == 1
     Finetuner(part, resume=True, progress=False).run()
 
