@@ -90,3 +90,51 @@ def test_the_file_is_created_with_the_usual_mode(tmp_path):
     finally:
         os.umask(umask)
     assert path.read_bytes() == b"hello" and path.stat().st_mode & 0o777 == 0o644
+
+
+def _encoder(path: Path, big: bool) -> object:
+    from maelab import create_model
+    from maelab.models.weights import export_encoder
+
+    return export_encoder(create_model("mae_vit_pico_patch4_32", depth=2 if big else 1), path)
+
+
+def _embeddings(path: Path, big: bool) -> object:
+    from maelab.eval.embed import write_embeddings
+
+    n = 100 if big else 2
+    return write_embeddings(path, torch.zeros(n, 16), None, [f"{i}.png" for i in range(n)], [], {})
+
+
+def _curve(path: Path, big: bool) -> object:
+    from maelab.viz.curves import save_loss_curve
+
+    return save_loss_curve([{"epoch": e, "loss": 1.0 / e} for e in range(1, 30 if big else 2)], path)
+
+
+def _json(path: Path, big: bool) -> object:
+    from maelab.eval.common import write_json
+
+    return write_json({"x": list(range(1000 if big else 1))}, path)
+
+
+def _records(path: Path, big: bool) -> object:
+    from maelab.engine.metrics import write_records
+
+    return write_records(path, [{"epoch": e, "loss": 0.5} for e in range(1, 200 if big else 2)])
+
+
+@pytest.mark.parametrize(("writer", "name", "what"), [
+    (_encoder, "encoder.safetensors", "the encoder "), (_embeddings, "feats.safetensors", ""),
+    (_curve, "loss_curve.png", "the figure "), (_json, "eval.json", ""), (_records, "metrics.jsonl", ""),
+], ids=["export_encoder", "embed", "figure", "eval-json", "metrics-jsonl"])
+def test_every_writer_reports_a_failed_write_in_one_line_and_keeps_the_previous_file(tmp_path, writer, name, what):
+    """The files besides checkpoints go through the same writer: a real failed write is one MaelabError line."""
+    path = tmp_path / name
+    writer(path, big=False)
+    before = path.read_bytes()
+    with file_size_limit(len(before) + 1), pytest.raises(MaelabError) as e:
+        writer(path, big=True)
+    assert str(e.value) == f"cannot write {what}{path} ({TOO_LARGE}); the previous {name} is intact"
+    assert path.read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"]

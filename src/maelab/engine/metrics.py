@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from maelab.io import atomic_write
+
 
 STEP_LOG = "steps.jsonl"
 """Run-directory file of step-level records, one per ``log_every`` steps: ``step``, ``loss`` (mean over the
@@ -43,6 +45,11 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def write_records(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Replace ``path`` by ``records``, one JSON object per line, atomically (:func:`maelab.io.atomic_write`)."""
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
 class MetricsLog:
     """Append records to a ``.jsonl`` file; ``keep_completed(n, s)`` drops later epochs/steps on resume.
 
@@ -65,10 +72,7 @@ class MetricsLog:
                 return r.get("epoch", 0) <= epochs_done
             return r.get("step", 0) <= steps_done
 
-        records = [r for r in read_records(self.path) if done(r)]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(self.path)
+        write_records(self.path, [r for r in read_records(self.path) if done(r)])
 
     def records(self) -> list[dict[str, Any]]:
         return read_records(self.path)

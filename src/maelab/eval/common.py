@@ -15,7 +15,6 @@ per-rank rows back into dataset order (:func:`gather_interleaved_to_rank0`: on r
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from maelab.data import build_dataset, dataset_info, default_stats, eval_transfo
 from maelab.data.loader import SignalSafeDataLoader
 from maelab.engine.distributed import DistInfo
 from maelab.errors import CheckpointError, ConfigError, DataError
+from maelab.io import atomic_write
 from maelab.models.mae import MaskedAutoencoder
 
 ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -208,13 +208,8 @@ def checkpoint_source(cfg: Any) -> str:
 
 
 def write_json(obj: dict[str, Any], path: str | Path) -> Path:
-    """Write JSON atomically (temp file + rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
-    return p
+    """Write JSON atomically (:func:`maelab.io.atomic_write`); a failed write is one MaelabError line."""
+    return atomic_write(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def write_eval_json(output: str | Path, protocol: str, metrics: dict[str, Any], cfg: Any,
@@ -230,12 +225,10 @@ def write_eval_json(output: str | Path, protocol: str, metrics: dict[str, Any], 
 
 def reset_metrics(path: str | Path, epochs_done: int = 0) -> None:
     """Keep only the ``metrics.jsonl`` records of the first ``epochs_done`` epochs (0: start afresh)."""
-    from maelab.engine.metrics import read_records
+    from maelab.engine.metrics import read_records, write_records
 
     p = Path(path)
     if not p.exists():
         return
     records = [r for r in read_records(p) if r.get("epoch", 0) <= epochs_done] if epochs_done > 0 else []
-    tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, p)
+    write_records(p, records)

@@ -41,6 +41,7 @@ from maelab.eval.common import (checkpoint_source, frozen_encoder_setup, gather_
                                  plain_loader, shard)
 from maelab.eval.config import EmbedConfig
 from maelab.eval.features import extract_features, feature_dim
+from maelab.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +117,8 @@ def embed_rows(encoder: torch.nn.Module, items: ReadableImages, pool: str, devic
 
 
 def _write(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` atomically (temp file + rename); DataError when it cannot be written."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise DataError(f"cannot write {path} ({e.strerror or e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``data`` to ``path`` atomically (:func:`maelab.io.atomic_write`); DataError when it cannot be written."""
+    atomic_write(path, data, error=DataError)
 
 
 def _npy(array: torch.Tensor) -> bytes:

@@ -19,6 +19,7 @@ import torch
 
 from maelab.config import ModelConfig
 from maelab.errors import CheckpointError, error_summary
+from maelab.io import atomic_write
 from maelab.models.mae import MaskedAutoencoder
 
 _TIMM_BY_DIM = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
@@ -133,19 +134,17 @@ def load_official_checkpoint(path_or_state: str | Path | dict[str, Any],
 
 
 def export_encoder(model: MaskedAutoencoder, path: str | Path) -> Path:
-    """Write the encoder as safetensors (timm key names) with its timm name/kwargs in metadata."""
-    from safetensors.torch import save_file
+    """Write the encoder as safetensors (timm key names) with its timm name/kwargs in metadata, atomically.
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    Raises:
+        CheckpointError: the file cannot be written (:func:`maelab.io.atomic_write`)."""
+    from safetensors.torch import save
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.encoder_state_dict().items()}
     kwargs = model.cfg.timm_kwargs()
     meta = {"format": "pt", "maelab_timm_name": model.cfg.timm_name, "maelab_timm_kwargs": json.dumps(kwargs),
             "maelab_model_config": json.dumps(_jsonable(model.cfg))}
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(p)
-    return p
+    return atomic_write(path, save(tensors, metadata=meta), "the encoder", CheckpointError)
 
 
 def _jsonable(cfg: ModelConfig) -> dict[str, Any]:

@@ -7,14 +7,13 @@ backend state is touched, and writes the PNG atomically.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from maelab.io import atomic_write
 from maelab.models.patches import patchify, unpatchify
 from maelab.models.targets import NORM_PIX_EPS, patch_stats
 
@@ -116,27 +115,11 @@ def _hole_mask(images: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _atomic_savefig(fig, path: str | Path, dpi: int = 100) -> Path:
-    """Render ``fig`` (a ``matplotlib.figure.Figure``) to PNG at ``path`` via a temp file + os.replace."""
+    """Render ``fig`` (a matplotlib ``Figure``) to PNG at ``path`` atomically (:func:`maelab.io.atomic_write`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), "the figure")
 
 
 def save_reconstruction_grid(images: Mapping[str, torch.Tensor], path: str | Path,

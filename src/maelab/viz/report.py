@@ -22,7 +22,6 @@ import base64
 import html
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ import yaml
 
 from maelab.engine.metrics import ENV_FILE, STEP_LOG, read_records
 from maelab.errors import ConfigError
+from maelab.io import atomic_write
 from maelab.viz.compare import summarize_run
 from maelab.viz.curves import _series, wants_log_scale
 
@@ -480,11 +480,4 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """
     page = build_report(run_dir)
     out = Path(output) if output is not None else Path(run_dir) / REPORT_FILE
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as e:
-        raise ConfigError(f"cannot write the report to {out}: {e.strerror or e}") from e
-    return out
+    return atomic_write(out, page.encode("utf-8"), "the report", ConfigError)
