@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Any, Callable
 
+from maelab.engine.launch import adopt_slurm_launch
 from maelab.errors import MaelabError
 
 EXIT_USER_ERROR = 2
@@ -332,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        adopt_slurm_launch()  # before the config: it reads WORLD_SIZE and RANK
         return func(args)
     except MaelabError as e:
         print(f"maelab: error: {e}", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from maelab.engine.launch import job_env
 from maelab.errors import ConfigError
 
 T = TypeVar("T")
@@ -41,17 +42,18 @@ def on_off(value: Any) -> Any:
 
 
 def processes_on_node() -> int:
-    """torchrun's LOCAL_WORLD_SIZE (1 outside torchrun): the training processes sharing this host."""
+    """torchrun's LOCAL_WORLD_SIZE, or under ``srun`` alone SLURM's tasks on this node (e.g. SLURM_TASKS_PER_NODE
+    ``8(x2)``), else 1: the training processes sharing this host."""
     try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(1, int(job_env().get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         return 1
 
 
 def processes_in_job() -> int:
-    """torchrun's WORLD_SIZE (1 outside torchrun): the training processes of the whole job."""
+    """torchrun's WORLD_SIZE, or under ``srun`` alone SLURM_NTASKS, else 1: the training processes of the job."""
     try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        return max(1, int(job_env().get("WORLD_SIZE", "1")))
     except ValueError:
         return 1
 

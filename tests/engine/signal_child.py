@@ -25,27 +25,46 @@ NOTED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if ha
 
 def start(out: Path, step: int, args: list[str], ranks: str = "all", launcher: tuple[str, ...] = (sys.executable,),
           ) -> tuple[subprocess.Popen, Path]:
-    """Start ``maelab pretrain --output out *args`` in a new session (its own process group, like a job);
-    returns the process and its ready folder."""
+    """Start ``maelab pretrain --output out *args`` in its own process group (like a job); returns the process
+    and its ready folder."""
+    procs, ready = start_tasks(out, step, args, [{}], ranks, launcher)
+    return procs[0], ready
+
+
+def start_tasks(out: Path, step: int, args: list[str], envs: list[dict[str, str]], ranks: str = "all",
+                launcher: tuple[str, ...] = (sys.executable,)) -> tuple[list[subprocess.Popen], Path]:
+    """Start one ``maelab pretrain --output out *args`` per entry of ``envs`` (added to this environment), all in
+    one new process group (led by the first) as ``srun`` starts a job's tasks; returns the processes and their
+    ready folder."""
     ready = out.parent / f"{out.name}.ready"
     ready.mkdir(parents=True)
     cmd = [*launcher, str(HERE), str(step), str(ready), ranks, "pretrain", "--output", str(out), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    return proc, ready
+    procs: list[subprocess.Popen] = []
+    for env in envs:
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, **env}, process_group=procs[0].pid if procs else 0))
+    return procs, ready
 
 
-def wait_ready(proc: subprocess.Popen, ready: Path, ranks: list[int], timeout: float = 120) -> dict[int, int]:
-    """Wait until every rank in ``ranks`` holds at its step; returns their pids. Fails if the run ends first."""
+def wait_ready(proc: subprocess.Popen | list[subprocess.Popen], ready: Path, ranks: list[int], timeout: float = 120,
+               ) -> dict[int, int]:
+    """Wait until every rank in ``ranks`` holds at its step; returns their pids. Fails if a process (``proc``: one
+    or a list) ends first."""
+    procs = proc if isinstance(proc, list) else [proc]
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         files = [ready / f"rank{r}" for r in ranks]
         if all(f.exists() for f in files):
             return {r: int(f.read_text()) for r, f in zip(ranks, files)}
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"the run ended (code {proc.returncode}) before holding:\n{out[-2000:]}{err[-3000:]}")
+        for p in procs:
+            if p.poll() is not None:
+                for other in procs:
+                    other.kill()
+                out, err = p.communicate()
+                raise AssertionError(f"the run ended (code {p.returncode}) before holding:\n{out[-2000:]}{err[-3000:]}")
         time.sleep(0.02)
-    proc.kill()
+    for p in procs:
+        p.kill()
     raise TimeoutError(ready)
 
 

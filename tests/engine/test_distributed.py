@@ -3,6 +3,7 @@ every rank after the same step."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -151,6 +152,52 @@ def test_signal_stops_every_rank_after_the_same_step(tmp_path, to):
     # torchrun itself exits 1 when it was signaled: its agent re-raises the signal as a SignalException
     assert proc.returncode == (1 if group else 0), stderr[-3000:]
     assert stdout.count("stopped (resume with --resume)") == 1  # only rank 0 reports
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 3 and state["world_size"] == 2
+
+
+def _free_port_below_ephemeral():
+    """A free TCP port in 20000-29999, under Linux's ephemeral range (32768+): one taken from that range (bind to
+    port 0) can go to another process's outgoing connection before rank 0 listens on it."""
+    for i in range(10000):
+        port = 20000 + (os.getpid() + i) % 10000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29999")
+
+
+def _slurm_tasks(ntasks):
+    """What ``srun --ntasks N`` sets for each task on one host (no torchrun variables; MASTER_PORT a free port,
+    MASTER_ADDR left to the node list)."""
+    port = _free_port_below_ephemeral()
+    return [{"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NODEID": "0", "SLURM_NTASKS": str(ntasks),
+             "SLURM_TASKS_PER_NODE": str(ntasks), "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "4242",
+             "MASTER_PORT": str(port)} for r in range(ntasks)]
+
+
+def test_srun_tasks_stop_after_the_same_step_and_exit_0(tmp_path):
+    """SLURM's srun without torchrun: 2 tasks read their ranks from SLURM's variables; SIGTERM to the job's process
+    group (as scancel / --signal deliver it) stops both after the same step, each exits 0 itself, one last.pt."""
+    out = tmp_path / "run"
+    procs, ready = signal_child.start_tasks(out, 3, ["--batch-size", "8", *COMMON, "--num-workers", "1"],
+                                            _slurm_tasks(2))
+    try:
+        signal_child.wait_ready(procs, ready, [0, 1])  # step 3 of 8: mid-run
+        os.killpg(procs[0].pid, signal.SIGTERM)
+        ends = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (proc, (stdout, stderr)) in enumerate(zip(procs, ends)):
+        assert proc.returncode == 0, stderr[-3000:]
+        assert f"received signal {signal.SIGTERM.value} (rank {rank}): stopped after step 3" in stderr, stderr[-3000:]
+        assert ("launched by SLURM's srun" in stderr) == (rank == 0)  # logged once, by rank 0
+        assert stdout.count("stopped (resume with --resume)") == (rank == 0)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert state["step"] == 3 and state["world_size"] == 2

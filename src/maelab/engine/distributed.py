@@ -1,8 +1,9 @@
-"""torch.distributed glue: ``torchrun`` environment, DDP, rank-0 I/O, metric all-reduce.
+"""torch.distributed glue: ``torchrun`` or ``srun`` environment, DDP, rank-0 I/O, metric all-reduce.
 
-Launch with PyTorch's own launcher, e.g. ``torchrun --nproc_per_node 8 -m maelab pretrain ...``.
-The backend is NCCL on CUDA and gloo on CPU. Without ``torchrun`` everything degrades to a
-single process.
+Launch with PyTorch's own launcher, e.g. ``torchrun --nproc_per_node 8 -m maelab pretrain ...``, or with
+SLURM's alone, one task per GPU: ``srun --ntasks-per-node 8 python -m maelab pretrain ...``
+(:mod:`maelab.engine.launch` maps SLURM's variables to torchrun's). The backend is NCCL on CUDA and
+gloo on CPU. Without a launcher everything degrades to a single process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from maelab.engine.launch import adopt_slurm_launch, job_env
 
 
 @dataclass(frozen=True)
@@ -31,11 +34,13 @@ class DistInfo:
 
 
 def launched_by_torchrun() -> bool:
+    """torchrun's variables are set (by torchrun, or by :func:`~maelab.engine.launch.adopt_slurm_launch`)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group that ``torchrun`` set up (no-op for a single process)."""
+    """Join the process group of a ``torchrun`` or ``srun`` launch (no-op for a single process)."""
+    adopt_slurm_launch()
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return DistInfo()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -49,7 +54,7 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def setup_process(device: str, precision: str) -> tuple[DistInfo, torch.device, torch.dtype]:
-    """Join torchrun's process group (if any) and pick this rank's device and compute dtype.
+    """Join torchrun's or srun's process group (if any) and pick this rank's device and compute dtype.
 
     ``device``: auto, cpu, cuda, cuda:N; ``precision``: auto, bf16, fp16, fp32 (see engine.runtime)."""
     from maelab.engine.runtime import resolve_device, resolve_precision
@@ -61,7 +66,7 @@ def setup_process(device: str, precision: str) -> tuple[DistInfo, torch.device, 
 
 
 def device_for(info: DistInfo, device: torch.device) -> torch.device:
-    """Each rank's own GPU (``cuda:LOCAL_RANK``) under torchrun."""
+    """Each rank's own GPU (``cuda:LOCAL_RANK``) under torchrun or srun."""
     if info.enabled and device.type == "cuda":
         return torch.device("cuda", info.local_rank)
     return device
@@ -103,8 +108,8 @@ def cpu_group() -> dist.ProcessGroup | None:
 
 
 def is_main_process() -> bool:
-    """Rank 0 of a torchrun launch, or a plain single process (from the environment alone)."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 of a torchrun or srun launch, or a plain single process (from the environment alone)."""
+    return int(job_env().get("RANK", "0")) == 0
 
 
 def close_process_group() -> None:
