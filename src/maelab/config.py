@@ -18,7 +18,7 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-from maelab.engine.launch import job_env
+from maelab.engine.launch import job_env, task_cpus
 from maelab.errors import ConfigError
 
 T = TypeVar("T")
@@ -240,7 +240,8 @@ class DataConfig:
     """Synthetic dataset class count (ignored for other datasets)."""
     num_workers: int | str = "auto"
     """DataLoader worker processes per training process, or auto: the CPUs this process may use
-    (os.sched_getaffinity) divided by the processes on this node (torchrun's LOCAL_WORLD_SIZE), at least 1
+    (os.sched_getaffinity) divided by the processes on this node (torchrun's LOCAL_WORLD_SIZE; under srun alone
+    SLURM_CPUS_PER_TASK, at most those CPUs), at least 1
     and at most 16. auto is resolved when the config is built, so config.yaml records the number used."""
     mean: tuple[float, ...] | None = None
     """Per-channel normalization mean (default: ImageNet for 3 channels, 0.5 otherwise)."""
@@ -271,12 +272,15 @@ class DataConfig:
 
     @classmethod
     def auto_num_workers(cls) -> int:
-        """``num_workers=auto``: this process's CPUs / processes on the node, clamped to [1, MAX_AUTO_WORKERS]."""
+        """``num_workers=auto``: this process's CPUs / processes on the node (under ``srun`` alone: its
+        SLURM_CPUS_PER_TASK, at most its CPUs), clamped to [1, MAX_AUTO_WORKERS]."""
         try:
             cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # macOS, Windows
             cpus = os.cpu_count() or 1
-        return max(1, min(cls.MAX_AUTO_WORKERS, cpus // processes_on_node()))
+        per_task = task_cpus()  # srun alone: the task's share of the node, whether srun bound it to them or not
+        share = min(cpus, per_task) if per_task else cpus // processes_on_node()
+        return max(1, min(cls.MAX_AUTO_WORKERS, share))
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):

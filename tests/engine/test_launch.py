@@ -7,7 +7,7 @@ import os
 import pytest
 
 from maelab.cli import main
-from maelab.config import processes_in_job, processes_on_node
+from maelab.config import DataConfig, processes_in_job, processes_on_node
 from maelab.engine.launch import adopt_slurm_launch, expand_nodelist, expand_tasks_per_node, slurm_as_torchrun_env
 from maelab.errors import ConfigError
 
@@ -96,3 +96,18 @@ def test_a_malformed_slurm_environment_is_one_line_exit_2(monkeypatch, capsys):
     assert main(["models"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("maelab: error: invalid SLURM node list 'gpu[007-'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("affinity", "extra", "expected"), [
+    (10, {}, 10),  # srun bound the task to its 10 CPUs: not divided by the node's 8 tasks
+    (80, {}, 10),  # not bound: the task's share of the node's 80
+    (80, {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+          "SLURM_CPUS_PER_TASK": "80"}, 10),  # srun torchrun: one task of 80 CPUs runs 8 processes
+])
+def test_auto_num_workers_is_a_slurm_tasks_share(monkeypatch, affinity, extra, expected):
+    for key in TORCHRUN:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**TASK_11, "SLURM_CPUS_PER_TASK": "10", **extra}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    assert DataConfig.auto_num_workers() == expected

@@ -148,6 +148,15 @@ def job_env(environ: Mapping[str, str] | None = None) -> Mapping[str, str]:
     return {**environ, **slurm_ranks(environ)}
 
 
+def task_cpus(environ: Mapping[str, str] | None = None) -> int | None:
+    """SLURM_CPUS_PER_TASK where each training process is one SLURM task (``srun`` without torchrun: RANK and
+    WORLD_SIZE are SLURM_PROCID and SLURM_NTASKS), else None: under ``srun torchrun`` a task holds several."""
+    env = job_env(environ)
+    one_per_task = "SLURM_PROCID" in env and (env.get("RANK"), env.get("WORLD_SIZE")) == (
+        env["SLURM_PROCID"], env.get("SLURM_NTASKS"))
+    return (_int(env, "SLURM_CPUS_PER_TASK", "0") or None) if one_per_task else None
+
+
 def _int(environ: Mapping[str, str], key: str, default: str) -> int:
     """``environ[key]`` as an int (``default`` when unset); ConfigError naming the variable otherwise."""
     value = environ.get(key, default)
