@@ -99,6 +99,13 @@ def _encoder(path: Path, big: bool) -> object:
     return export_encoder(create_model("mae_vit_pico_patch4_32", depth=2 if big else 1), path)
 
 
+def _hf(path: Path, big: bool) -> object:
+    from maelab import create_model
+    from maelab.models.hf import save_hf
+
+    return save_hf(create_model("mae_vit_pico_patch4_32", depth=2 if big else 1), path.parent)
+
+
 def _embeddings(path: Path, big: bool) -> object:
     from maelab.eval.embed import write_embeddings
 
@@ -113,7 +120,7 @@ def _curve(path: Path, big: bool) -> object:
 
 
 def _json(path: Path, big: bool) -> object:
-    from maelab.eval.common import write_json
+    from maelab.io import write_json
 
     return write_json({"x": list(range(1000 if big else 1))}, path)
 
@@ -125,9 +132,10 @@ def _records(path: Path, big: bool) -> object:
 
 
 @pytest.mark.parametrize(("writer", "name", "what"), [
-    (_encoder, "encoder.safetensors", "the encoder "), (_embeddings, "feats.safetensors", ""),
+    (_encoder, "encoder.safetensors", "the encoder "), (_hf, "model.safetensors", "the Hugging Face weights "),
+    (_embeddings, "feats.safetensors", ""),
     (_curve, "loss_curve.png", "the figure "), (_json, "eval.json", ""), (_records, "metrics.jsonl", ""),
-], ids=["export_encoder", "embed", "figure", "eval-json", "metrics-jsonl"])
+], ids=["export_encoder", "export_hf", "embed", "figure", "eval-json", "metrics-jsonl"])
 def test_every_writer_reports_a_failed_write_in_one_line_and_keeps_the_previous_file(tmp_path, writer, name, what):
     """The files besides checkpoints go through the same writer: a real failed write is one MaelabError line."""
     path = tmp_path / name

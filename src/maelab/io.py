@@ -1,5 +1,5 @@
-"""Atomic file writes: the one writer of every file maelab produces (checkpoints, eval.json, embeddings,
-reports, figures, exported encoders, rewritten metrics logs).
+"""Atomic file writes: the one writer of the files maelab produces (checkpoints, eval.json, env.json, embeddings,
+reports, figures, exported encoders and Hugging Face directories, shard indexes, rewritten metrics logs).
 
 The content goes to a temporary file in the target's folder, is flushed and fsynced, and the temporary
 file is renamed over the target, so a crash mid-write never leaves a partial file under the target's
@@ -11,12 +11,13 @@ file is intact; the temporary file is removed in every case.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from maelab.errors import MaelabError
 
@@ -106,3 +107,8 @@ def atomic_write(path: str | Path, content: bytes | Callable[[BinaryIO], object]
     with atomic_path(path, what, error) as tmp:
         write_synced(tmp, content)
     return Path(path)
+
+
+def write_json(obj: Any, path: str | Path, indent: int = 2) -> Path:
+    """``obj`` as JSON (values JSON cannot hold as their ``str``) to ``path``, atomically (:func:`atomic_write`)."""
+    return atomic_write(path, (json.dumps(obj, indent=indent, default=str) + "\n").encode())

@@ -50,6 +50,7 @@ from maelab.data.folders import IMG_EXTENSIONS, ImageFolderDataset, warn_skipped
 from maelab.data.images import load_image
 from maelab.data.loader import SignalSafeDataLoader, sample_seed, seeded_call
 from maelab.errors import DataError
+from maelab.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def write_shards(folder: str | Path, output: str | Path, shard_size: int) -> dic
             counts[name] = counts.get(name, 0) + 1
     index = {"format": "webdataset", "num_samples": len(src.samples), "classes": src.classes,
              "shards": [{"name": n, "num_samples": c} for n, c in counts.items()]}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    write_json(index, out / INDEX_FILE, indent=1)
     return index
 
 

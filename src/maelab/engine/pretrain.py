@@ -51,6 +51,7 @@ from maelab.engine.schedule import lr_at
 from maelab.engine.signals import StopFlag
 from maelab.engine.step import TrainStep
 from maelab.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from maelab.io import write_json
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.masking import make_noise
 from maelab.models.registry import get_config
@@ -159,11 +160,9 @@ class Pretrainer:
 
     def _write_environment(self) -> None:
         """``env.json``: the versions and the device of this (re)start (``maelab report`` shows them)."""
-        import json
-
         from maelab.bench.measure import environment_info
 
-        (self.out / ENV_FILE).write_text(json.dumps(environment_info(self.device), indent=2) + "\n")
+        write_json(environment_info(self.device), self.out / ENV_FILE)
 
     def _speed_summary(self) -> str:
         compiled = f", torch.compile ({self.cfg.compile_mode})" if self.compiled else ", eager"

@@ -14,7 +14,6 @@ per-rank rows back into dataset order (:func:`gather_interleaved_to_rank0`: on r
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from maelab.data import build_dataset, dataset_info, default_stats, eval_transfo
 from maelab.data.loader import SignalSafeDataLoader
 from maelab.engine.distributed import DistInfo
 from maelab.errors import CheckpointError, ConfigError, DataError
-from maelab.io import atomic_write
+from maelab.io import write_json
 from maelab.models.mae import MaskedAutoencoder
 
 ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
@@ -205,11 +204,6 @@ def checkpoint_source(cfg: Any) -> str:
         return "scratch"
     p = Path(cfg.checkpoint)
     return str(p.resolve()) if p.exists() else str(p)
-
-
-def write_json(obj: dict[str, Any], path: str | Path) -> Path:
-    """Write JSON atomically (:func:`maelab.io.atomic_write`); a failed write is one MaelabError line."""
-    return atomic_write(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def write_eval_json(output: str | Path, protocol: str, metrics: dict[str, Any], cfg: Any,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from maelab.errors import CheckpointError
+from maelab.io import atomic_write, write_json
 
 MAE_TYPE, VIT_TYPE = "vit_mae", "vit"
 CONFIG_FILE = "config.json"
@@ -263,9 +264,11 @@ def save_hf(model: Any, path: str | Path, encoder_only: bool = False) -> Path:
 
     Raises:
         CheckpointError: settings Hugging Face ViTMAE has no place for (the ``mask_token_in_encoder``
-            ablation, the HOG target, non-square images), unless ``encoder_only``.
+            ablation, the HOG target, non-square images), unless ``encoder_only``; or the weights cannot be
+            written (a full disk, ...).
+        MaelabError: ``config.json`` cannot be written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     cfg = model.cfg
     if not encoder_only and (cfg.mask_token_in_encoder or cfg.target != "pixels"):
@@ -275,7 +278,7 @@ def save_hf(model: Any, path: str | Path, encoder_only: bool = False) -> Path:
     config = hf_config(cfg, encoder_only)
     sd = model.encoder_state_dict() if encoder_only else model.state_dict()
     d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(sd, encoder_only), str(d / WEIGHT_FILES[0]), metadata={"format": "pt"})
-    (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write(d / WEIGHT_FILES[0], save(to_hf_state_dict(sd, encoder_only), metadata={"format": "pt"}),
+                 "the Hugging Face weights", CheckpointError)
+    write_json(config, d / CONFIG_FILE)
     return d
