@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+HOLD_LIMIT_S = 300.0
 NOTED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
 
 
@@ -94,7 +95,10 @@ def _hold_after(step: int, ready: Path, ranks: str) -> None:
             tmp = ready / f".rank{rank}"
             tmp.write_text(str(os.getpid()))
             tmp.replace(ready / f"rank{rank}")
+            give_up = time.monotonic() + HOLD_LIMIT_S  # a test that failed before signalling leaves no orphan
             while not received:
+                if time.monotonic() > give_up:
+                    os._exit(3)
                 time.sleep(0.01)
         return loss
 
