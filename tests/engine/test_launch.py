@@ -17,6 +17,19 @@ TASK_11 = {"SLURM_PROCID": "11", "SLURM_LOCALID": "3", "SLURM_NODEID": "1", "SLU
            "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "1234567"}
 
 
+@pytest.fixture
+def slurm_env(monkeypatch):
+    """Sets SLURM variables in os.environ without torchrun's; afterwards torchrun's are as before, also those
+    that adopt_slurm_launch wrote (delenv of an unset variable alone would not undo that)."""
+    def set_env(values):
+        for key in TORCHRUN:
+            monkeypatch.setenv(key, "")  # noted as it was, so the undo restores it
+            monkeypatch.delenv(key)
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+    return set_env
+
+
 @pytest.mark.parametrize("nodelist, hosts", [
     ("localhost", ["localhost"]),
     ("node[01-04,07],gpu5", ["node01", "node02", "node03", "node04", "node07", "gpu5"]),
@@ -62,11 +75,8 @@ def test_torchrun_variables_or_one_task_leave_slurm_unread(extra):
     assert slurm_as_torchrun_env({**TASK_11, **extra}) == {}
 
 
-def test_processes_per_node_and_job_read_slurm_where_torchrun_is_absent(monkeypatch):
-    for key in TORCHRUN:
-        monkeypatch.delenv(key, raising=False)
-    for key, value in TASK_11.items():
-        monkeypatch.setenv(key, value)
+def test_processes_per_node_and_job_read_slurm_where_torchrun_is_absent(monkeypatch, slurm_env):
+    slurm_env(TASK_11)
     assert (processes_on_node(), processes_in_job()) == (8, 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")
@@ -74,11 +84,8 @@ def test_processes_per_node_and_job_read_slurm_where_torchrun_is_absent(monkeypa
     assert (processes_on_node(), processes_in_job()) == (2, 4)  # torchrun's win
 
 
-def test_adopting_a_slurm_launch_writes_torchrun_variables_and_logs_once(monkeypatch, caplog):
-    for key in TORCHRUN:
-        monkeypatch.delenv(key, raising=False)  # removed again after the test
-    for key, value in {**TASK_11, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
-        monkeypatch.setenv(key, value)
+def test_adopting_a_slurm_launch_writes_torchrun_variables_and_logs_once(slurm_env, caplog):
+    slurm_env({**TASK_11, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
     with caplog.at_level(logging.INFO, logger="maelab.engine.launch"):
         adopt_slurm_launch()
         adopt_slurm_launch()
@@ -88,11 +95,8 @@ def test_adopting_a_slurm_launch_writes_torchrun_variables_and_logs_once(monkeyp
         "launched by SLURM's srun (no torchrun): 16 tasks, 8 on this node, rendezvous at gpu007:34567"]
 
 
-def test_a_malformed_slurm_environment_is_one_line_exit_2(monkeypatch, capsys):
-    for key in TORCHRUN:
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {**TASK_11, "SLURM_JOB_NODELIST": "gpu[007-"}.items():
-        monkeypatch.setenv(key, value)
+def test_a_malformed_slurm_environment_is_one_line_exit_2(slurm_env, capsys):
+    slurm_env({**TASK_11, "SLURM_JOB_NODELIST": "gpu[007-"})
     assert main(["models"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("maelab: error: invalid SLURM node list 'gpu[007-'") and err.count("\n") == 1
@@ -104,10 +108,7 @@ def test_a_malformed_slurm_environment_is_one_line_exit_2(monkeypatch, capsys):
     (80, {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
           "SLURM_CPUS_PER_TASK": "80"}, 10),  # srun torchrun: one task of 80 CPUs runs 8 processes
 ])
-def test_auto_num_workers_is_a_slurm_tasks_share(monkeypatch, affinity, extra, expected):
-    for key in TORCHRUN:
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {**TASK_11, "SLURM_CPUS_PER_TASK": "10", **extra}.items():
-        monkeypatch.setenv(key, value)
+def test_auto_num_workers_is_a_slurm_tasks_share(monkeypatch, slurm_env, affinity, extra, expected):
+    slurm_env({**TASK_11, "SLURM_CPUS_PER_TASK": "10", **extra})
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
     assert DataConfig.auto_num_workers() == expected
