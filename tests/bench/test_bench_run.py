@@ -70,6 +70,7 @@ def test_sweep_with_variants_reports_ratios_and_survives_oom(monkeypatch):
     assert "out of memory" in bench_run.format_table(report)
 
 
+@pytest.mark.slow  # 5 s
 def test_a_variant_equal_to_the_default_path_is_not_timed_twice(monkeypatch):
     calls = []
     real_ours = bench_run._ours

@@ -24,6 +24,7 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # 8 s; the signal tests run pretrain as real processes
 def test_pretrain_as_a_real_subprocess(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "maelab", "pretrain", "--output", str(out), *FAST, "--epochs", "1",

@@ -64,7 +64,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------ errors raised in loader workers
-@pytest.mark.parametrize("loader", [[], ["data.gpu_resident=on"], ["data.decode=gpu"]],
+@pytest.mark.parametrize("loader", [[], pytest.param(["data.gpu_resident=on"], marks=pytest.mark.slow),
+                                    ["data.decode=gpu"]],
                          ids=["dataloader", "gpu-resident-builder", "jpeg-decode"])
 def test_worker_error_is_one_line_in_pretrain(tmp_path, capsys, loader):
     """--strict-data with 2 workers: a truncated image ends the run with the same line as without workers."""

@@ -49,6 +49,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, one_process_run):
     assert len(recs[0]) == len(recs[1]) == 2
 
 
+@pytest.mark.slow  # 16 s; default suite: test_two_gloo_processes_match_one_process, test_masking's rows test
 def test_two_gloo_processes_match_one_process_with_block_masks(tmp_path):
     """Each rank draws the block masks of its own rows only: still exactly one process's masks."""
     args = ["model_args.mask_type=block", "--max-steps", "3", *COMMON]
@@ -57,6 +58,7 @@ def test_two_gloo_processes_match_one_process_with_block_masks(tmp_path):
     assert_weights_close(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
 
 
+@pytest.mark.slow  # 3 launches (37 s); default suite: test_fsdp_state_is_gathered_onto_rank_0_only_in_the_unsharded_format
 def test_fsdp_checkpoint_reloads_at_another_world_size(tmp_path, one_process_run):
     # 2 FSDP ranks stop mid-epoch; one plain process finishes the run.
     out = tmp_path / "fsdp"
@@ -122,6 +124,7 @@ def test_fsdp_state_is_gathered_onto_rank_0_only_in_the_unsharded_format(tmp_pat
             torch.testing.assert_close(optim_sd["state"][i][name], entry[name], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow  # 11 s of torchrun
 def test_resume_with_another_global_batch_is_refused(tmp_path):
     out = tmp_path / "run"
     _run(["pretrain", "--output", str(out), "--batch-size", "16", "--max-steps", "1", *COMMON])
@@ -130,7 +133,7 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
     assert proc.returncode == 2 and "global batch of 16" in proc.stderr
 
 
-@pytest.mark.parametrize("to", ["torchrun-group", "rank1"])
+@pytest.mark.parametrize("to", ["torchrun-group", pytest.param("rank1", marks=pytest.mark.slow)])  # rank1: 10 s
 def test_signal_stops_every_rank_after_the_same_step(tmp_path, to):
     # torchrun-group: SIGTERM to torchrun's process group; torchrun forwards it to each rank's own process group
     # (a DataLoader worker included). rank1: SIGUSR1 to rank 1 alone; rank 0 learns it through the ranks' agreement.

@@ -72,12 +72,15 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, ref):
 
 
 HOLD_STEP = 5  # the signal arrives in step 5 of 24 (epoch 1 of 3): mid-run, mid-epoch
-CASES = [(signal.SIGTERM, "group"), (signal.SIGUSR1, "group"), (signal.SIGINT, "group"), (signal.SIGTERM, "main"),
-         (signal.SIGUSR1, "main")]
+SLOW = pytest.mark.slow  # the default suite keeps one group signal resumed, Ctrl-C and a SIGUSR1
+CASES = [pytest.param(signal.SIGTERM, "group", id="sigterm-group"),
+         pytest.param(signal.SIGUSR1, "group", id="sigusr1-group", marks=SLOW),
+         pytest.param(signal.SIGINT, "group", id="ctrl_c"),
+         pytest.param(signal.SIGTERM, "main", id="sigterm-main", marks=SLOW),
+         pytest.param(signal.SIGUSR1, "main", id="sigusr1-main")]
 
 
-@pytest.mark.parametrize("sig,to", CASES, ids=["sigterm-group", "sigusr1-group", "ctrl_c", "sigterm-main",
-                                               "sigusr1-main"])
+@pytest.mark.parametrize("sig,to", CASES)
 def test_signal_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, ref, sig, to):
     # "group": every process of the job, a DataLoader worker included (SLURM, timeout, Ctrl-C in a terminal)
     out = tmp_path / "stopped"

@@ -207,6 +207,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # 10 s; default suite: test_embed_two_processes_write_the_one_process_output_once
 def test_embed_rows_are_gathered_onto_rank_0_only_in_dataset_order(tmp_path):
     """Under torchrun only rank 0 receives the features (on its CPU, in dataset order, uneven shards, an
     unreadable item left zero); rank 1 gets None instead of a copy of all N x D rows."""

@@ -103,6 +103,7 @@ def test_finetune_two_processes_match_one(ckpt, tmp_path):
     assert (tmp_path / "two" / "checkpoints" / "best.pt").is_file()
 
 
+@pytest.mark.slow  # 12 s; default suite: tests/eval/test_finetune_resume.py
 def test_finetune_resumes_on_two_processes(ckpt, tmp_path):
     """A 1-process checkpoint continues on 2 ranks (each loads it) exactly as on 1 process."""
     common = ["finetune", "--checkpoint", str(ckpt), *FINETUNE, *synth()]
@@ -118,6 +119,7 @@ def test_finetune_resumes_on_two_processes(ckpt, tmp_path):
     assert_same_metrics(read_eval(one)["metrics"], read_eval(tmp_path / "two")["metrics"], ("top1", "ema_top1"))
 
 
+@pytest.mark.slow  # 11 s each; default suite: test_finetune_two_processes_match_one
 # ---------------------------------------------------------------------------------- linear probe
 @pytest.mark.parametrize("train_blocks", [0, 1], ids=["head", "last_block"])
 def test_linprobe_streaming_two_processes_match_one(ckpt, tmp_path, train_blocks):
@@ -135,6 +137,7 @@ def test_linprobe_streaming_two_processes_match_one(ckpt, tmp_path, train_blocks
     assert_weights_close(a, b)  # the head (BatchNorm running statistics included) and any tuned block
 
 
+@pytest.mark.slow  # 10 s; default suite: test_finetune_two_processes_match_one
 def test_linprobe_cached_two_processes_match_one(ckpt, tmp_path):
     """The cache path: sharded extraction, all-gathered; every rank trains the head on the global batches."""
     common = ["linprobe", "--checkpoint", str(ckpt), "--epochs", "2", "warmup_epochs=1", "--no-augment", *synth()]
@@ -146,6 +149,7 @@ def test_linprobe_cached_two_processes_match_one(ckpt, tmp_path):
     assert_weights_close(last_state(tmp_path / "one")["probe"], last_state(tmp_path / "two")["probe"])
 
 
+@pytest.mark.slow  # 9 s; default suite: test_embed_two_processes_write_the_one_process_output_once (same sharded extraction)
 # ---------------------------------------------------------------------------------- kNN
 def test_knn_two_processes_match_one(ckpt, tmp_path):
     common = ["knn", "--checkpoint", str(ckpt), "--batch-size", "32", *synth()]
