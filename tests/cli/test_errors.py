@@ -77,8 +77,10 @@ def test_worker_error_is_one_line_in_pretrain(tmp_path, capsys, loader):
 
 
 # torch needs ~10 s to shut down a loader whose worker raised (its 2 workers do not take the stop sentinel and are
-# terminated after two 5 s joins), so the default suite runs one evaluation command; the others are slow.
-@pytest.mark.parametrize("command", ["knn", pytest.param("linprobe", marks=pytest.mark.slow),
+# terminated after two 5 s joins), so these are slow; the default suite shows the same mechanism (errors.
+# original_message in the one CLI error printer) with the pre-training loaders and a real process.
+@pytest.mark.parametrize("command", [pytest.param("knn", marks=pytest.mark.slow),
+                                     pytest.param("linprobe", marks=pytest.mark.slow),
                                      pytest.param("embed", marks=pytest.mark.slow)])
 def test_worker_error_is_one_line_in_evaluation(tmp_path, capsys, pngs, checkpoint, command):
     root, bad = pngs
