@@ -65,7 +65,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------ errors raised in loader workers
 @pytest.mark.parametrize("loader", [[], pytest.param(["data.gpu_resident=on"], marks=pytest.mark.slow),
-                                    ["data.decode=gpu"]],
+                                    pytest.param(["data.decode=gpu"], marks=pytest.mark.slow)],  # 10 s each
                          ids=["dataloader", "gpu-resident-builder", "jpeg-decode"])
 def test_worker_error_is_one_line_in_pretrain(tmp_path, capsys, loader):
     """--strict-data with 2 workers: a truncated image ends the run with the same line as without workers."""
@@ -101,6 +101,7 @@ def test_worker_error_in_a_real_process_is_one_error_line(tmp_path, pngs):
     assert one_error_line(proc.stderr, log_records=True) == f"maelab: error: {direct_error(bad)}"
 
 
+@pytest.mark.slow  # 11 s end to end; default suite: tests/test_io.py and test_checkpoint's real failed writes
 # ------------------------------------------------------------------ other user-facing failures
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys):
     """A write that really fails partway while saving (a file-size limit below the checkpoint's size, as a full disk):
