@@ -101,8 +101,8 @@ def test_worker_error_in_a_real_process_is_one_error_line(tmp_path, pngs):
     assert one_error_line(proc.stderr, log_records=True) == f"maelab: error: {direct_error(bad)}"
 
 
-@pytest.mark.slow  # 11 s end to end; default suite: tests/test_io.py and test_checkpoint's real failed writes
 # ------------------------------------------------------------------ other user-facing failures
+@pytest.mark.slow  # 11 s end to end; default suite: tests/test_io.py and test_checkpoint's real failed writes
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys):
     """A write that really fails partway while saving (a file-size limit below the checkpoint's size, as a full disk):
     one line saying the previous last.pt is intact; it is, byte for byte; no temp file."""
