@@ -104,6 +104,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # 10 s; FSDP runs with -m slow
 def test_fsdp_state_is_gathered_onto_rank_0_only_in_the_unsharded_format(tmp_path):
     """Under FSDP a checkpoint's full model and optimizer state lands on rank 0's CPU only (rank 1 gets
     empty dicts), keyed like an unsharded ``state_dict()`` and ``Optimizer.state_dict()``."""

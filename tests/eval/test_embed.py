@@ -158,6 +158,7 @@ def test_embed_refuses_bad_output_or_data_in_one_line(mae_ckpt, folder, tmp_path
     assert message in error_line(capsys, args)
 
 
+@pytest.mark.slow  # 8 s; default suite: the 1-process embed tests
 def test_embed_two_processes_write_the_one_process_output_once(mae_ckpt, folder, tmp_path):
     """13 files (one unreadable) over 2 ranks: uneven shards, a skip on one rank, the same rows."""
     _, ckpt = mae_ckpt
