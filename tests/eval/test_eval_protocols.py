@@ -156,8 +156,8 @@ def test_partial_finetuning_changes_only_the_last_blocks(ckpts, tmp_path):
             assert torch.equal(p.detach(), original[name]), f"frozen {name} changed"
 
 
-@pytest.mark.slow  # 8 s; default suite: test_finetune_resume, test_finetune_two_processes_match_one
 # ---------------------------------------------------------------------------------- fine-tuning
+@pytest.mark.slow  # 8 s; default suite: test_finetune_resume, test_finetune_two_processes_match_one
 def test_finetune_learns(ckpts, tmp_path):
     """Light recipe (no mixup / RandAugment) so a few seconds of CPU training show learning."""
     out = tmp_path / "ft"
