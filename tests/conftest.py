@@ -54,7 +54,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if REQUIRE_OPTIONAL and _skipped_for_extras and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+    if (
+        REQUIRE_OPTIONAL
+        and _skipped_for_extras
+        and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+    ):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -79,8 +83,9 @@ def assert_weights_close(a: dict, b: dict, rtol: float = 1e-4, atol: float = 2e-
     """
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(without_key_bias(k, a[k].float()), without_key_bias(k, b[k].float()),
-                                   rtol=rtol, atol=atol, msg=k)
+        torch.testing.assert_close(
+            without_key_bias(k, a[k].float()), without_key_bias(k, b[k].float()), rtol=rtol, atol=atol, msg=k
+        )
 
 
 def without_key_bias(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +93,7 @@ def without_key_bias(name: str, x: torch.Tensor) -> torch.Tensor:
     if not name.endswith("attn.qkv.bias"):
         return x
     width = x.shape[0] // 3
-    return torch.cat([x[:width], x[2 * width:]])
+    return torch.cat([x[:width], x[2 * width :]])
 
 
 def load_script(name: str):

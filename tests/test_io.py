@@ -131,11 +131,18 @@ def _records(path: Path, big: bool) -> object:
     return write_records(path, [{"epoch": e, "loss": 0.5} for e in range(1, 200 if big else 2)])
 
 
-@pytest.mark.parametrize(("writer", "name", "what"), [
-    (_encoder, "encoder.safetensors", "the encoder "), (_hf, "model.safetensors", "the Hugging Face weights "),
-    (_embeddings, "feats.safetensors", ""),
-    (_curve, "loss_curve.png", "the figure "), (_json, "eval.json", ""), (_records, "metrics.jsonl", ""),
-], ids=["export_encoder", "export_hf", "embed", "figure", "eval-json", "metrics-jsonl"])
+@pytest.mark.parametrize(
+    ("writer", "name", "what"),
+    [
+        (_encoder, "encoder.safetensors", "the encoder "),
+        (_hf, "model.safetensors", "the Hugging Face weights "),
+        (_embeddings, "feats.safetensors", ""),
+        (_curve, "loss_curve.png", "the figure "),
+        (_json, "eval.json", ""),
+        (_records, "metrics.jsonl", ""),
+    ],
+    ids=["export_encoder", "export_hf", "embed", "figure", "eval-json", "metrics-jsonl"],
+)
 def test_every_writer_reports_a_failed_write_in_one_line_and_keeps_the_previous_file(tmp_path, writer, name, what):
     """The files besides checkpoints go through the same writer: a real failed write is one MaelabError line."""
     path = tmp_path / name

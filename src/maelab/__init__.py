@@ -49,10 +49,26 @@ from maelab.models.weights import export_encoder, load_exported_encoder, load_of
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataConfig", "DataError", "MAEOutput", "MaelabError", "Masking",
-    "MaskedAutoencoder", "ModelConfig", "PretrainConfig", "build_config", "create_model", "export_encoder",
-    "get_config", "list_models", "load_exported_encoder", "load_official_checkpoint", "masking_from_noise",
-    "pretrain", "random_masking",
+    "CheckpointError",
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "MAEOutput",
+    "MaelabError",
+    "Masking",
+    "MaskedAutoencoder",
+    "ModelConfig",
+    "PretrainConfig",
+    "build_config",
+    "create_model",
+    "export_encoder",
+    "get_config",
+    "list_models",
+    "load_exported_encoder",
+    "load_official_checkpoint",
+    "masking_from_noise",
+    "pretrain",
+    "random_masking",
 ]
 
 

@@ -69,8 +69,12 @@ def clamp_warmup(cfg: Any) -> None:
     _check(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "0 or more")
     if cfg.warmup_epochs > cfg.epochs:
         if int(os.environ.get("RANK", "0")) == 0:
-            log.warning("warmup_epochs=%g is longer than the run (epochs=%d): warming up over all %d epochs instead",
-                        cfg.warmup_epochs, cfg.epochs, cfg.epochs)
+            log.warning(
+                "warmup_epochs=%g is longer than the run (epochs=%d): warming up over all %d epochs instead",
+                cfg.warmup_epochs,
+                cfg.epochs,
+                cfg.epochs,
+            )
         object.__setattr__(cfg, "warmup_epochs", float(cfg.epochs))
 
 
@@ -79,8 +83,10 @@ def split_global_batch(global_batch: int, batch_size: int, world_size: int) -> t
     processes, with at most ``batch_size`` images per process and forward: the fewest accumulation steps that
     split this process's share into equal micro-batches. ConfigError when the processes cannot share it equally."""
     if global_batch % world_size:
-        raise ConfigError(f"invalid global_batch={global_batch}: it does not divide among {world_size} processes "
-                          f"(WORLD_SIZE); use a multiple of {world_size} or another number of processes")
+        raise ConfigError(
+            f"invalid global_batch={global_batch}: it does not divide among {world_size} processes "
+            f"(WORLD_SIZE); use a multiple of {world_size} or another number of processes"
+        )
     share = global_batch // world_size
     accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= batch_size)
     return share // accum, accum
@@ -95,10 +101,21 @@ def warn_poor_split(global_batch: int, cap: int, world: int, batch: int, accum: 
     share = batch * accum
     better = max(1, round(share / cap)) * cap * world
     above = next(b for b in range(cap + 1, share + 1) if share % b == 0)
-    log.warning("global_batch=%d over %d processes is %d images per process, split as batch %d x %d accum_steps "
-                "(batch_size=%d is the cap): a slow split; set e.g. global_batch=%d (batch %d x %d accum_steps), "
-                "or batch_size=%d if that fits in memory", global_batch, world, share, batch, accum, cap, better,
-                cap, better // (cap * world), above)
+    log.warning(
+        "global_batch=%d over %d processes is %d images per process, split as batch %d x %d accum_steps "
+        "(batch_size=%d is the cap): a slow split; set e.g. global_batch=%d (batch %d x %d accum_steps), "
+        "or batch_size=%d if that fits in memory",
+        global_batch,
+        world,
+        share,
+        batch,
+        accum,
+        cap,
+        better,
+        cap,
+        better // (cap * world),
+        above,
+    )
 
 
 def apply_global_batch(cfg: Any) -> None:
@@ -115,10 +132,14 @@ def apply_global_batch(cfg: Any) -> None:
         warn_poor_split(cfg.global_batch, cfg.batch_size, world, batch, accum)
         object.__setattr__(cfg, "accum_steps", accum)
     else:
-        _check(accum == 1, "batch_size", cfg.batch_size,
-               f"global_batch={cfg.global_batch} over {world} processes needs {cfg.global_batch // world} images per "
-               "process in one batch (no gradient accumulation here); raise batch_size, run more processes, or set "
-               "global_batch=0 to train with batch_size x processes")
+        _check(
+            accum == 1,
+            "batch_size",
+            cfg.batch_size,
+            f"global_batch={cfg.global_batch} over {world} processes needs {cfg.global_batch // world} images per "
+            "process in one batch (no gradient accumulation here); raise batch_size, run more processes, or set "
+            "global_batch=0 to train with batch_size x processes",
+        )
     object.__setattr__(cfg, "batch_size", batch)
 
 
@@ -166,21 +187,45 @@ class ModelConfig:
             object.__setattr__(self, "img_size", tuple(size))
             size = self.img_size
         sizes = size if isinstance(size, tuple) else (size, size)
-        _check(len(sizes) == 2 and all(isinstance(s, int) and s > 0 for s in sizes),
-               "model_args.img_size", size, "a positive int or [height, width]")
+        _check(
+            len(sizes) == 2 and all(isinstance(s, int) and s > 0 for s in sizes),
+            "model_args.img_size",
+            size,
+            "a positive int or [height, width]",
+        )
         _check(self.patch_size > 0, "model_args.patch_size", self.patch_size, "a positive int")
         for s in sizes:
-            _check(s % self.patch_size == 0, "model_args.img_size", size,
-                   f"must be divisible by patch_size={self.patch_size}")
+            _check(
+                s % self.patch_size == 0,
+                "model_args.img_size",
+                size,
+                f"must be divisible by patch_size={self.patch_size}",
+            )
         _check(self.in_chans > 0, "model_args.in_chans", self.in_chans, "a positive int")
-        _check(self.embed_dim % self.num_heads == 0, "model_args.embed_dim", self.embed_dim,
-               f"must be divisible by num_heads={self.num_heads}")
-        _check(self.embed_dim % 4 == 0, "model_args.embed_dim", self.embed_dim,
-               "must be divisible by 4 (2-D sin-cos position embedding)")
-        _check(self.decoder_embed_dim % self.decoder_num_heads == 0, "model_args.decoder_embed_dim",
-               self.decoder_embed_dim, f"must be divisible by decoder_num_heads={self.decoder_num_heads}")
-        _check(self.decoder_embed_dim % 4 == 0, "model_args.decoder_embed_dim", self.decoder_embed_dim,
-               "must be divisible by 4 (2-D sin-cos position embedding)")
+        _check(
+            self.embed_dim % self.num_heads == 0,
+            "model_args.embed_dim",
+            self.embed_dim,
+            f"must be divisible by num_heads={self.num_heads}",
+        )
+        _check(
+            self.embed_dim % 4 == 0,
+            "model_args.embed_dim",
+            self.embed_dim,
+            "must be divisible by 4 (2-D sin-cos position embedding)",
+        )
+        _check(
+            self.decoder_embed_dim % self.decoder_num_heads == 0,
+            "model_args.decoder_embed_dim",
+            self.decoder_embed_dim,
+            f"must be divisible by decoder_num_heads={self.decoder_num_heads}",
+        )
+        _check(
+            self.decoder_embed_dim % 4 == 0,
+            "model_args.decoder_embed_dim",
+            self.decoder_embed_dim,
+            "must be divisible by 4 (2-D sin-cos position embedding)",
+        )
         _check(self.depth >= 1, "model_args.depth", self.depth, "at least 1")
         _check(self.decoder_depth >= 0, "model_args.decoder_depth", self.decoder_depth, "0 or more")
         _check(0.0 <= self.mask_ratio < 1.0, "model_args.mask_ratio", self.mask_ratio, "a number in [0, 1)")
@@ -188,13 +233,25 @@ class ModelConfig:
         _check(self.target in TARGETS, "model_args.target", self.target, f"one of {TARGETS}")
         if self.target == "hog":
             cell = min(8, self.patch_size)
-            _check(self.patch_size % cell == 0, "model_args.patch_size", self.patch_size,
-                   "the hog target needs a patch size that is a multiple of 8 (or at most 8)")
+            _check(
+                self.patch_size % cell == 0,
+                "model_args.patch_size",
+                self.patch_size,
+                "the hog target needs a patch size that is a multiple of 8 (or at most 8)",
+            )
         if self.mask_type == "grid":
-            _check(self.mask_ratio == 0.75, "model_args.mask_ratio", self.mask_ratio,
-                   "grid masking keeps one patch of every 2x2, so it needs mask_ratio=0.75")
-            _check(all((s // self.patch_size) % 2 == 0 for s in sizes), "model_args.img_size", size,
-                   "grid masking needs an even number of patches per side")
+            _check(
+                self.mask_ratio == 0.75,
+                "model_args.mask_ratio",
+                self.mask_ratio,
+                "grid masking keeps one patch of every 2x2, so it needs mask_ratio=0.75",
+            )
+            _check(
+                all((s // self.patch_size) % 2 == 0 for s in sizes),
+                "model_args.img_size",
+                size,
+                "grid masking needs an even number of patches per side",
+            )
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -210,9 +267,16 @@ class ModelConfig:
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model(self.timm_name, **kwargs)`` (no head)."""
         return dict(
-            img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
-            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
-            mlp_ratio=self.mlp_ratio, qkv_bias=True, num_classes=0, global_pool="token",
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            in_chans=self.in_chans,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=True,
+            num_classes=0,
+            global_pool="token",
         )
 
 
@@ -295,16 +359,28 @@ class DataConfig:
         workers_ok = isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
         _check(workers_ok and self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more, or auto")
         _check(0.0 < self.min_scale <= 1.0, "data.min_scale", self.min_scale, "a number in (0, 1]")
-        _check(self.crop_pct == "auto" or (not isinstance(self.crop_pct, str) and 0.0 < self.crop_pct <= 1.0),
-               "data.crop_pct", self.crop_pct, "a number in (0, 1], or auto")
+        _check(
+            self.crop_pct == "auto" or (not isinstance(self.crop_pct, str) and 0.0 < self.crop_pct <= 1.0),
+            "data.crop_pct",
+            self.crop_pct,
+            "a number in (0, 1], or auto",
+        )
         _check(bool(self.split), "data.split", self.split, "a split name such as train")
         object.__setattr__(self, "gpu_resident", on_off(self.gpu_resident))
         _check(self.gpu_resident in SWITCHES, "data.gpu_resident", self.gpu_resident, "auto, on or off")
         _check(self.decode in self.DECODE_MODES, "data.decode", self.decode, "auto, cpu or gpu")
-        _check(self.decode != "gpu" or self.name.lower() not in BUILTIN_DATASETS, "data.decode", self.decode,
-               f"decoding on the device needs an image folder as data.name, not {self.name!r}; use decode=cpu")
-        _check(self.decode != "gpu" or self.gpu_resident != "on", "data.decode", self.decode,
-               "gpu_resident=on decodes the set once; use decode=cpu with it, or gpu_resident=auto/off")
+        _check(
+            self.decode != "gpu" or self.name.lower() not in BUILTIN_DATASETS,
+            "data.decode",
+            self.decode,
+            f"decoding on the device needs an image folder as data.name, not {self.name!r}; use decode=cpu",
+        )
+        _check(
+            self.decode != "gpu" or self.gpu_resident != "on",
+            "data.decode",
+            self.decode,
+            "gpu_resident=on decodes the set once; use decode=cpu with it, or gpu_resident=auto/off",
+        )
         if self.std is not None:
             _check(all(s > 0 for s in self.std), "data.std", self.std, "positive numbers")
 
@@ -401,26 +477,44 @@ class PretrainConfig:
         _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number or null")
         _check(self.min_lr >= 0, "min_lr", self.min_lr, "0 or more")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
-               "two numbers in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)"
+        )
         clamp_warmup(self)
-        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
-               "a positive number or null")
-        _check(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", self.precision,
-               "one of auto, bf16, fp16, fp32")
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "a positive number or null")
+        _check(
+            self.precision in ("auto", "bf16", "fp16", "fp32"),
+            "precision",
+            self.precision,
+            "one of auto, bf16, fp16, fp32",
+        )
         object.__setattr__(self, "compile", on_off(self.compile))
         _check(self.compile in SWITCHES, "compile", self.compile, "auto, on or off")
-        _check(self.compile_mode in COMPILE_MODES, "compile_mode", self.compile_mode, "one of " + ", ".join(COMPILE_MODES))
-        _check(self.accum_steps == 1 or self.compile_mode not in ("reduce-overhead", "max-autotune"), "compile_mode",
-               self.compile_mode, "default or max-autotune-no-cudagraphs with accum_steps > 1: CUDA graphs give wrong "
-               "gradients under gradient accumulation in torch (pytorch/pytorch#96693, #169545)")
+        _check(
+            self.compile_mode in COMPILE_MODES, "compile_mode", self.compile_mode, "one of " + ", ".join(COMPILE_MODES)
+        )
+        _check(
+            self.accum_steps == 1 or self.compile_mode not in ("reduce-overhead", "max-autotune"),
+            "compile_mode",
+            self.compile_mode,
+            "default or max-autotune-no-cudagraphs with accum_steps > 1: CUDA graphs give wrong "
+            "gradients under gradient accumulation in torch (pytorch/pytorch#96693, #169545)",
+        )
         if self.fp8 is False:  # YAML reads a bare off as false
             object.__setattr__(self, "fp8", "off")
         _check(self.fp8 in FP8_RECIPES, "fp8", self.fp8, "one of " + ", ".join(FP8_RECIPES))
-        _check(self.fp8 == "off" or self.precision in ("auto", "bf16", "fp32"), "fp8", self.fp8,
-               "off with precision=fp16 (float8 training runs under bf16 autocast)")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")
-               or self.device == "mps", "device", self.device, "auto, cpu, cuda or cuda:N")
+        _check(
+            self.fp8 == "off" or self.precision in ("auto", "bf16", "fp32"),
+            "fp8",
+            self.fp8,
+            "off with precision=fp16 (float8 training runs under bf16 autocast)",
+        )
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
+            "device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
         for name in ("log_every", "vis_every", "save_every"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "a positive int")
         _check(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "0 or more")
@@ -430,8 +524,12 @@ class PretrainConfig:
         _check(self.knn_max_train >= 1, "knn_max_train", self.knn_max_train, "a positive int")
         _check(self.knn_k >= 1, "knn_k", self.knn_k, "a positive int")
         _check(self.knn_temperature > 0, "knn_temperature", self.knn_temperature, "a positive number")
-        _check(not (self.init and self.init_encoder), "init_encoder", self.init_encoder,
-               f"null when init is set (init={self.init!r} already holds the encoder)")
+        _check(
+            not (self.init and self.init_encoder),
+            "init_encoder",
+            self.init_encoder,
+            f"null when init is set (init={self.init!r} already holds the encoder)",
+        )
         if not isinstance(self.model_args, dict):
             raise ConfigError(f"invalid model_args={self.model_args!r}: a mapping of ModelConfig fields")
         known = {f.name for f in fields(ModelConfig)}
@@ -605,22 +703,24 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def refuse_accum_with_global_batch(cls: type, data: dict[str, Any], overrides: dict[str, Any],
-                                   file: str | Path | None = None) -> None:
+def refuse_accum_with_global_batch(
+    cls: type, data: dict[str, Any], overrides: dict[str, Any], file: str | Path | None = None
+) -> None:
     """ConfigError when ``accum_steps`` is given on the command line (flag or key=value) while ``data`` (file +
     overrides) sets a ``global_batch``, which derives accum_steps. Only the overrides count: a run's own
     config.yaml records both (the derived accum_steps) and must reload at any world size."""
     has_accum = any(f.name == "accum_steps" for f in fields(cls))  # type: ignore[arg-type]
     if has_accum and "accum_steps" in overrides and data.get("global_batch"):
         source = "" if "global_batch" in overrides or not file else f" (in {file})"
-        raise ConfigError(f"accum_steps={overrides['accum_steps']!r} and global_batch={data['global_batch']!r}{source} "
-                          "both given: global_batch derives accum_steps for the number of processes, with "
-                          "batch_size as the most images per forward; drop accum_steps, or set global_batch=0 "
-                          "to train with batch_size x accum_steps x processes")
+        raise ConfigError(
+            f"accum_steps={overrides['accum_steps']!r} and global_batch={data['global_batch']!r}{source} "
+            "both given: global_batch derives accum_steps for the number of processes, with "
+            "batch_size as the most images per forward; drop accum_steps, or set global_batch=0 "
+            "to train with batch_size x accum_steps x processes"
+        )
 
 
-def build_config(cls: type[T], file: str | Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> T:
+def build_config(cls: type[T], file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
     """Config from an optional YAML file, then dotted overrides; errors name file and key."""
     data = load_yaml(file) if file else {}
     data = apply_overrides(data, overrides or {})

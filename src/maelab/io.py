@@ -96,8 +96,12 @@ def write_synced(path: Path, content: bytes | Callable[[BinaryIO], object]) -> N
         os.fsync(f.fileno())
 
 
-def atomic_write(path: str | Path, content: bytes | Callable[[BinaryIO], object], what: str = "",
-                 error: type[MaelabError] = MaelabError) -> Path:
+def atomic_write(
+    path: str | Path,
+    content: bytes | Callable[[BinaryIO], object],
+    what: str = "",
+    error: type[MaelabError] = MaelabError,
+) -> Path:
     """Write ``content`` (bytes, or a function writing to a binary file) to ``path`` atomically: temp file
     + flush + fsync + rename (:func:`write_synced` in :func:`atomic_path`, which says the error). Returns
     ``path`` as a Path.

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from maelab.bench.run import run_bench
 from tests.conftest import TINY_MODEL_ARGS, load_script
+
+from maelab.bench.run import run_bench
 
 
 def test_render_a_cpu_report():
-    report = run_bench(model="mae_vit_pico_patch4_32", batch_sizes=[4, 8], steps=2, warmup=1, device="cpu",
-                       variants=["eager"], model_args=TINY_MODEL_ARGS, quiet=True)
+    report = run_bench(
+        model="mae_vit_pico_patch4_32",
+        batch_sizes=[4, 8],
+        steps=2,
+        warmup=1,
+        device="cpu",
+        variants=["eager"],
+        model_args=TINY_MODEL_ARGS,
+        quiet=True,
+    )
     report["results"].append({"name": "maelab", "batch_size": 4096, "oom": True})
     text = load_script("bench_to_markdown").render(report, "x.json")
     table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]

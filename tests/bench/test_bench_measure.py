@@ -58,7 +58,7 @@ def test_time_steps_records_and_waits_on_the_requested_cuda_device(monkeypatch):
         def record(self, stream: object = None) -> None:
             log.append(("record", current[0]))
 
-        def elapsed_time(self, other: "FakeEvent") -> float:
+        def elapsed_time(self, other: FakeEvent) -> float:
             return 1.0
 
     def fake_sync(device: torch.device | None = None) -> None:
@@ -133,8 +133,16 @@ def _mae_params(cfg: ModelConfig) -> int:
     return enc + dec
 
 
-TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
-            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+TINY = dict(
+    img_size=32,
+    patch_size=4,
+    embed_dim=64,
+    depth=2,
+    num_heads=2,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=2,
+)
 
 
 @pytest.mark.skipif(not hf_available(), reason="transformers not installed")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS, error_line
 
 from maelab.bench import run as bench_run
 from maelab.bench.run import VARIANTS, Variant, best_per_impl, resolve_variants, run_bench
 from maelab.errors import ConfigError
-from tests.conftest import TINY_MODEL_ARGS, error_line
 
 
 def _changed(a: Variant, b: Variant) -> set[str]:
@@ -37,13 +37,17 @@ def test_unknown_variant_is_one_line_cli_error(capsys):
 
 
 def test_best_per_impl_skips_oom_and_data_rows():
-    rows = [{"name": "maelab", "batch_size": 8, "img_per_s": 10.0},
-            {"name": "maelab", "batch_size": 16, "img_per_s": 15.0},
-            {"name": "maelab", "batch_size": 32, "oom": True},
-            {"name": "hf", "batch_size": 8, "img_per_s": 12.0},
-            {"name": "data:loader", "batch_size": 8, "img_per_s": 99.0}]
-    assert best_per_impl(rows) == {"maelab": {"batch_size": 16, "img_per_s": 15.0},
-                                   "hf": {"batch_size": 8, "img_per_s": 12.0}}
+    rows = [
+        {"name": "maelab", "batch_size": 8, "img_per_s": 10.0},
+        {"name": "maelab", "batch_size": 16, "img_per_s": 15.0},
+        {"name": "maelab", "batch_size": 32, "oom": True},
+        {"name": "hf", "batch_size": 8, "img_per_s": 12.0},
+        {"name": "data:loader", "batch_size": 8, "img_per_s": 99.0},
+    ]
+    assert best_per_impl(rows) == {
+        "maelab": {"batch_size": 16, "img_per_s": 15.0},
+        "hf": {"batch_size": 8, "img_per_s": 12.0},
+    }
 
 
 def test_sweep_with_variants_reports_ratios_and_survives_oom(monkeypatch):
@@ -55,8 +59,16 @@ def test_sweep_with_variants_reports_ratios_and_survives_oom(monkeypatch):
         return real_ours(cfg, bs, dev, dtype, variant)
 
     monkeypatch.setattr(bench_run, "_ours", ours_that_runs_out_at_16)
-    report = run_bench(model="mae_vit_pico_patch4_32", batch_sizes=[8, 16], steps=2, warmup=1, device="cpu",
-                       variants=["eager", "eager-host-sync"], model_args=TINY_MODEL_ARGS, quiet=True)
+    report = run_bench(
+        model="mae_vit_pico_patch4_32",
+        batch_sizes=[8, 16],
+        steps=2,
+        warmup=1,
+        device="cpu",
+        variants=["eager", "eager-host-sync"],
+        model_args=TINY_MODEL_ARGS,
+        quiet=True,
+    )
     rows = {(r["name"], r["batch_size"]): r for r in report["results"]}
     assert set(rows) == {(n, b) for n in ("maelab", "eager", "eager-host-sync", "hf_vitmae_sdpa") for b in (8, 16)}
     assert rows[("eager-host-sync", 16)] == {"name": "eager-host-sync", "batch_size": 16, "oom": True}
@@ -75,8 +87,17 @@ def test_a_variant_equal_to_the_default_path_is_not_timed_twice(monkeypatch):
     calls = []
     real_ours = bench_run._ours
     monkeypatch.setattr(bench_run, "_ours", lambda *a: calls.append(a[-1]) or real_ours(*a))
-    report = run_bench(model="mae_vit_pico_patch4_32", batch_size=8, steps=2, warmup=1, device="cpu",
-                       variants=["eager", "compile"], model_args=TINY_MODEL_ARGS, quiet=True, reference=False)
+    report = run_bench(
+        model="mae_vit_pico_patch4_32",
+        batch_size=8,
+        steps=2,
+        warmup=1,
+        device="cpu",
+        variants=["eager", "compile"],
+        model_args=TINY_MODEL_ARGS,
+        quiet=True,
+        reference=False,
+    )
     rows = {r["name"]: r for r in report["results"]}
     assert rows["eager"]["same_as"] == "maelab"  # on CPU the default path is eager
     assert rows["eager"]["img_per_s"] == rows["maelab"]["img_per_s"]

@@ -9,9 +9,9 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from tests.conftest import TINY_MODEL_ARGS, error_line
 
 from maelab.cli import main
-from tests.conftest import TINY_MODEL_ARGS, error_line
 
 TINY = [f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]
 FAST = ["--epochs", "2", "--batch-size", "16", "--num-workers", "0", "data.num_samples=64", "--no-progress"]
@@ -27,8 +27,12 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.mark.slow  # 8 s; the signal tests run pretrain as real processes
 def test_pretrain_as_a_real_subprocess(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "maelab", "pretrain", "--output", str(out), *FAST, "--epochs", "1",
-                           *TINY], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "maelab", "pretrain", "--output", str(out), *FAST, "--epochs", "1", *TINY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "finished" in proc.stdout
     assert (out / "checkpoints" / "last.pt").exists() and (out / "metrics.jsonl").exists()
@@ -51,8 +55,12 @@ def test_export_loads_into_timm_with_same_features(run_dir, tmp_path, capsys):
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(vit.forward_features(x), mae.forward_features(x))
     # timm's own pretrained-file route, with a new classification head
-    clf = timm.create_model(meta["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(enc)),
-                            **{**meta["timm_kwargs"], "num_classes": 7})
+    clf = timm.create_model(
+        meta["timm_name"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(enc)),
+        **{**meta["timm_kwargs"], "num_classes": 7},
+    )
     torch.testing.assert_close(clf.forward_features(x), mae.forward_features(x))
 
 
@@ -63,8 +71,22 @@ def test_visualize_own_images(run_dir, tmp_path):
         Image.new("RGB", size, (40 * i, 100, 200)).save(imgs / f"{i}.png")
     Image.new("L", (50, 50), 128).save(imgs / "gray.jpg")
     out = tmp_path / "recon.png"
-    assert main(["visualize", "--checkpoint", str(run_dir), "--images", str(imgs), "--mask-ratio", "0.5",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                "--checkpoint",
+                str(run_dir),
+                "--images",
+                str(imgs),
+                "--mask-ratio",
+                "0.5",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 100
 
@@ -88,31 +110,74 @@ def test_encoder_only_checkpoints_are_refused_where_a_decoder_is_needed(run_dir,
     vit_dir = save_hf(mae, tmp_path / "hf_vit", encoder_only=True)
     capsys.readouterr()
     for source in (enc, official, vit_dir):
-        err = error_line(capsys, ["visualize", "--checkpoint", str(source), "--images", str(imgs),
-                                   "--output", str(tmp_path / "r.png")])
+        err = error_line(
+            capsys,
+            ["visualize", "--checkpoint", str(source), "--images", str(imgs), "--output", str(tmp_path / "r.png")],
+        )
         assert "encoder-only" in err and str(source) in err
     # a full Hugging Face export of an encoder would ship a random decoder as ViTMAEForPreTraining
-    assert "encoder-only" in error_line(capsys, ["export", "--checkpoint", str(enc), "--format", "hf",
-                                                  "--output", str(tmp_path / "hf_full")])
-    assert main(["export", "--checkpoint", str(enc), "--format", "hf", "--encoder-only",
-                 "--output", str(tmp_path / "hf_enc")]) == 0
-    assert main(["visualize", "--checkpoint", str(full), "--images", str(imgs), "--output",
-                 str(tmp_path / "full.png")]) == 0
+    assert "encoder-only" in error_line(
+        capsys, ["export", "--checkpoint", str(enc), "--format", "hf", "--output", str(tmp_path / "hf_full")]
+    )
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(enc),
+                "--format",
+                "hf",
+                "--encoder-only",
+                "--output",
+                str(tmp_path / "hf_enc"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["visualize", "--checkpoint", str(full), "--images", str(imgs), "--output", str(tmp_path / "full.png")])
+        == 0
+    )
 
 
 def test_models_lists_presets(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    for name in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14", "mae_vit_tiny_patch4_32",
-                 "mae_vit_tiny_patch2_32"):
+    for name in (
+        "mae_vit_base_patch16",
+        "mae_vit_large_patch16",
+        "mae_vit_huge_patch14",
+        "mae_vit_tiny_patch4_32",
+        "mae_vit_tiny_patch2_32",
+    ):
         assert name in out
 
 
 def test_bench_on_cpu_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--device", "cpu", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--json",
-                 str(path), "--data", "synthetic", "--num-workers", "0",
-                 *(f"{k}={v}" for k, v in TINY_MODEL_ARGS.items())]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--device",
+                "cpu",
+                "--batch-size",
+                "4",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--json",
+                str(path),
+                "--data",
+                "synthetic",
+                "--num-workers",
+                "0",
+                *(f"{k}={v}" for k, v in TINY_MODEL_ARGS.items()),
+            ]
+        )
+        == 0
+    )
     report = json.loads(path.read_text())
     ours = report["results"][0]
     assert ours["name"] == "maelab" and ours["img_per_s"] > 0 and ours["peak_memory_gb"] > 0
@@ -129,15 +194,16 @@ def test_bad_inputs_are_one_clear_line(tmp_path, capsys):
     assert "mae_vit_base_patch16" in error_line(capsys, ["pretrain", "--model", "vit_gigantic", *out])
     assert "mask_ratio" in error_line(capsys, ["pretrain", "--mask-ratio", "1.5", *out])
     assert "divisible" in error_line(capsys, ["pretrain", "model_args.img_size=30", *out])
-    assert "epochs" in error_line(capsys, ["pretrain", "--epochs", "-1", *out[:-len(FAST)]])
+    assert "epochs" in error_line(capsys, ["pretrain", "--epochs", "-1", *out[: -len(FAST)]])
     if not torch.cuda.is_available():
         assert "CUDA" in error_line(capsys, ["pretrain", "--device", "cuda", *out])
     (tmp_path / "bad.yaml").write_text("epochs: [\n")
     assert "bad.yaml" in error_line(capsys, ["pretrain", "--config", str(tmp_path / "bad.yaml"), *out])
     assert "not found" in error_line(capsys, ["export", "--checkpoint", str(tmp_path / "none.pt")])
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    assert "corrupt" in error_line(capsys, ["visualize", "--checkpoint", str(tmp_path / "junk.pt"),
-                                             "--images", str(tmp_path)])
+    assert "corrupt" in error_line(
+        capsys, ["visualize", "--checkpoint", str(tmp_path / "junk.pt"), "--images", str(tmp_path)]
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     assert str(empty) in error_line(capsys, ["pretrain", "--data", str(empty), *out])
@@ -149,8 +215,21 @@ def test_strict_data_names_the_bad_file(tmp_path, capsys):
     for i in range(40):
         Image.new("RGB", (32, 32), (i * 5, 0, 0)).save(folder / f"{i:03d}.png")
     (folder / "000_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    args = ["pretrain", "--data", str(folder), "--output", str(tmp_path / "r"), "--no-progress", "--epochs", "1",
-            "--batch-size", "8", "--num-workers", "0", *TINY]
+    args = [
+        "pretrain",
+        "--data",
+        str(folder),
+        "--output",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        *TINY,
+    ]
     assert "000_broken.jpg" in error_line(capsys, [*args, "--strict-data"])
     assert main([*args, "--output", str(tmp_path / "r2")]) == 0  # default: skipped with a warning
 
@@ -173,21 +252,37 @@ def test_pretrain_survives_a_dirty_folder(tmp_path, capsys, caplog):
     (root / "zero.jpg").write_bytes(b"")
     (root / "truncated.jpg").write_bytes((root / "ok_0.jpg").read_bytes()[:100])
     (root / "notes.png").write_text("not an image at all")
-    args = ["pretrain", "--data", str(tmp_path / "dirty"), "--output", str(tmp_path / "r"), "--no-progress",
-            "--epochs", "2", "--batch-size", "8", "--num-workers", "0", *TINY]
+    args = [
+        "pretrain",
+        "--data",
+        str(tmp_path / "dirty"),
+        "--output",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        *TINY,
+    ]
     assert main(args) == 0, capsys.readouterr().err
     assert "finished: epoch 2/2" in capsys.readouterr().out
     assert "truncated.jpg" in caplog.text or "zero.jpg" in caplog.text or "notes.png" in caplog.text
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    ([], {}),
-    (["--compile"], {"compile": "on"}),
-    (["--no-compile"], {"compile": "off"}),
-    (["--compile", "--compile-mode", "reduce-overhead"], {"compile": "on", "compile_mode": "reduce-overhead"}),
-    (["--fp8", "rowwise"], {"fp8": "rowwise"}),
-    (["compile=off", "fp8=tensorwise"], {"compile": False, "fp8": "tensorwise"}),  # YAML: off is false
-])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], {}),
+        (["--compile"], {"compile": "on"}),
+        (["--no-compile"], {"compile": "off"}),
+        (["--compile", "--compile-mode", "reduce-overhead"], {"compile": "on", "compile_mode": "reduce-overhead"}),
+        (["--fp8", "rowwise"], {"fp8": "rowwise"}),
+        (["compile=off", "fp8=tensorwise"], {"compile": False, "fp8": "tensorwise"}),  # YAML: off is false
+    ],
+)
 def test_speed_flags_become_config_overrides(argv, expected):
     from maelab.cli import _common_overrides, build_parser
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tests.conftest import TINY_MODEL_ARGS, error_line, one_error_line, save_random_mae
+from tests.test_io import TOO_LARGE, file_size_limit
 
 from maelab.cli import main
 from maelab.data.images import load_image
 from maelab.engine.checkpoint import LAST
 from maelab.errors import DataError
-from tests.conftest import TINY_MODEL_ARGS, error_line, one_error_line, save_random_mae
-from tests.test_io import TOO_LARGE, file_size_limit
 
 TINY = [f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]
 QUIET = ["--no-progress", "--batch-size", "8"]
@@ -64,29 +64,66 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------ errors raised in loader workers
-@pytest.mark.parametrize("loader", [[], pytest.param(["data.gpu_resident=on"], marks=pytest.mark.slow),
-                                    pytest.param(["data.decode=gpu"], marks=pytest.mark.slow)],  # 10 s each
-                         ids=["dataloader", "gpu-resident-builder", "jpeg-decode"])
+@pytest.mark.parametrize(
+    "loader",
+    [
+        [],
+        pytest.param(["data.gpu_resident=on"], marks=pytest.mark.slow),
+        pytest.param(["data.decode=gpu"], marks=pytest.mark.slow),
+    ],  # 10 s each
+    ids=["dataloader", "gpu-resident-builder", "jpeg-decode"],
+)
 def test_worker_error_is_one_line_in_pretrain(tmp_path, capsys, loader):
     """--strict-data with 2 workers: a truncated image ends the run with the same line as without workers."""
     suffix = ".jpg" if "data.decode=gpu" in loader else ".png"
     bad = labeled_folder(tmp_path / "data", suffix)
-    err = error_line(capsys, ["pretrain", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
-                              *QUIET, *one_epoch("pretrain"), *WORKERS, *loader, *TINY])
+    err = error_line(
+        capsys,
+        [
+            "pretrain",
+            "--data",
+            str(tmp_path / "data"),
+            "--output",
+            str(tmp_path / "run"),
+            *QUIET,
+            *one_epoch("pretrain"),
+            *WORKERS,
+            *loader,
+            *TINY,
+        ],
+    )
     assert err == f"maelab: error: {direct_error(bad)}"
 
 
 # torch needs ~10 s to shut down a loader whose worker raised (its 2 workers do not take the stop sentinel and are
 # terminated after two 5 s joins), so these are slow; the default suite shows the same mechanism (errors.
 # original_message in the one CLI error printer) with the pre-training loaders and a real process.
-@pytest.mark.parametrize("command", [pytest.param("knn", marks=pytest.mark.slow),
-                                     pytest.param("linprobe", marks=pytest.mark.slow),
-                                     pytest.param("embed", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param("knn", marks=pytest.mark.slow),
+        pytest.param("linprobe", marks=pytest.mark.slow),
+        pytest.param("embed", marks=pytest.mark.slow),
+    ],
+)
 def test_worker_error_is_one_line_in_evaluation(tmp_path, capsys, pngs, checkpoint, command):
     root, bad = pngs
     output = tmp_path / ("features.safetensors" if command == "embed" else "out")
-    err = error_line(capsys, [command, "--checkpoint", str(checkpoint), "--data", str(root),
-                              "--output", str(output), *QUIET, *one_epoch(command), *WORKERS])
+    err = error_line(
+        capsys,
+        [
+            command,
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(root),
+            "--output",
+            str(output),
+            *QUIET,
+            *one_epoch(command),
+            *WORKERS,
+        ],
+    )
     assert err == f"maelab: error: {direct_error(bad)}"
 
 
@@ -94,9 +131,25 @@ def test_worker_error_in_a_real_process_is_one_error_line(tmp_path, pngs):
     """The whole stderr of ``python -m maelab`` (log lines aside): no traceback, the error line last; the
     process ends (its workers too) within the timeout."""
     root, bad = pngs
-    proc = subprocess.run([sys.executable, "-m", "maelab", "pretrain", "--data", str(root), "--output",
-                           str(tmp_path / "run"), *QUIET, *one_epoch("pretrain"), *WORKERS, *TINY],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maelab",
+            "pretrain",
+            "--data",
+            str(root),
+            "--output",
+            str(tmp_path / "run"),
+            *QUIET,
+            *one_epoch("pretrain"),
+            *WORKERS,
+            *TINY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr
     assert one_error_line(proc.stderr, log_records=True) == f"maelab: error: {direct_error(bad)}"
 
@@ -107,8 +160,18 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys):
     """A write that really fails partway while saving (a file-size limit below the checkpoint's size, as a full disk):
     one line saying the previous last.pt is intact; it is, byte for byte; no temp file."""
     run = tmp_path / "run"
-    argv = ["pretrain", "--output", str(run), "--no-progress", "--batch-size", "8", "--num-workers", "0",
-            "data.num_samples=16", *TINY]
+    argv = [
+        "pretrain",
+        "--output",
+        str(run),
+        "--no-progress",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "data.num_samples=16",
+        *TINY,
+    ]
     assert main([*argv, "--epochs", "1"]) == 0
     last = run / "checkpoints" / LAST
     before = last.read_bytes()
@@ -127,25 +190,57 @@ def _backward_out_of_memory(*args: object, **kwargs: object) -> None:
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
-@pytest.mark.parametrize(("command", "extra", "advice"), [
-    ("pretrain", [], "lower --batch-size and raise accum_steps by the same factor to keep the batch per optimizer "
-                     "step, e.g. --batch-size 4 --accum-steps 2"),
-    ("pretrain", ["global_batch=16"], "lower --batch-size, e.g. --batch-size 4: global_batch=16 then takes more "
-                                      "accumulation steps (now accum_steps=2)"),
-    ("finetune", ["--accum-steps", "2"], "e.g. --batch-size 4 --accum-steps 4"),
-    ("linprobe", [], "lower --batch-size or run more processes (the linear probe does not accumulate gradients"),
-    # a lower --batch-size alone would fail: global_batch's share must fit in one batch
-    ("linprobe", ["global_batch=8"], ": run more processes, or set global_batch=0 and lower --batch-size "
-                                     "(global_batch=8 puts each process's whole share in one batch"),
-], ids=["pretrain", "pretrain-global-batch", "finetune", "linprobe", "linprobe-global-batch"])
-def test_out_of_memory_names_the_batch_size_and_what_to_change(tmp_path, capsys, monkeypatch, checkpoint,
-                                                              command, extra, advice):
+@pytest.mark.parametrize(
+    ("command", "extra", "advice"),
+    [
+        (
+            "pretrain",
+            [],
+            "lower --batch-size and raise accum_steps by the same factor to keep the batch per optimizer "
+            "step, e.g. --batch-size 4 --accum-steps 2",
+        ),
+        (
+            "pretrain",
+            ["global_batch=16"],
+            "lower --batch-size, e.g. --batch-size 4: global_batch=16 then takes more "
+            "accumulation steps (now accum_steps=2)",
+        ),
+        ("finetune", ["--accum-steps", "2"], "e.g. --batch-size 4 --accum-steps 4"),
+        ("linprobe", [], "lower --batch-size or run more processes (the linear probe does not accumulate gradients"),
+        # a lower --batch-size alone would fail: global_batch's share must fit in one batch
+        (
+            "linprobe",
+            ["global_batch=8"],
+            ": run more processes, or set global_batch=0 and lower --batch-size "
+            "(global_batch=8 puts each process's whole share in one batch",
+        ),
+    ],
+    ids=["pretrain", "pretrain-global-batch", "finetune", "linprobe", "linprobe-global-batch"],
+)
+def test_out_of_memory_names_the_batch_size_and_what_to_change(
+    tmp_path, capsys, monkeypatch, checkpoint, command, extra, advice
+):
     """An out-of-memory training step (raised here from backward) -> one line with the per-process batch size."""
     source = [] if command == "pretrain" else ["--checkpoint", str(checkpoint)]
     monkeypatch.setattr(torch.Tensor, "backward", _backward_out_of_memory)
-    err = error_line(capsys, [command, *source, "--data", "synthetic", "data.num_samples=16", "--num-workers", "0",
-                              "--output", str(tmp_path / "out"), *QUIET, *one_epoch(command), *extra,
-                              *(TINY if command == "pretrain" else [])])
+    err = error_line(
+        capsys,
+        [
+            command,
+            *source,
+            "--data",
+            "synthetic",
+            "data.num_samples=16",
+            "--num-workers",
+            "0",
+            "--output",
+            str(tmp_path / "out"),
+            *QUIET,
+            *one_epoch(command),
+            *extra,
+            *(TINY if command == "pretrain" else []),
+        ],
+    )
     assert "out of memory on cpu in a training step at batch_size=8 per process" in err
     assert advice in err
 
@@ -164,8 +259,10 @@ def test_unreadable_checkpoint_is_one_line_naming_the_file(tmp_path, capsys, che
 def test_missing_data_path_is_one_line_naming_it(tmp_path, capsys, checkpoint, command):
     missing = tmp_path / "no" / "such" / "folder"
     source = [] if command == "pretrain" else ["--checkpoint", str(checkpoint)]
-    err = error_line(capsys, [command, *source, "--data", str(missing), "--output", str(tmp_path / "out"), *QUIET,
-                              *one_epoch(command)])
+    err = error_line(
+        capsys,
+        [command, *source, "--data", str(missing), "--output", str(tmp_path / "out"), *QUIET, *one_epoch(command)],
+    )
     assert f"'{missing}'" in err
 
 

@@ -102,8 +102,10 @@ def test_unknown_dataset():
         build_dataset(DataConfig(name="imagenet-1k"), img_size=8, in_chans=3, train=True, transform=None)
 
 
-@pytest.mark.parametrize("split, expected", [("train", (10, True)), ("test", (10, True)),
-                                             ("train+unlabeled", (10, False)), ("unlabeled", (None, False))])
+@pytest.mark.parametrize(
+    "split, expected",
+    [("train", (10, True)), ("test", (10, True)), ("train+unlabeled", (10, False)), ("unlabeled", (None, False))],
+)
 def test_stl10_info(split, expected):
     ds = datasets.STL10.__new__(datasets.STL10)  # no files needed for the metadata
     ds.split, ds.classes = split, [f"c{i}" for i in range(10)]
@@ -125,11 +127,9 @@ def test_torchvision_missing_files(tmp_path, name):
 
 def test_torchvision_bad_split(tmp_path):
     with pytest.raises(DataError, match="stl10"):
-        build_torchvision_dataset("stl10", tmp_path, train=True, download=False, transform=None,
-                                  split="bogus")
+        build_torchvision_dataset("stl10", tmp_path, train=True, download=False, transform=None, split="bogus")
     with pytest.raises(DataError, match="cifar10"):
-        build_torchvision_dataset("cifar10", tmp_path, train=True, download=False, transform=None,
-                                  split="unlabeled")
+        build_torchvision_dataset("cifar10", tmp_path, train=True, download=False, transform=None, split="unlabeled")
 
 
 def _fake_cifar10(root: Path, n: int = 4) -> None:
@@ -147,7 +147,9 @@ def _fake_cifar10(root: Path, n: int = 4) -> None:
 def test_cifar10_on_disk_format(tmp_path, monkeypatch):
     _fake_cifar10(tmp_path)
     monkeypatch.setattr(datasets.CIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(datasets.CIFAR10, "_load_meta", lambda self: setattr(self, "classes", [f"c{i}" for i in range(10)]))
+    monkeypatch.setattr(
+        datasets.CIFAR10, "_load_meta", lambda self: setattr(self, "classes", [f"c{i}" for i in range(10)])
+    )
     for root in (tmp_path, tmp_path / "cifar-10-batches-py"):
         cfg = DataConfig(name="cifar10", root=str(root))
         tr = build_dataset(cfg, img_size=32, in_chans=3, train=True, transform=_tf(32))

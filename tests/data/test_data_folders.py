@@ -162,8 +162,7 @@ def test_large_image_through_transform_no_bomb_warning(tmp_path):
 @pytest.mark.slow
 def test_large_image_full_resolution_transform(tmp_path):
     Image.new("L", (12000, 9000), 60).save(tmp_path / "big.jpg", quality=50)
-    ds = ImageFolderDataset(tmp_path, transform=pretrain_transform(32, (0.5,), (0.5,), min_scale=0.95),
-                            channels=1)
+    ds = ImageFolderDataset(tmp_path, transform=pretrain_transform(32, (0.5,), (0.5,), min_scale=0.95), channels=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.manual_seed(0)

@@ -86,14 +86,16 @@ def test_boxes_inside_image_with_valid_area_and_aspect(height, width):
     assert ((wf - 0.5) / (hf + 0.5) <= ratio[1])[acc].all()
 
 
-@pytest.mark.parametrize("height,width,scale,ratio", [
-    (32, 32, (0.2, 1.0), (3 / 4, 4 / 3)),   # MAE's setting
-    (20, 50, (0.08, 1.0), (3 / 4, 4 / 3)),  # non-square: many rejected attempts
-    (32, 32, (0.08, 1.0), (2.0, 4.0)),      # ~4% of samples fall back to the center crop
-])
+@pytest.mark.parametrize(
+    "height,width,scale,ratio",
+    [
+        (32, 32, (0.2, 1.0), (3 / 4, 4 / 3)),  # MAE's setting
+        (20, 50, (0.08, 1.0), (3 / 4, 4 / 3)),  # non-square: many rejected attempts
+        (32, 32, (0.08, 1.0), (2.0, 4.0)),  # ~4% of samples fall back to the center crop
+    ],
+)
 def test_box_distribution_matches_torchvision(height, width, scale, ratio):
-    ours = random_resized_crop_params(20000, height, width, scale, ratio,
-                                      generator=torch.Generator().manual_seed(2))
+    ours = random_resized_crop_params(20000, height, width, scale, ratio, generator=torch.Generator().manual_seed(2))
     ref = _torchvision_boxes(4000, height, width, scale, ratio, seed=3)
     s_ours, s_ref = _stats(ours, height, width), _stats(ref, height, width)
     # KS critical value at alpha = 0.001 for n=4000, m=20000 is 1.95 * sqrt(1/4000 + 1/20000) = 0.034
@@ -111,13 +113,15 @@ def test_box_distribution_matches_torchvision(height, width, scale, ratio):
         assert abs(frac_ours - frac_ref) < 0.015
 
 
-@pytest.mark.parametrize("height,width,scale,ratio,expected", [
-    (32, 32, (0.2, 1.0), (10.0, 20.0), (14, 0, 3, 32)),  # image narrower than the ratios: full width
-    (10, 50, (0.9, 1.0), (0.5, 1.0), (0, 20, 10, 10)),   # image wider than the ratios: full height
-])
+@pytest.mark.parametrize(
+    "height,width,scale,ratio,expected",
+    [
+        (32, 32, (0.2, 1.0), (10.0, 20.0), (14, 0, 3, 32)),  # image narrower than the ratios: full width
+        (10, 50, (0.9, 1.0), (0.5, 1.0), (0, 20, 10, 10)),  # image wider than the ratios: full height
+    ],
+)
 def test_fallback_is_torchvision_center_crop(height, width, scale, ratio, expected):
-    boxes = random_resized_crop_params(500, height, width, scale, ratio,
-                                       generator=torch.Generator().manual_seed(0))
+    boxes = random_resized_crop_params(500, height, width, scale, ratio, generator=torch.Generator().manual_seed(0))
     assert (boxes == torch.tensor(expected)).all()
     ref = _torchvision_boxes(20, height, width, scale, ratio)
     assert (ref == torch.tensor(expected)).all()
@@ -147,8 +151,9 @@ def test_full_box_same_size_is_identity_and_flip_mirrors(antialias):
 
 
 def _random_boxes(n: int, height: int, width: int, seed: int) -> torch.Tensor:
-    return random_resized_crop_params(n, height, width, (0.1, 1.0), (0.5, 2.0),
-                                      generator=torch.Generator().manual_seed(seed))
+    return random_resized_crop_params(
+        n, height, width, (0.1, 1.0), (0.5, 2.0), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 @pytest.mark.parametrize("out_size", [(40, 40), (12, 20), (24, 30)])
@@ -158,8 +163,12 @@ def test_antialias_matches_torchvision_resized_crop(out_size):
     boxes = _random_boxes(12, 24, 30, seed=2)
     flip = torch.arange(12) % 3 == 0
     out = batched_resized_crop(imgs, boxes, out_size, flip, *ZERO1, antialias=True)
-    ref = torch.stack([TF.resized_crop(imgs[i], *boxes[i].tolist(), list(out_size), interpolation=BICUBIC,
-                                       antialias=True) for i in range(12)])
+    ref = torch.stack(
+        [
+            TF.resized_crop(imgs[i], *boxes[i].tolist(), list(out_size), interpolation=BICUBIC, antialias=True)
+            for i in range(12)
+        ]
+    )
     ref = torch.where(flip.view(-1, 1, 1, 1), ref.flip(-1), ref).clamp(0, 255) / 255
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
@@ -172,8 +181,11 @@ def _keys_matrix(start: int, length: int, in_size: int, out_size: int, a: float 
         base = math.floor(src)
         for k in range(base - 1, base + 3):
             t = abs(src - k)
-            wt = ((a + 2) * t - (a + 3)) * t * t + 1 if t < 1 else (((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-                                                                     if t < 2 else 0.0)
+            wt = (
+                ((a + 2) * t - (a + 3)) * t * t + 1
+                if t < 1
+                else (((a * t - 5 * a) * t + 8 * a) * t - 4 * a if t < 2 else 0.0)
+            )
             m[i, min(max(k, 0), in_size - 1)] += wt
     return m
 
@@ -205,8 +217,12 @@ def test_grid_sample_path_vs_torchvision_resized_crop(out_size):
         my, mx = _keys_matrix(top, h, height, oh), _keys_matrix(left, w, width, ow)
         ref = (my @ imgs[i].double() @ mx.T).clamp(0, 255) / 255
         torch.testing.assert_close(out[i].double(), ref, atol=2e-5, rtol=0)
-        tv = TF.resized_crop(imgs[i], top, left, h, w, list(out_size), interpolation=BICUBIC,
-                             antialias=False).clamp(0, 255) / 255
+        tv = (
+            TF.resized_crop(imgs[i], top, left, h, w, list(out_size), interpolation=BICUBIC, antialias=False).clamp(
+                0, 255
+            )
+            / 255
+        )
         inside = _tap_inside(h, oh)[:, None] & _tap_inside(w, ow)[None, :]
         interior_checked += int(inside.sum())
         torch.testing.assert_close(out[i][:, inside], tv[:, inside], atol=2e-5, rtol=0)
@@ -225,8 +241,15 @@ def test_uint8_and_float_inputs_agree_and_cpu_transform_is_close():
     torch.testing.assert_close(out, batched_resized_crop(imgs.float(), boxes, 32, None, *ZERO1, antialias=True))
     # the CPU pretrain_transform resizes uint8 with torchvision's integer kernel: same weights,
     # but it rounds (and clips overshoot) after each pass; on average < 1 uint8 level apart
-    cpu = torch.stack([TF.resized_crop(imgs[i], *boxes[i].tolist(), [32, 32], interpolation=BICUBIC,
-                                       antialias=True) for i in range(16)]).float() / 255
+    cpu = (
+        torch.stack(
+            [
+                TF.resized_crop(imgs[i], *boxes[i].tolist(), [32, 32], interpolation=BICUBIC, antialias=True)
+                for i in range(16)
+            ]
+        ).float()
+        / 255
+    )
     diff = (out - cpu).abs() * 255
     assert diff.mean() < 0.6 and (diff > 1.0).float().mean() < 0.02
 
@@ -235,8 +258,9 @@ def test_uint8_and_float_inputs_agree_and_cpu_transform_is_close():
 def _loader(n=64, bs=8, seed=0, size=12, rank=0, world=1, **kw) -> GPUBatchLoader:
     imgs = _images(n, 3, size, size, seed=7)
     sampler = ResumableSampler(n, seed=seed, rank=rank, world_size=world)
-    return GPUBatchLoader(imgs, torch.arange(n), bs, sampler, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-                          seed=seed, **kw)
+    return GPUBatchLoader(
+        imgs, torch.arange(n), bs, sampler, size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), seed=seed, **kw
+    )
 
 
 def _epoch(loader: GPUBatchLoader, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -292,8 +316,9 @@ def test_flip_happens_about_half_the_time():
     sampler = ResumableSampler(512, seed=0)
 
     def flipped_fraction(hflip: bool) -> float:
-        loader = GPUBatchLoader(ramp, torch.zeros(512), 64, sampler, 6, (0.0,), (1.0,), min_scale=1.0,
-                                hflip=hflip, seed=0)
+        loader = GPUBatchLoader(
+            ramp, torch.zeros(512), 64, sampler, 6, (0.0,), (1.0,), min_scale=1.0, hflip=hflip, seed=0
+        )
         sampler.set_epoch(0)
         imgs = torch.cat([x for x, _ in loader])
         plain = ramp[:1].float() / 255

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from maelab.data import load_image
 from maelab.data import images as images_mod
+from maelab.data import load_image
 from maelab.errors import DataError, MaelabError
 
 
@@ -30,13 +30,16 @@ def _jpeg_bytes(w: int = 64, h: int = 48) -> bytes:
 # ------------------------------------------------------------------ unreadable files
 
 
-@pytest.mark.parametrize("content, name", [
-    (b"", "zero.jpg"),
-    (np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "noise.jpg"),
-    (b"hello, I am a text file\n" * 20, "notes.png"),
-    (_jpeg_bytes()[:300], "truncated.jpg"),
-    (_jpeg_bytes()[: len(_jpeg_bytes()) // 2], "half.jpg"),
-])
+@pytest.mark.parametrize(
+    "content, name",
+    [
+        (b"", "zero.jpg"),
+        (np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "noise.jpg"),
+        (b"hello, I am a text file\n" * 20, "notes.png"),
+        (_jpeg_bytes()[:300], "truncated.jpg"),
+        (_jpeg_bytes()[: len(_jpeg_bytes()) // 2], "half.jpg"),
+    ],
+)
 def test_unreadable_files_raise_data_error(tmp_path, content, name):
     p = tmp_path / name
     p.write_bytes(content)
@@ -67,9 +70,21 @@ def test_bad_channel_count(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # e.g. Pillow's "Corrupt EXIF data"
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(min_size=0, max_size=600),
-       prefix=st.sampled_from([b"", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM",
-                               b"P5\n", b"II*\x00", b"RIFF\x00\x00\x00\x00WEBPVP8 "]))
+@given(
+    data=st.binary(min_size=0, max_size=600),
+    prefix=st.sampled_from(
+        [
+            b"",
+            b"\xff\xd8\xff\xe0",
+            b"\x89PNG\r\n\x1a\n",
+            b"GIF89a",
+            b"BM",
+            b"P5\n",
+            b"II*\x00",
+            b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+        ]
+    ),
+)
 def test_fuzz_random_bytes_image_or_data_error(tmp_path, data, prefix):
     p = tmp_path / "fuzz.jpg"
     p.write_bytes(prefix + data)
@@ -91,8 +106,11 @@ _VALID = {"jpg": _jpeg_bytes(24, 20), "png": _png_bytes()}
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(fmt=st.sampled_from(sorted(_VALID)), cut=st.integers(0, 4000),
-       flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8))
+@given(
+    fmt=st.sampled_from(sorted(_VALID)),
+    cut=st.integers(0, 4000),
+    flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=8),
+)
 def test_fuzz_mutated_images_image_or_data_error(tmp_path, fmt, cut, flips):
     data = bytearray(_VALID[fmt][: max(cut, 1)])
     for pos, val in flips:
@@ -233,8 +251,19 @@ def test_large_png_reduced(tmp_path):
     assert 300 <= min(img.size) < 600 and np.all(np.asarray(img) == 200)
 
 
-@pytest.mark.parametrize("mode, ext", [("1", "png"), ("P", "png"), ("I;16", "png"), ("CMYK", "jpg"),
-                                       ("LA", "png"), ("RGBA", "png"), ("F", "tif"), ("RGB", "webp")])
+@pytest.mark.parametrize(
+    "mode, ext",
+    [
+        ("1", "png"),
+        ("P", "png"),
+        ("I;16", "png"),
+        ("CMYK", "jpg"),
+        ("LA", "png"),
+        ("RGBA", "png"),
+        ("F", "tif"),
+        ("RGB", "webp"),
+    ],
+)
 def test_reduced_any_mode(tmp_path, mode, ext):
     p = tmp_path / f"m.{ext}"
     Image.new(mode, (200, 100)).save(p)

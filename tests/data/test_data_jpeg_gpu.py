@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 from maelab.config import DataConfig, PretrainConfig, build_config
-from maelab.data import ImageFolderDataset, pretrain_transform
-from maelab.data import jpeg_gpu
+from maelab.data import ImageFolderDataset, jpeg_gpu, pretrain_transform
 from maelab.data.jpeg_gpu import EncodedImageFolder, JPEGDecodeLoader, device_decodable, resolve_decode
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.errors import ConfigError, DataError
@@ -42,17 +41,44 @@ def _folder(root, n_per_class=6):
     return root
 
 
-def _loader_pair(root, *, batch=4, img_size=24, min_scale=0.2, hflip=True, workers=0, channels=3, strict=False,
-                 ratio=(3 / 4, 4 / 3), seed=3):
+def _loader_pair(
+    root,
+    *,
+    batch=4,
+    img_size=24,
+    min_scale=0.2,
+    hflip=True,
+    workers=0,
+    channels=3,
+    strict=False,
+    ratio=(3 / 4, 4 / 3),
+    seed=3,
+):
     """(CPU-path DataLoader, JPEGDecodeLoader) over the same files and one sampler each."""
     mean, std = (MEAN, STD) if channels == 3 else ((0.5,), (0.5,))
-    cpu_ds = ImageFolderDataset(root, transform=pretrain_transform(img_size, mean, std, min_scale, hflip),
-                                channels=channels, strict=strict, target_size=100)
+    cpu_ds = ImageFolderDataset(
+        root,
+        transform=pretrain_transform(img_size, mean, std, min_scale, hflip),
+        channels=channels,
+        strict=strict,
+        target_size=100,
+    )
     s_cpu = ResumableSampler(len(cpu_ds), seed=seed)
     s_dev = ResumableSampler(len(cpu_ds), seed=seed)
     dev_ds = ImageFolderDataset(root, channels=channels, strict=strict, target_size=100)
-    dev = JPEGDecodeLoader(dev_ds, batch, s_dev, img_size, mean, std, "cpu", num_workers=workers,
-                           min_scale=min_scale, hflip=hflip, ratio=ratio)
+    dev = JPEGDecodeLoader(
+        dev_ds,
+        batch,
+        s_dev,
+        img_size,
+        mean,
+        std,
+        "cpu",
+        num_workers=workers,
+        min_scale=min_scale,
+        hflip=hflip,
+        ratio=ratio,
+    )
     return build_loader(cpu_ds, batch, s_cpu, 0), s_cpu, dev, s_dev
 
 
@@ -203,8 +229,10 @@ def test_batched_resize_groups_images_by_size_and_matches_torchvision(tmp_path, 
     kernel), crop boxes and flips included."""
     _, _, dev, _ = _loader_pair(_folder(tmp_path / "data", 1))
     g = torch.Generator().manual_seed(0)
-    images = [(torch.rand(3, 1, 1, generator=g) * 200 + torch.rand(3, *hw, generator=g) * 55).to(torch.uint8)
-              for hw in [(40, 52), (33, 61), (40, 52), (40, 52), (33, 61), (70, 45)]]
+    images = [
+        (torch.rand(3, 1, 1, generator=g) * 200 + torch.rand(3, *hw, generator=g) * 55).to(torch.uint8)
+        for hw in [(40, 52), (33, 61), (40, 52), (40, 52), (33, 61), (70, 45)]
+    ]
     params = dev.params(range(100, 106), [tuple(img.shape[1:]) for img in images])
     assert {flip for _, flip in params} == {False, True}
     calls = []

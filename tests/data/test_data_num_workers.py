@@ -10,8 +10,9 @@ from maelab.config import DataConfig, PretrainConfig, build_config, to_dict
 from maelab.errors import ConfigError
 
 
-@pytest.mark.parametrize(("cpus", "local", "expected"), [(2, None, 2), (96, "8", 12), (64, "1", 16), (4, "8", 1),
-                                                         (8, "junk", 8)])
+@pytest.mark.parametrize(
+    ("cpus", "local", "expected"), [(2, None, 2), (96, "8", 12), (64, "1", 16), (4, "8", 1), (8, "junk", 8)]
+)
 def test_auto_num_workers(monkeypatch, cpus, local, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     if local is None:

@@ -121,6 +121,7 @@ def test_official_probe_crop_clips_its_one_draw_instead_of_retrying():
 def test_official_probe_crop_keeps_larger_crops_than_torchvision():
     """On a 4:3 image (ImageNet's usual shape) with scale (0.08, 1): mean crop area about 0.52 vs 0.44 of the image
     (2000 draws: standard error about 0.006)."""
+
     def mean_area(crop: str) -> float:
         crops = _crops(crop, 375, 500, 2000)
         return sum(c["height"] * c["width"] for c in crops) / (len(crops) * 375 * 500)

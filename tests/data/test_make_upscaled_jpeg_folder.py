@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-
 from tests.conftest import load_script
 
 
@@ -15,7 +14,10 @@ def test_upscales_with_class_layout_and_limit(tmp_path, capsys):
         for i in range(3):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(src / cls / f"{i}.png")
     (src / "cat" / "notes.txt").write_text("not an image")
-    assert load_script("make_upscaled_jpeg_folder").main([str(src), str(tmp_path / "dst"), "--size", "24", "--limit", "2"]) == 0
+    assert (
+        load_script("make_upscaled_jpeg_folder").main([str(src), str(tmp_path / "dst"), "--size", "24", "--limit", "2"])
+        == 0
+    )
     out = sorted(p.relative_to(tmp_path / "dst").as_posix() for p in (tmp_path / "dst").rglob("*"))
     assert out == ["cat", "cat/0.jpg", "cat/1.jpg", "dog", "dog/0.jpg", "dog/1.jpg"]
     with Image.open(tmp_path / "dst" / "dog" / "1.jpg") as img:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.data.prefetch import DeviceBatches, normalize_uint8, stats_tensors
 from maelab.data.synthetic import SyntheticShapes
 from maelab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
-from torchvision.transforms import v2
 
 
 @pytest.mark.parametrize(("channels", "mean", "std"), [(3, IMAGENET_MEAN, IMAGENET_STD), (1, (0.5,), (0.25,))])
@@ -21,8 +21,13 @@ def test_normalize_uint8_equals_per_sample_transform(channels, mean, std):
 
 
 def _batches(normalize: bool, workers: int, device: str = "cpu"):
-    ds = SyntheticShapes(num_samples=24, img_size=32, channels=3, seed=0,
-                         transform=pretrain_transform(24, IMAGENET_MEAN, IMAGENET_STD, 0.2, True, normalize=normalize))
+    ds = SyntheticShapes(
+        num_samples=24,
+        img_size=32,
+        channels=3,
+        seed=0,
+        transform=pretrain_transform(24, IMAGENET_MEAN, IMAGENET_STD, 0.2, True, normalize=normalize),
+    )
     sampler = ResumableSampler(len(ds), seed=3)
     sampler.set_epoch(1)
     loader = build_loader(ds, 8, sampler, workers)
@@ -39,8 +44,13 @@ def test_device_batches_match_the_float_pipeline(workers):
 
 
 def test_device_batches_passes_loader_attributes():
-    ds = SyntheticShapes(num_samples=16, img_size=8, channels=3, seed=0,
-                         transform=pretrain_transform(8, IMAGENET_MEAN, IMAGENET_STD, normalize=False))
+    ds = SyntheticShapes(
+        num_samples=16,
+        img_size=8,
+        channels=3,
+        seed=0,
+        transform=pretrain_transform(8, IMAGENET_MEAN, IMAGENET_STD, normalize=False),
+    )
     loader = build_loader(ds, 4, ResumableSampler(16), 0)
     wrapped = DeviceBatches(loader, "cpu", IMAGENET_MEAN, IMAGENET_STD)
     assert len(wrapped) == 4 and wrapped.batch_size == 4 and wrapped.sampler is loader.sampler
@@ -79,8 +89,13 @@ def test_device_batches_build_mean_std_once_not_per_batch(monkeypatch):
         return stats_tensors(*args)
 
     monkeypatch.setattr(prefetch, "stats_tensors", counting)
-    ds = SyntheticShapes(num_samples=16, img_size=8, channels=3, seed=0,
-                         transform=pretrain_transform(8, IMAGENET_MEAN, IMAGENET_STD, normalize=False))
+    ds = SyntheticShapes(
+        num_samples=16,
+        img_size=8,
+        channels=3,
+        seed=0,
+        transform=pretrain_transform(8, IMAGENET_MEAN, IMAGENET_STD, normalize=False),
+    )
     wrapped = DeviceBatches(build_loader(ds, 4, ResumableSampler(16), 0), "cpu", IMAGENET_MEAN, IMAGENET_STD)
     for _ in range(2):  # two epochs of 4 batches
         assert len(list(wrapped)) == 4
@@ -92,8 +107,9 @@ def test_cuda_prefetch_does_not_synchronize_per_batch():
     """After the first batch, iterating DeviceBatches on CUDA makes no host-device synchronization."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    batches = [(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8).pin_memory(), torch.arange(8))
-               for _ in range(4)]
+    batches = [
+        (torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8).pin_memory(), torch.arange(8)) for _ in range(4)
+    ]
     wrapped = DeviceBatches(batches, "cuda", IMAGENET_MEAN, IMAGENET_STD)
     expected = [normalize_uint8(x, IMAGENET_MEAN, IMAGENET_STD) for x, _ in batches]
     list(wrapped)  # makes mean/std on the device (one blocking copy)

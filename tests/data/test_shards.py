@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.conftest import error_line
 
 from maelab.cli import main
 from maelab.data.hf_datasets import HFImageDataset, load_hf_table
 from maelab.data.shards import ShardStream, build_stream_loader, write_shards
 from maelab.data.transforms import pretrain_transform
 from maelab.errors import DataError
-from tests.conftest import error_line
 
 datasets = pytest.importorskip("datasets")
 wds = pytest.importorskip("webdataset")
@@ -94,8 +94,9 @@ def test_every_sample_once_across_2_ranks_x_2_workers(folder: Path, tmp_path: Pa
 def test_labels_follow_their_images(folder: Path, tmp_path: Path) -> None:
     stream = ShardStream(str(_shards(folder, tmp_path, 5)) + "/shard-{000000..000004}.tar", seed=0)
     stream.set_batching(1, 0)
-    by_pixels = {np.array(Image.open(p).convert("RGB")).tobytes(): "ab".index(p.parent.name)
-                 for p in folder.rglob("*.png")}
+    by_pixels = {
+        np.array(Image.open(p).convert("RGB")).tobytes(): "ab".index(p.parent.name) for p in folder.rglob("*.png")
+    }
     items = list(stream)
     assert len(items) == N_IMAGES
     assert all(by_pixels[np.array(img).tobytes()] == label for img, label in items)
@@ -104,8 +105,9 @@ def test_labels_follow_their_images(folder: Path, tmp_path: Path) -> None:
 def test_resume_mid_epoch_gives_the_same_batches(folder: Path, tmp_path: Path) -> None:
     """Same world size and workers: batches k.. after set_epoch(e, start=k*bs) equal the full epoch's,
     augmentation included (k odd, so the workers' lanes rotate)."""
-    stream = ShardStream(str(_shards(folder, tmp_path, 6)), seed=5,
-                         transform=pretrain_transform(8, (0.5,) * 3, (0.5,) * 3))
+    stream = ShardStream(
+        str(_shards(folder, tmp_path, 6)), seed=5, transform=pretrain_transform(8, (0.5,) * 3, (0.5,) * 3)
+    )
     loader = build_stream_loader(stream, batch_size=3, num_workers=2)
     stream.set_epoch(1)
     full = [b for b, _ in loader]
@@ -158,11 +160,17 @@ def test_pretrain_on_shards_and_resume_is_exact(folder: Path, tmp_path: Path) ->
 
 def _hf_table(folder: Path) -> object:
     paths = sorted(folder.rglob("*.png"))
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"]),
-                                  "note": datasets.Value("string")})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"]), "note": datasets.Value("string")}
+    )
     return datasets.Dataset.from_dict(
-        {"image": [str(p) for p in paths], "label": ["ab".index(p.parent.name) for p in paths],
-         "note": ["x"] * len(paths)}, features=features)
+        {
+            "image": [str(p) for p in paths],
+            "label": ["ab".index(p.parent.name) for p in paths],
+            "note": ["x"] * len(paths),
+        },
+        features=features,
+    )
 
 
 @pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
@@ -180,26 +188,33 @@ def test_pretrain_on_hf_dataset(folder: Path, tmp_path: Path, layout: str) -> No
         assert np.array_equal(np.array(img), np.array(Image.open(path).convert("RGB")))
         assert label == "ab".index(path.parent.name)
     out = tmp_path / "run"
-    assert main(["pretrain", "--data", str(root), "--batch-size", "12", "--num-workers", "0", *PICO,
-                 "--output", str(out)]) == 0
+    assert (
+        main(["pretrain", "--data", str(root), "--batch-size", "12", "--num-workers", "0", *PICO, "--output", str(out)])
+        == 0
+    )
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == N_IMAGES // 12
 
 
 def test_hf_unreadable_row_skipped_or_strict(folder: Path, tmp_path: Path) -> None:
     features = datasets.Features({"image": datasets.Image()})
     good = sorted(folder.rglob("*.png"))[0].read_bytes()
-    table = datasets.Dataset.from_dict({"image": [{"bytes": good, "path": None}, {"bytes": b"junk", "path": None}]},
-                                       features=features)
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": good, "path": None}, {"bytes": b"junk", "path": None}]}, features=features
+    )
     ds = HFImageDataset(table, tmp_path)
     assert not ds.labeled and ds[1][1] == -1 and ds.num_skipped == 1
     with pytest.raises(DataError, match=r"/row1: not a recognised image format"):
         HFImageDataset(table, tmp_path, strict=True)[1]
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("{tmp}/missing/shard-{{000000..000003}}.tar", "shard not found: {tmp}/missing/shard-000000.tar (and 3 more)"),
-    ("{tmp}/garbage.tar", "cannot read shards"),
-    ("{tmp}/badindex", "cannot read shard index {tmp}/badindex/index.json")])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("{tmp}/missing/shard-{{000000..000003}}.tar", "shard not found: {tmp}/missing/shard-000000.tar (and 3 more)"),
+        ("{tmp}/garbage.tar", "cannot read shards"),
+        ("{tmp}/badindex", "cannot read shard index {tmp}/badindex/index.json"),
+    ],
+)
 def test_bad_shard_spec_is_one_line(tmp_path: Path, capsys, spec: str, message: str) -> None:
     (tmp_path / "garbage.tar").write_bytes(b"this is not a tar file" * 40)
     (tmp_path / "badindex").mkdir()
@@ -218,8 +233,9 @@ def test_hf_image_column_and_splits(folder: Path, tmp_path: Path) -> None:
     """data.image_column picks the column; a saved DatasetDict gives data.split for training, test for evaluation."""
     paths = sorted(folder.rglob("*.png"))
     features = datasets.Features({"thumb": datasets.Image(), "full": datasets.Image()})
-    table = datasets.Dataset.from_dict({"thumb": [str(paths[0])] * 3, "full": [str(p) for p in paths[:3]]},
-                                       features=features)
+    table = datasets.Dataset.from_dict(
+        {"thumb": [str(paths[0])] * 3, "full": [str(p) for p in paths[:3]]}, features=features
+    )
     ds = HFImageDataset(table, tmp_path, image_column="full")
     assert np.array_equal(np.array(ds[2][0]), np.array(Image.open(paths[2]).convert("RGB")))
     with pytest.raises(DataError, match=r"no image column 'nope' \(data.image_column\); columns: thumb, full"):
@@ -256,12 +272,32 @@ def test_embed_reads_shards_and_hf_datasets(folder: Path, tmp_path: Path, source
     outs = {}
     for name, src in (("folder", folder), (source, data)):
         out = tmp_path / f"{name}.safetensors"
-        assert main(["embed", "--checkpoint", str(ckpt), "--data", str(src), "--output", str(out), "--device", "cpu",
-                     "--num-workers", "0", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "embed",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--data",
+                    str(src),
+                    "--output",
+                    str(out),
+                    "--device",
+                    "cpu",
+                    "--num-workers",
+                    "0",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         outs[name] = (load_file(out), (tmp_path / f"{name}.files.txt").read_text().split())
     (ref, ref_files), (got, got_files) = outs["folder"], outs[source]
-    expected = ([f"shard-{i // 10:06d}.tar:{Path(f).with_suffix('').as_posix()}" for i, f in enumerate(ref_files)]
-                if source == "shards" else [f"row{i}" for i in range(N_IMAGES)])
+    expected = (
+        [f"shard-{i // 10:06d}.tar:{Path(f).with_suffix('').as_posix()}" for i, f in enumerate(ref_files)]
+        if source == "shards"
+        else [f"row{i}" for i in range(N_IMAGES)]
+    )
     assert got_files == expected
     torch.testing.assert_close(got["features"], ref["features"], rtol=0, atol=0)
     assert torch.equal(got["labels"], ref["labels"])

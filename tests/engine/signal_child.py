@@ -24,16 +24,27 @@ HOLD_LIMIT_S = 300.0
 NOTED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n))
 
 
-def start(out: Path, step: int, args: list[str], ranks: str = "all", launcher: tuple[str, ...] = (sys.executable,),
-          ) -> tuple[subprocess.Popen, Path]:
+def start(
+    out: Path,
+    step: int,
+    args: list[str],
+    ranks: str = "all",
+    launcher: tuple[str, ...] = (sys.executable,),
+) -> tuple[subprocess.Popen, Path]:
     """Start ``maelab pretrain --output out *args`` in its own process group (like a job); returns the process
     and its ready folder."""
     procs, ready = start_tasks(out, step, args, [{}], ranks, launcher)
     return procs[0], ready
 
 
-def start_tasks(out: Path, step: int, args: list[str], envs: list[dict[str, str]], ranks: str = "all",
-                launcher: tuple[str, ...] = (sys.executable,)) -> tuple[list[subprocess.Popen], Path]:
+def start_tasks(
+    out: Path,
+    step: int,
+    args: list[str],
+    envs: list[dict[str, str]],
+    ranks: str = "all",
+    launcher: tuple[str, ...] = (sys.executable,),
+) -> tuple[list[subprocess.Popen], Path]:
     """Start one ``maelab pretrain --output out *args`` per entry of ``envs`` (added to this environment), all in
     one new process group (led by the first) as ``srun`` starts a job's tasks; returns the processes and their
     ready folder."""
@@ -42,13 +53,25 @@ def start_tasks(out: Path, step: int, args: list[str], envs: list[dict[str, str]
     cmd = [*launcher, str(HERE), str(step), str(ready), ranks, "pretrain", "--output", str(out), *args]
     procs: list[subprocess.Popen] = []
     for env in envs:
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env={**os.environ, **env}, process_group=procs[0].pid if procs else 0))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, **env},
+                process_group=procs[0].pid if procs else 0,
+            )
+        )
     return procs, ready
 
 
-def wait_ready(proc: subprocess.Popen | list[subprocess.Popen], ready: Path, ranks: list[int], timeout: float = 120,
-               ) -> dict[int, int]:
+def wait_ready(
+    proc: subprocess.Popen | list[subprocess.Popen],
+    ready: Path,
+    ranks: list[int],
+    timeout: float = 120,
+) -> dict[int, int]:
     """Wait until every rank in ``ranks`` holds at its step; returns their pids. Fails if a process (``proc``: one
     or a list) ends first."""
     procs = proc if isinstance(proc, list) else [proc]
@@ -83,6 +106,7 @@ def _hold_after(step: int, ready: Path, ranks: str) -> None:
             def handler(signum, frame):  # type: ignore[no-untyped-def]
                 received.append(signum)
                 return inner(signum, frame)
+
         return real_signal(sig, handler)
 
     signal.signal = noting_signal  # type: ignore[assignment]

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS, error_line
 
 import maelab
 from maelab.config import PretrainConfig, build_config
@@ -13,17 +14,23 @@ from maelab.engine.accel import compile_module, convert_to_fp8, is_fp8_candidate
 from maelab.engine.optim import build_adamw
 from maelab.engine.step import TrainStep
 from maelab.errors import ConfigError
-from tests.conftest import TINY_MODEL_ARGS, error_line
 
 CPU = torch.device("cpu")
 # dims that are multiples of 16, as float8 matmuls need
 FP8_ARGS = dict(TINY_MODEL_ARGS, embed_dim=64, decoder_embed_dim=32)
 
 
-@pytest.mark.parametrize(("setting", "device", "expected"), [
-    ("auto", "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False),
-    (True, "cpu", True), (False, "cuda", False),
-])
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [
+        ("auto", "cpu", False),
+        ("auto", "cuda", True),
+        ("on", "cpu", True),
+        ("off", "cuda", False),
+        (True, "cpu", True),
+        (False, "cuda", False),
+    ],
+)
 def test_resolve_compile(setting, device, expected):
     assert resolve_compile(setting, torch.device(device)) is expected
 
@@ -159,9 +166,19 @@ def test_pretrain_with_fp8_runs_and_reports_it(tmp_path, caplog):
     pytest.importorskip("torchao")
     from maelab.engine.pretrain import Pretrainer
 
-    overrides = {"output": str(tmp_path / "run"), "device": "cpu", "epochs": 1, "batch_size": 8, "warmup_epochs": 0,
-                 "data.num_samples": 16, "data.num_workers": 0, "model": "mae_vit_pico_patch4_32", "fp8": "tensorwise",
-                 "vis_every": 1, **{f"model_args.{k}": v for k, v in FP8_ARGS.items()}}
+    overrides = {
+        "output": str(tmp_path / "run"),
+        "device": "cpu",
+        "epochs": 1,
+        "batch_size": 8,
+        "warmup_epochs": 0,
+        "data.num_samples": 16,
+        "data.num_workers": 0,
+        "model": "mae_vit_pico_patch4_32",
+        "fp8": "tensorwise",
+        "vis_every": 1,
+        **{f"model_args.{k}": v for k, v in FP8_ARGS.items()},
+    }
     with caplog.at_level("INFO"):
         trainer = Pretrainer(build_config(PretrainConfig, None, overrides), progress=False)
         trainer.run()
@@ -191,8 +208,10 @@ def test_compile_failure_becomes_one_actionable_line():
 
 # ---------------------------------------------------------------------------------- compile=auto falls back
 COMPILE_ERROR = "inductor: no working C++ compiler"
-FALLBACK_WARNING = (f"torch.compile failed on this machine (TorchDynamoException: {COMPILE_ERROR}); compile=auto: "
-                    "running eagerly instead (compile=on makes this an error, compile=off skips compiling)")
+FALLBACK_WARNING = (
+    f"torch.compile failed on this machine (TorchDynamoException: {COMPILE_ERROR}); compile=auto: "
+    "running eagerly instead (compile=on makes this an error, compile=off skips compiling)"
+)
 
 
 class FailsOnFirstCall:
@@ -228,16 +247,27 @@ def _force_compile(monkeypatch, compiled=None, build_error=None):
 
 
 def _pretrain_overrides(tmp_path, name, compile):
-    return {"output": str(tmp_path / name), "device": "cpu", "epochs": 1, "batch_size": 8, "warmup_epochs": 0,
-            "lr": 1e-2, "data.num_samples": 24, "data.num_workers": 0, "model": "mae_vit_pico_patch4_32",
-            "compile": compile, **{f"model_args.{k}": v for k, v in TINY_MODEL_ARGS.items()}}
+    return {
+        "output": str(tmp_path / name),
+        "device": "cpu",
+        "epochs": 1,
+        "batch_size": 8,
+        "warmup_epochs": 0,
+        "lr": 1e-2,
+        "data.num_samples": 24,
+        "data.num_workers": 0,
+        "model": "mae_vit_pico_patch4_32",
+        "compile": compile,
+        **{f"model_args.{k}": v for k, v in TINY_MODEL_ARGS.items()},
+    }
 
 
 def _train(tmp_path, name, compile):
     from maelab.engine.pretrain import Pretrainer
 
-    trainer = Pretrainer(build_config(PretrainConfig, None, _pretrain_overrides(tmp_path, name, compile)),
-                         progress=False)
+    trainer = Pretrainer(
+        build_config(PretrainConfig, None, _pretrain_overrides(tmp_path, name, compile)), progress=False
+    )
     trainer.run(max_steps=2)  # stops (with a checkpoint) before the end-of-epoch figures
     return trainer, torch.get_rng_state()
 
@@ -259,23 +289,40 @@ def test_compile_auto_failing_in_the_first_step_reruns_it_eagerly_from_the_same_
     assert torch.equal(auto_rng, eager_rng)
 
 
-def test_compile_auto_failing_at_build_trains_eagerly_and_on_keeps_one_line_errors(tmp_path, monkeypatch, caplog,
-                                                                                   capsys):
+def test_compile_auto_failing_at_build_trains_eagerly_and_on_keeps_one_line_errors(
+    tmp_path, monkeypatch, caplog, capsys
+):
     _force_compile(monkeypatch, build_error=RuntimeError("Dynamo is not supported on this Python"))
     with caplog.at_level("INFO"):
         trainer, _ = _train(tmp_path, "auto", "auto")
     assert trainer.step == 2 and ", eager" in trainer.summary()
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "torch.compile failed on this machine (RuntimeError: Dynamo is not supported on this Python); compile=auto: "
-        "running eagerly instead (compile=on makes this an error, compile=off skips compiling)"]
+        "running eagerly instead (compile=on makes this an error, compile=off skips compiling)"
+    ]
 
-    argv = ["pretrain", "--model", "mae_vit_pico_patch4_32", "--device", "cpu", "--epochs", "1", "--batch-size", "8",
-            "--num-workers", "0", "--no-progress", "--compile", "data.num_samples=16",
-            *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]]
+    argv = [
+        "pretrain",
+        "--model",
+        "mae_vit_pico_patch4_32",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--compile",
+        "data.num_samples=16",
+        *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()],
+    ]
     err = error_line(capsys, [*argv, "--output", str(tmp_path / "on-build")])
     assert err.startswith(
         "maelab: error: torch.compile failed on this machine (RuntimeError: Dynamo is not supported on this Python)"
-        "; rerun with compile=off"), err
+        "; rerun with compile=off"
+    ), err
     _force_compile(monkeypatch, [])  # compiles, then fails in the first step
     err = error_line(capsys, [*argv, "--output", str(tmp_path / "on-step")])
     assert f"(TorchDynamoException: {COMPILE_ERROR}); rerun with compile=off" in err, err

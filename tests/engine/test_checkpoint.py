@@ -2,14 +2,21 @@ import os
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS
+from tests.test_io import TOO_LARGE, file_size_limit
 
 import maelab
 from maelab.config import to_dict
-from maelab.engine.checkpoint import (LAST, atomic_link, atomic_save, load_pretrained, load_resume_state,
-                                      periodic_checkpoints, rotate)
+from maelab.engine.checkpoint import (
+    LAST,
+    atomic_link,
+    atomic_save,
+    load_pretrained,
+    load_resume_state,
+    periodic_checkpoints,
+    rotate,
+)
 from maelab.errors import CheckpointError
-from tests.conftest import TINY_MODEL_ARGS
-from tests.test_io import TOO_LARGE, file_size_limit
 
 
 def test_atomic_save_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -82,8 +89,10 @@ def test_rotate_keeps_newest(tmp_path):
 def test_atomic_link_names_the_same_bytes_and_leaves_no_temp_file(tmp_path, monkeypatch, links):
     last = atomic_save({"model": {}, "step": 4}, tmp_path / LAST)
     if not links:
+
         def no_links(src, dst):
             raise OSError("hard links not supported")
+
         monkeypatch.setattr(os, "link", no_links)
     atomic_link(last, tmp_path / "epoch_0001.pt")
     atomic_link(last, tmp_path / "epoch_0001.pt")  # again: already a name of that file
@@ -96,8 +105,10 @@ def test_load_pretrained_from_maelab_official_and_exported(tmp_path):
     model = maelab.create_model("mae_vit_pico_patch4_32", **TINY_MODEL_ARGS)
     x = torch.randn(2, 3, 32, 32)
     ref = model.forward_features(x)
-    atomic_save({"model": model.state_dict(), "model_config": to_dict(model.cfg), "step": 3},
-                tmp_path / "run" / "checkpoints" / LAST)
+    atomic_save(
+        {"model": model.state_dict(), "model_config": to_dict(model.cfg), "step": 3},
+        tmp_path / "run" / "checkpoints" / LAST,
+    )
     from_run = load_pretrained(tmp_path / "run")
     assert from_run.cfg == model.cfg
     torch.testing.assert_close(from_run.forward_features(x), ref)

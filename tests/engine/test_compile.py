@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS, assert_weights_close
 
 import maelab
 from maelab.engine.accel import compile_module
 from maelab.engine.optim import build_adamw
 from maelab.engine.step import TrainStep
-from tests.conftest import TINY_MODEL_ARGS, assert_weights_close
 
 
 def test_compiled_train_steps_match_eager():
@@ -47,8 +47,18 @@ def test_bf16_autocast_loss_matches_fp32_within_bf16_tolerance():
     assert bf16.loss.item() == pytest.approx(fp32.loss.item(), rel=2e-2)
 
 
-@pytest.mark.parametrize("variant", [{}, {"norm_pix_loss": True}, {"target": "hog"}, {"mask_token_in_encoder": True},
-                                     {"grad_checkpointing": True}, {"mask_type": "grid"}, "fp8"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"norm_pix_loss": True},
+        {"target": "hog"},
+        {"mask_token_in_encoder": True},
+        {"grad_checkpointing": True},
+        {"mask_type": "grid"},
+        "fp8",
+    ],
+)
 def test_model_forward_compiles_to_one_graph(variant):
     """No graph breaks: the whole forward (masking, encoder, decoder, loss) is one graph, so
     inductor can fuse across it and CUDA graphs can replay it (a break would silently cost both)."""

@@ -3,27 +3,30 @@ import logging
 import pytest
 
 from maelab.config import PretrainConfig, build_config, parse_override, save_yaml
-from maelab.eval.config import FinetuneConfig, LinprobeConfig
 from maelab.errors import ConfigError
+from maelab.eval.config import FinetuneConfig, LinprobeConfig
 
 
-@pytest.mark.parametrize("override, field", [
-    ({"epochs": -1}, "epochs"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"model_args.mask_ratio": 1.0}, "mask_ratio"),
-    ({"model_args.mask_ratio": -0.1}, "mask_ratio"),
-    ({"model_args.img_size": 30}, "img_size"),
-    ({"model_args.mask_type": "diagonal"}, "mask_type"),
-    ({"model_args.bogus": 1}, "model_args"),
-    ({"warmup_epochs": -1}, "warmup_epochs"),
-    ({"global_batch": -8}, "global_batch"),
-    ({"precision": "fp8"}, "precision"),
-    ({"data.num_workers": -2}, "data.num_workers"),
-    ({"data.min_scale": 0}, "data.min_scale"),
-    ({"epochs": "ten"}, "epochs"),
-    ({"unknown_key": 3}, "unknown_key"),
-    ({"betas": [0.9, 1.5]}, "betas"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"epochs": -1}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"model_args.mask_ratio": 1.0}, "mask_ratio"),
+        ({"model_args.mask_ratio": -0.1}, "mask_ratio"),
+        ({"model_args.img_size": 30}, "img_size"),
+        ({"model_args.mask_type": "diagonal"}, "mask_type"),
+        ({"model_args.bogus": 1}, "model_args"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"global_batch": -8}, "global_batch"),
+        ({"precision": "fp8"}, "precision"),
+        ({"data.num_workers": -2}, "data.num_workers"),
+        ({"data.min_scale": 0}, "data.min_scale"),
+        ({"epochs": "ten"}, "epochs"),
+        ({"unknown_key": 3}, "unknown_key"),
+        ({"betas": [0.9, 1.5]}, "betas"),
+    ],
+)
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.split(".")[-1]):
         cfg = build_config(PretrainConfig, None, override)
@@ -33,8 +36,11 @@ def test_invalid_values_name_the_field(override, field):
 
 
 def test_yaml_round_trip_and_overrides(tmp_path):
-    cfg = build_config(PretrainConfig, None, {"epochs": 3, "data.name": "synthetic", "model_args.norm_pix_loss": True,
-                                              "betas": [0.9, 0.99]})
+    cfg = build_config(
+        PretrainConfig,
+        None,
+        {"epochs": 3, "data.name": "synthetic", "model_args.norm_pix_loss": True, "betas": [0.9, 0.99]},
+    )
     path = tmp_path / "c.yaml"
     save_yaml(cfg, path)
     again = build_config(PretrainConfig, path)
@@ -85,8 +91,11 @@ def test_recipes_are_valid(monkeypatch):
         monkeypatch.setenv("WORLD_SIZE", str(world))
         for name in ("imagenet_vit_base_paper", "imagenet_vit_large_paper"):  # large: PRETRAIN.md
             cfg = build_config(PretrainConfig, Path(recipes[0]).parent / f"{name}.yaml")
-            assert (cfg.global_batch, (cfg.batch_size, cfg.accum_steps), cfg.effective_batch(world)) == \
-                (4096, split, 4096), (name, world)
+            assert (cfg.global_batch, (cfg.batch_size, cfg.accum_steps), cfg.effective_batch(world)) == (
+                4096,
+                split,
+                4096,
+            ), (name, world)
             assert cfg.resolved_lr(world) == pytest.approx(2.4e-3) and (cfg.epochs, cfg.warmup_epochs) == (800, 40)
     assert cfg.model == "mae_vit_large_patch16"
 
@@ -94,14 +103,16 @@ def test_recipes_are_valid(monkeypatch):
 EVAL_SOURCE = {"checkpoint": "ckpt.pt"}  # the configs only check that a source is named
 
 
-@pytest.mark.parametrize("cls, extra", [(PretrainConfig, {}), (FinetuneConfig, EVAL_SOURCE),
-                                        (LinprobeConfig, EVAL_SOURCE)])
+@pytest.mark.parametrize(
+    "cls, extra", [(PretrainConfig, {}), (FinetuneConfig, EVAL_SOURCE), (LinprobeConfig, EVAL_SOURCE)]
+)
 def test_warmup_longer_than_the_run_becomes_the_run_with_one_warning(cls, extra, caplog):
     with caplog.at_level(logging.WARNING):
         cfg = build_config(cls, None, {**extra, "epochs": 2, "warmup_epochs": 10})
     assert cfg.warmup_epochs == 2
     assert [r.getMessage() for r in caplog.records] == [
-        "warmup_epochs=10 is longer than the run (epochs=2): warming up over all 2 epochs instead"]
+        "warmup_epochs=10 is longer than the run (epochs=2): warming up over all 2 epochs instead"
+    ]
     caplog.clear()
     assert build_config(cls, None, {**extra, "epochs": 2, "warmup_epochs": 1.5}).warmup_epochs == 1.5
     assert not caplog.records
@@ -135,8 +146,11 @@ def test_accum_steps_given_with_global_batch_is_refused_naming_both(monkeypatch)
     from pathlib import Path
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "imagenet_vit_base_paper.yaml"  # global_batch 4096
-    with pytest.raises(ConfigError, match=r"^accum_steps=2 and global_batch=4096 \(in .*imagenet_vit_base_paper.yaml\)"
-                                          r" both given: .*drop accum_steps, or set global_batch=0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^accum_steps=2 and global_batch=4096 \(in .*imagenet_vit_base_paper.yaml\)"
+        r" both given: .*drop accum_steps, or set global_batch=0",
+    ):
         build_config(PretrainConfig, recipe, {"accum_steps": 2})
     with pytest.raises(ConfigError, match=r"^accum_steps=4 and global_batch=1024 both given"):
         build_config(FinetuneConfig, None, {**EVAL_SOURCE, "global_batch": 1024, "accum_steps": 4})
@@ -159,13 +173,30 @@ def test_a_runs_config_yaml_with_global_batch_reloads_at_any_world_size(tmp_path
 def test_resume_from_a_global_batch_runs_own_config_yaml(tmp_path, capsys):
     """`maelab pretrain --config RUN/config.yaml --resume` continues a global_batch run; adding --accum-steps is
     the one-line refusal."""
-    from maelab.cli import main
     from tests.conftest import TINY_MODEL_ARGS
+
+    from maelab.cli import main
 
     out = tmp_path / "run"
     common = ["--no-progress", "--num-workers", "0"]
-    assert main(["pretrain", "--output", str(out), "--epochs", "1", "global_batch=16", "--batch-size", "8",
-                 "data.num_samples=16", *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()], *common]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "global_batch=16",
+                "--batch-size",
+                "8",
+                "data.num_samples=16",
+                *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()],
+                *common,
+            ]
+        )
+        == 0
+    )
     assert "accum_steps: 2\nglobal_batch: 16\n" in (out / "config.yaml").read_text()
     assert main(["pretrain", "--config", str(out / "config.yaml"), "--epochs", "2", "--resume", *common]) == 0
     assert "finished: epoch 2/2, step 2" in capsys.readouterr().out
@@ -184,7 +215,8 @@ def test_global_batch_split_into_small_micro_batches_warns_once_with_a_better_va
     assert [r.getMessage() for r in caplog.records] == [
         "global_batch=4072 over 8 processes is 509 images per process, split as batch 1 x 509 accum_steps "
         "(batch_size=64 is the cap): a slow split; set e.g. global_batch=4096 (batch 64 x 8 accum_steps), "
-        "or batch_size=509 if that fits in memory"]
+        "or batch_size=509 if that fits in memory"
+    ]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         build_config(PretrainConfig, None, {"global_batch": 4096, "batch_size": 64})  # 64 x 8

@@ -9,11 +9,20 @@ from maelab.config import DataConfig, PretrainConfig, build_config, from_dict
 from maelab.errors import ConfigError
 from maelab.models.registry import get_config
 
-KEYS = [f.name for f in fields(PretrainConfig)] + [f"data.{f.name}" for f in fields(DataConfig)] + [
-    "model_args.mask_ratio", "model_args.img_size", "model_args.patch_size", "model_args.depth", "bogus"]
-VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                   st.text(max_size=12), st.lists(st.integers(-3, 300), max_size=3),
-                   st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+KEYS = (
+    [f.name for f in fields(PretrainConfig)]
+    + [f"data.{f.name}" for f in fields(DataConfig)]
+    + ["model_args.mask_ratio", "model_args.img_size", "model_args.patch_size", "model_args.depth", "bogus"]
+)
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.integers(-3, 300), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 
 
 @settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS, without_key_bias
 
 import maelab
 from maelab.config import PretrainConfig, build_config
 from maelab.engine.accel import compile_module, convert_to_fp8, uses_cudagraphs
 from maelab.engine.optim import build_adamw
 from maelab.engine.step import TrainStep
-from tests.conftest import TINY_MODEL_ARGS, without_key_bias
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
@@ -33,8 +33,15 @@ def _steps(mode: str | None, fp8: str = "off", steps: int = 8, seed: int = 0):
     init = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     opt = build_adamw(model, lr=1e-3)
     forward = compile_module(model, mode) if mode is not None else model
-    step = TrainStep(model, opt, CUDA, torch.bfloat16, generator=torch.Generator(CUDA).manual_seed(1),
-                     forward=forward, cudagraphs=uses_cudagraphs(mode is not None, mode or "default"))
+    step = TrainStep(
+        model,
+        opt,
+        CUDA,
+        torch.bfloat16,
+        generator=torch.Generator(CUDA).manual_seed(1),
+        forward=forward,
+        cudagraphs=uses_cudagraphs(mode is not None, mode or "default"),
+    )
     imgs = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2)).to(CUDA)
     losses = [step([imgs], 1e-3).item() for _ in range(steps)]
     torch._dynamo.reset()
@@ -77,11 +84,20 @@ def test_pretrain_defaults_on_cuda(tmp_path):
     on the DataLoader path (uint8 crops prefetched and normalized on the device)."""
     from maelab.engine.pretrain import Pretrainer
 
-    overrides = {"model": "mae_vit_pico_patch4_32", "epochs": 3, "batch_size": 32, "lr": 2e-3, "warmup_epochs": 0.5,
-                 "data.num_samples": 256, "log_every": 1, **{f"model_args.{k}": v for k, v in ARGS.items()}}
+    overrides = {
+        "model": "mae_vit_pico_patch4_32",
+        "epochs": 3,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "warmup_epochs": 0.5,
+        "data.num_samples": 256,
+        "log_every": 1,
+        **{f"model_args.{k}": v for k, v in ARGS.items()},
+    }
     for resident in ("auto", "off"):
-        cfg = build_config(PretrainConfig, None, {**overrides, "output": str(tmp_path / resident),
-                                                  "data.gpu_resident": resident})
+        cfg = build_config(
+            PretrainConfig, None, {**overrides, "output": str(tmp_path / resident), "data.gpu_resident": resident}
+        )
         trainer = Pretrainer(cfg, progress=False)
         assert trainer.gpu_resident is (resident == "auto")
         assert trainer.compiled and trainer.dtype == torch.bfloat16
@@ -96,9 +112,17 @@ def test_pretrain_defaults_on_cuda(tmp_path):
 def test_bench_runs_on_cuda(tmp_path):
     from maelab.bench.run import run_bench
 
-    report = run_bench(model="mae_vit_pico_patch4_32", batch_sizes=[16, 32], steps=3, warmup=2, device="cuda",
-                       variants=["eager", "compile-cudagraphs"], model_args=ARGS, quiet=True,
-                       json_path=str(tmp_path / "b.json"))
+    report = run_bench(
+        model="mae_vit_pico_patch4_32",
+        batch_sizes=[16, 32],
+        steps=3,
+        warmup=2,
+        device="cuda",
+        variants=["eager", "compile-cudagraphs"],
+        model_args=ARGS,
+        quiet=True,
+        json_path=str(tmp_path / "b.json"),
+    )
     rows = [r for r in report["results"] if not r.get("oom")]
     assert len(rows) == 8 and report["compiled"] is True
     assert all(r["img_per_s"] > 0 and r["peak_memory_gb"] > 0 and 0 < r["mfu"] < 1 for r in rows)

@@ -9,12 +9,19 @@ import sys
 
 import pytest
 import torch
-
 from tests.conftest import TINY_MODEL_ARGS, assert_weights_close
 from tests.engine import signal_child
 
-COMMON = ["--epochs", "2", "--num-workers", "0", "--no-progress", "data.num_samples=64", "lr=0.002",
-          *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]]
+COMMON = [
+    "--epochs",
+    "2",
+    "--num-workers",
+    "0",
+    "--no-progress",
+    "data.num_samples=64",
+    "lr=0.002",
+    *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()],
+]
 
 
 def _torchrun(nproc):
@@ -110,8 +117,20 @@ def test_fsdp_state_is_gathered_onto_rank_0_only_in_the_unsharded_format(tmp_pat
     empty dicts), keyed like an unsharded ``state_dict()`` and ``Optimizer.state_dict()``."""
     script = tmp_path / "gather.py"
     script.write_text(f"ARGS = {TINY_MODEL_ARGS!r}\n" + GATHER_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path / "state.pt")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path / "state.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = torch.load(tmp_path / "state.pt", weights_only=False)
     (model_sd, optim_sd), (plain_model, plain_optim) = out["fsdp"], out["plain"]
@@ -129,8 +148,12 @@ def test_fsdp_state_is_gathered_onto_rank_0_only_in_the_unsharded_format(tmp_pat
 def test_resume_with_another_global_batch_is_refused(tmp_path):
     out = tmp_path / "run"
     _run(["pretrain", "--output", str(out), "--batch-size", "16", "--max-steps", "1", *COMMON])
-    proc = subprocess.run([sys.executable, "-m", "maelab", "pretrain", "--output", str(out), "--batch-size", "8",
-                           "--resume", *COMMON], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "maelab", "pretrain", "--output", str(out), "--batch-size", "8", "--resume", *COMMON],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "global batch of 16" in proc.stderr
 
 
@@ -141,8 +164,13 @@ def test_signal_stops_every_rank_after_the_same_step(tmp_path, to):
     group = to == "torchrun-group"
     sig = signal.SIGTERM if group else signal.SIGUSR1
     out = tmp_path / "run"
-    proc, ready = signal_child.start(out, 3, ["--batch-size", "8", *COMMON, "--num-workers", "1"],
-                                     ranks="all" if group else "1", launcher=tuple(_torchrun(2)))
+    proc, ready = signal_child.start(
+        out,
+        3,
+        ["--batch-size", "8", *COMMON, "--num-workers", "1"],
+        ranks="all" if group else "1",
+        launcher=tuple(_torchrun(2)),
+    )
     pids = signal_child.wait_ready(proc, ready, [0, 1] if group else [1])  # step 3 of 8: mid-run
     if group:
         os.killpg(proc.pid, sig)
@@ -179,17 +207,28 @@ def _slurm_tasks(ntasks):
     """What ``srun --ntasks N`` sets for each task on one host (no torchrun variables; MASTER_PORT a free port,
     MASTER_ADDR left to the node list)."""
     port = _free_port_below_ephemeral()
-    return [{"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NODEID": "0", "SLURM_NTASKS": str(ntasks),
-             "SLURM_TASKS_PER_NODE": str(ntasks), "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "4242",
-             "MASTER_PORT": str(port)} for r in range(ntasks)]
+    return [
+        {
+            "SLURM_PROCID": str(r),
+            "SLURM_LOCALID": str(r),
+            "SLURM_NODEID": "0",
+            "SLURM_NTASKS": str(ntasks),
+            "SLURM_TASKS_PER_NODE": str(ntasks),
+            "SLURM_JOB_NODELIST": "127.0.0.1",
+            "SLURM_JOB_ID": "4242",
+            "MASTER_PORT": str(port),
+        }
+        for r in range(ntasks)
+    ]
 
 
 def test_srun_tasks_stop_after_the_same_step_and_exit_0(tmp_path):
     """SLURM's srun without torchrun: 2 tasks read their ranks from SLURM's variables; SIGTERM to the job's process
     group (as scancel / --signal deliver it) stops both after the same step, each exits 0 itself, one last.pt."""
     out = tmp_path / "run"
-    procs, ready = signal_child.start_tasks(out, 3, ["--batch-size", "8", *COMMON, "--num-workers", "1"],
-                                            _slurm_tasks(2))
+    procs, ready = signal_child.start_tasks(
+        out, 3, ["--batch-size", "8", *COMMON, "--num-workers", "1"], _slurm_tasks(2)
+    )
     try:
         signal_child.wait_ready(procs, ready, [0, 1])  # step 3 of 8: mid-run
         os.killpg(procs[0].pid, signal.SIGTERM)

@@ -11,12 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests.conftest import TINY_MODEL_ARGS
 from tests.engine import signal_child
 
-ARGS = ["--epochs", "3", "--batch-size", "8", "--num-workers", "0", "--no-progress", "data.num_samples=64",
-        "lr=0.002", "deterministic=true", *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]]
+ARGS = [
+    "--epochs",
+    "3",
+    "--batch-size",
+    "8",
+    "--num-workers",
+    "0",
+    "--no-progress",
+    "data.num_samples=64",
+    "lr=0.002",
+    "deterministic=true",
+    *[f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()],
+]
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:
@@ -72,12 +82,16 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, ref):
 
 
 HOLD_STEP = 5  # the signal arrives in step 5 of 24 (epoch 1 of 3): mid-run, mid-epoch
-SLOW = pytest.mark.slow  # the default suite keeps SIGTERM to the group (resumed) and Ctrl-C; SIGUSR1 takes the same handler
-CASES = [pytest.param(signal.SIGTERM, "group", id="sigterm-group"),
-         pytest.param(signal.SIGUSR1, "group", id="sigusr1-group", marks=SLOW),
-         pytest.param(signal.SIGINT, "group", id="ctrl_c"),
-         pytest.param(signal.SIGTERM, "main", id="sigterm-main", marks=SLOW),
-         pytest.param(signal.SIGUSR1, "main", id="sigusr1-main", marks=SLOW)]
+SLOW = (
+    pytest.mark.slow
+)  # the default suite keeps SIGTERM to the group (resumed) and Ctrl-C; SIGUSR1 takes the same handler
+CASES = [
+    pytest.param(signal.SIGTERM, "group", id="sigterm-group"),
+    pytest.param(signal.SIGUSR1, "group", id="sigusr1-group", marks=SLOW),
+    pytest.param(signal.SIGINT, "group", id="ctrl_c"),
+    pytest.param(signal.SIGTERM, "main", id="sigterm-main", marks=SLOW),
+    pytest.param(signal.SIGUSR1, "main", id="sigusr1-main", marks=SLOW),
+]
 
 
 @pytest.mark.parametrize("sig,to", CASES)

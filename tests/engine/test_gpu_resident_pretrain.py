@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from tests.engine.test_pretrain import assert_same_weights, tiny_cfg, weights
 
 import maelab.engine.pretrain as pretrain_mod
 from maelab.config import PretrainConfig, build_config
@@ -12,7 +13,6 @@ from maelab.data.jpeg_gpu import JPEGDecodeLoader
 from maelab.engine.pretrain import Pretrainer, pretrain
 from maelab.errors import ConfigError
 from maelab.models.registry import get_config
-from tests.engine.test_pretrain import tiny_cfg, weights, assert_same_weights
 
 
 def test_config_values(tmp_path):
@@ -65,8 +65,13 @@ def _fake_cuda_trainer(tmp_path, monkeypatch, free=1 << 30, **kw):
     real = pretrain_mod.build_dataset
     monkeypatch.setattr(pretrain_mod, "build_dataset", lambda *a, **k: builds.append(1) or real(*a, **k))
     cfg = tiny_cfg(tmp_path / "run", **kw)
-    fake = SimpleNamespace(cfg=cfg, model_cfg=get_config(cfg.model, **cfg.model_args), device=torch.device("cuda"),
-                           mean=(0.5,) * 3, std=(0.25,) * 3)
+    fake = SimpleNamespace(
+        cfg=cfg,
+        model_cfg=get_config(cfg.model, **cfg.model_args),
+        device=torch.device("cuda"),
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+    )
     return fake, builds
 
 

@@ -5,18 +5,26 @@ import math
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS
 
 from maelab.config import PretrainConfig, build_config
 from maelab.engine.checkpoint import LAST
 from maelab.engine.pretrain import Pretrainer, pretrain
 from maelab.errors import CheckpointError, ConfigError, NonFiniteLossError
-from tests.conftest import TINY_MODEL_ARGS
 
 
 def tiny_cfg(output, **kw) -> PretrainConfig:
-    overrides = {"model": "mae_vit_pico_patch4_32", "output": str(output), "epochs": 2, "batch_size": 16,
-                 "lr": 2e-3, "warmup_epochs": 0.5, "data.num_samples": 64, "data.num_workers": 0,
-                 **{f"model_args.{k}": v for k, v in TINY_MODEL_ARGS.items()}}
+    overrides = {
+        "model": "mae_vit_pico_patch4_32",
+        "output": str(output),
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 2e-3,
+        "warmup_epochs": 0.5,
+        "data.num_samples": 64,
+        "data.num_workers": 0,
+        **{f"model_args.{k}": v for k, v in TINY_MODEL_ARGS.items()},
+    }
     overrides.update(kw)
     return build_config(PretrainConfig, None, overrides)
 
@@ -70,8 +78,9 @@ def test_resume_mid_epoch_gives_identical_weights(tmp_path, accum):
     recs_part = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["loss"] for r in recs_full] == pytest.approx([json.loads(r)["loss"] for r in recs_part])
     # steps.jsonl: one record per step (log_every=1), none lost or doubled by the stop and resume
-    steps_full, steps_part = ([json.loads(r) for r in (tmp_path / d / "steps.jsonl").read_text().splitlines()]
-                              for d in ("full", "part"))
+    steps_full, steps_part = (
+        [json.loads(r) for r in (tmp_path / d / "steps.jsonl").read_text().splitlines()] for d in ("full", "part")
+    )
     assert [r["step"] for r in steps_full] == [r["step"] for r in steps_part] == list(range(1, 8 // accum + 1))
     assert [r["loss"] for r in steps_full] == pytest.approx([r["loss"] for r in steps_part])
 
@@ -222,8 +231,14 @@ def test_training_set_is_built_once_and_vis_batch_uses_eval_transform(tmp_path, 
     cfg = tiny_cfg(tmp_path / "run")
     trainer = Pretrainer(cfg, progress=False)
     assert len(calls) == 1
-    fresh = build_dataset(cfg.data, img_size=32, in_chans=3, train=True, seed=cfg.seed,
-                          transform=eval_transform(32, trainer.mean, trainer.std, cfg.data.crop_pct))
+    fresh = build_dataset(
+        cfg.data,
+        img_size=32,
+        in_chans=3,
+        train=True,
+        seed=cfg.seed,
+        transform=eval_transform(32, trainer.mean, trainer.std, cfg.data.crop_pct),
+    )
     imgs, _ = trainer.vis_batch
     step = len(fresh) // imgs.shape[0]
     assert torch.equal(imgs, torch.stack([fresh[i * step][0] for i in range(imgs.shape[0])]))
@@ -241,4 +256,4 @@ def test_step_log_records_the_mean_loss_of_each_interval(tmp_path):
     per_step, per_four = read("every"), read("fours")
     assert [r["step"] for r in per_step] == list(range(1, 9)) and [r["step"] for r in per_four] == [4, 8]
     for rec, first in zip(per_four, (0, 4)):
-        assert rec["loss"] == pytest.approx(sum(r["loss"] for r in per_step[first:first + 4]) / 4, rel=1e-5)
+        assert rec["loss"] == pytest.approx(sum(r["loss"] for r in per_step[first : first + 4]) / 4, rel=1e-5)

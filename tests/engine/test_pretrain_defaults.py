@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from maelab.config import PretrainConfig, build_config
 from maelab.data.gpu import GPUBatchLoader
 from maelab.engine.pretrain import Pretrainer
-from tests.conftest import TINY_MODEL_ARGS
 
 
 def default_trainer(output, **kw) -> Pretrainer:
-    overrides = {"model": "mae_vit_pico_patch4_32", "output": str(output), "batch_size": 16,
-                 "data.num_samples": 64, "data.num_workers": 0,
-                 **{f"model_args.{k}": v for k, v in TINY_MODEL_ARGS.items()}, **kw}
+    overrides = {
+        "model": "mae_vit_pico_patch4_32",
+        "output": str(output),
+        "batch_size": 16,
+        "data.num_samples": 64,
+        "data.num_workers": 0,
+        **{f"model_args.{k}": v for k, v in TINY_MODEL_ARGS.items()},
+        **kw,
+    }
     return Pretrainer(build_config(PretrainConfig, None, overrides), progress=False)
 
 

@@ -8,9 +8,9 @@ import random
 
 import numpy as np
 import torch
+from tests.engine.test_pretrain import tiny_cfg
 
 from maelab.engine.pretrain import Pretrainer
-from tests.engine.test_pretrain import tiny_cfg
 
 
 def run_recording_draws(cfg, resume: bool = False, max_steps: int | None = None) -> list[tuple]:

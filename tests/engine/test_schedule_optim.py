@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS
 
 import maelab
 from maelab.engine.optim import build_adamw, set_lr
 from maelab.engine.schedule import lr_at
-from tests.conftest import TINY_MODEL_ARGS
 
 
 def official_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
@@ -20,8 +20,13 @@ def official_lr(epoch: float, lr: float, min_lr: float, warmup_epochs: float, ep
 def test_lr_matches_official_fractional_epoch_rule(warmup_epochs):
     steps_per_epoch, epochs, peak, floor = 7, 10, 2e-3, 1e-5
     for step in range(steps_per_epoch * epochs):
-        ours = lr_at(step, total_steps=steps_per_epoch * epochs, warmup_steps=warmup_epochs * steps_per_epoch,
-                     peak_lr=peak, min_lr=floor)
+        ours = lr_at(
+            step,
+            total_steps=steps_per_epoch * epochs,
+            warmup_steps=warmup_epochs * steps_per_epoch,
+            peak_lr=peak,
+            min_lr=floor,
+        )
         ref = official_lr(step / steps_per_epoch, peak, floor, warmup_epochs, epochs)
         assert ours == pytest.approx(ref, rel=1e-12, abs=1e-15)
 

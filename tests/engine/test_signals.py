@@ -48,6 +48,10 @@ def test_a_worker_ignores_stop_signals_from_others_and_ends_on_its_parents_sigte
 
 
 def test_every_dataloader_maelab_builds_is_signal_safe():
-    raw = [f"{p.relative_to(SRC)}:{i + 1}" for p in sorted(SRC.rglob("*.py"))
-           for i, line in enumerate(p.read_text().splitlines()) if re.search(r"(?<!\w)DataLoader\(", line)]
+    raw = [
+        f"{p.relative_to(SRC)}:{i + 1}"
+        for p in sorted(SRC.rglob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines())
+        if re.search(r"(?<!\w)DataLoader\(", line)
+    ]
     assert raw == [], f"DataLoader built without SignalSafeDataLoader at {raw}"

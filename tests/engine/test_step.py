@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS
 
 import maelab
 from maelab.engine.step import TrainStep
-from tests.conftest import TINY_MODEL_ARGS
 
 CPU = torch.device("cpu")
 
@@ -25,14 +25,19 @@ class RecordingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def step_grads(batches: list[torch.Tensor], dtype: torch.dtype = torch.float32, grad_clip: float | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> tuple[list[torch.Tensor], torch.nn.Module]:
+def step_grads(
+    batches: list[torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    grad_clip: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[list[torch.Tensor], torch.nn.Module]:
     """The gradients one TrainStep over ``batches`` hands to the optimizer (same init and noise seed each call)."""
     torch.manual_seed(0)
     model = maelab.create_model("mae_vit_pico_patch4_32", **TINY_MODEL_ARGS)
     opt = RecordingSGD([p for p in model.parameters() if p.requires_grad])
-    step = TrainStep(model, opt, CPU, dtype, scaler=scaler, grad_clip=grad_clip,
-                     generator=torch.Generator().manual_seed(1))
+    step = TrainStep(
+        model, opt, CPU, dtype, scaler=scaler, grad_clip=grad_clip, generator=torch.Generator().manual_seed(1)
+    )
     step(batches, 0.0)
     return opt.seen[0] if opt.seen else [], model
 
@@ -70,12 +75,14 @@ def test_fp16_gradscaler_unscales_before_clipping_and_skips_overflowing_steps():
     clipped after unscaling, and a step whose scaled gradients overflow is skipped and halves the scale."""
     plain, _ = step_grads([IMGS])
     half, _ = step_grads([IMGS], dtype=torch.float16, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
-    cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in half]),
-                                                torch.cat([g.flatten() for g in plain]), dim=0)
+    cos = torch.nn.functional.cosine_similarity(
+        torch.cat([g.flatten() for g in half]), torch.cat([g.flatten() for g in plain]), dim=0
+    )
     assert global_norm(half) == pytest.approx(global_norm(plain), rel=0.05) and cos > 0.99
     limit = global_norm(plain) / 10
-    clipped, _ = step_grads([IMGS], dtype=torch.float16, grad_clip=limit,
-                            scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    clipped, _ = step_grads(
+        [IMGS], dtype=torch.float16, grad_clip=limit, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    )
     assert global_norm(clipped) == pytest.approx(limit, rel=1e-3)
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # the scaled fp16 gradients overflow

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tests.conftest import error_line, random_mae, save_mae
+from tests.eval.test_eval_distributed import TINY, run_one, run_two
 
 import maelab
 from maelab.data.transforms import default_stats, eval_transform
-from tests.conftest import error_line, random_mae, save_mae
-from tests.eval.test_eval_distributed import TINY, run_one, run_two
 
 CLASSES = ("bird", "cat")
 PER_CLASS = 6
@@ -65,8 +65,21 @@ def direct(mae: maelab.MaskedAutoencoder, path: Path, pool: str) -> torch.Tensor
 
 
 def embed_args(ckpt: Path, data: Path, output: Path, *extra: str) -> list[str]:
-    return ["embed", "--checkpoint", str(ckpt), "--data", str(data), "--output", str(output), "--num-workers", "0",
-            "--device", "cpu", "--no-progress", *extra]
+    return [
+        "embed",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def lines(path: Path) -> list[str]:
@@ -97,8 +110,9 @@ def test_embed_npy_writes_labels_beside_and_cls_features(mae_ckpt, folder, tmp_p
     assert np.load(tmp_path / "emb.labels.npy").tolist() == [0] * PER_CLASS + [1] * PER_CLASS
     assert lines(tmp_path / "emb.files.txt") == names
     for row in (2, 9):
-        torch.testing.assert_close(torch.from_numpy(feats[row]), direct(mae, root / names[row], "cls"),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(feats[row]), direct(mae, root / names[row], "cls"), rtol=0, atol=1e-5
+        )
 
 
 def test_embed_unlabeled_tree_has_no_labels(mae_ckpt, tmp_path):
@@ -147,10 +161,13 @@ def test_embed_strict_data_stops_with_one_line_error(mae_ckpt, folder, tmp_path,
     assert list(tmp_path.glob("feats*")) == []
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--output", "feats.pt"], "invalid output='feats.pt'"),
-    (["--data", "synthetic"], "built-in dataset"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--output", "feats.pt"], "invalid output='feats.pt'"),
+        (["--data", "synthetic"], "built-in dataset"),
+    ],
+)
 def test_embed_refuses_bad_output_or_data_in_one_line(mae_ckpt, folder, tmp_path, capsys, argv, message):
     _, ckpt = mae_ckpt
     root, _ = folder
@@ -215,8 +232,14 @@ def test_embed_rows_are_gathered_onto_rank_0_only_in_dataset_order(tmp_path):
     script = tmp_path / "gather.py"
     script.write_text(f"TINY = {TINY!r}\n" + GATHER_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=120, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 holds the rows in order" in proc.stdout
 

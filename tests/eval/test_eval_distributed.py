@@ -21,19 +21,33 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests.conftest import assert_weights_close, save_random_mae
 
 from maelab import cli
 
-TINY = {"img_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1,
-        "decoder_num_heads": 1}
+TINY = {
+    "img_size": 16,
+    "embed_dim": 64,
+    "depth": 2,
+    "num_heads": 1,
+    "decoder_embed_dim": 32,
+    "decoder_depth": 1,
+    "decoder_num_heads": 1,
+}
 NUM_TEST = 33  # data.num_samples=132 -> 132 training and 33 test images; 4 global batches of 32 per epoch
 
 
 def synth() -> list[str]:
-    return ["--data", "synthetic", "data.num_samples=132", "data.num_classes=4", "--num-workers", "0",
-            "data.crop_pct=1.0", "--no-progress"]
+    return [
+        "--data",
+        "synthetic",
+        "data.num_samples=132",
+        "data.num_classes=4",
+        "--num-workers",
+        "0",
+        "data.crop_pct=1.0",
+        "--no-progress",
+    ]
 
 
 def run_one(argv: list[str]) -> int:
@@ -45,8 +59,17 @@ def run_two(argv: list[str], summary: str = "eval.json in") -> subprocess.Comple
     """Two gloo processes: ``torchrun --standalone --nproc_per_node 2 -m maelab ...``; ``summary`` is a
     part of the command's one-line summary, which only rank 0 prints."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "maelab",
-           *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "maelab",
+        *argv,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(summary) == 1, proc.stdout  # only rank 0 reports
@@ -124,8 +147,21 @@ def test_finetune_resumes_on_two_processes(ckpt, tmp_path):
 @pytest.mark.parametrize("train_blocks", [0, 1], ids=["head", "last_block"])
 def test_linprobe_streaming_two_processes_match_one(ckpt, tmp_path, train_blocks):
     """Streaming with augmentation: DDP over the head (or the whole probe with a tuned block)."""
-    common = ["linprobe", "--checkpoint", str(ckpt), "--epochs", "2", "warmup_epochs=1", "--optimizer", "lars",
-              "--base-lr", "0.4", "--train-blocks", str(train_blocks), *synth()]
+    common = [
+        "linprobe",
+        "--checkpoint",
+        str(ckpt),
+        "--epochs",
+        "2",
+        "warmup_epochs=1",
+        "--optimizer",
+        "lars",
+        "--base-lr",
+        "0.4",
+        "--train-blocks",
+        str(train_blocks),
+        *synth(),
+    ]
     assert run_one([*common, "--output", str(tmp_path / "one"), "--batch-size", "32"]) == 0
     run_two([*common, "--output", str(tmp_path / "two"), "--batch-size", "16"])
     one, two = read_eval(tmp_path / "one"), read_eval(tmp_path / "two")

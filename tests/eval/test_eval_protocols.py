@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import error_line, random_mae, save_mae
 
-import maelab
 from maelab import cli
 from maelab.config import DataConfig
 from maelab.data import eval_transform
@@ -29,9 +29,15 @@ from maelab.eval.finetune import Finetuner, evaluate
 from maelab.eval.knn import knn_monitor
 from maelab.eval.linprobe import LinearProber
 from maelab.models.weights import export_encoder
-from tests.conftest import error_line, random_mae, save_mae
 
-TINY = {"embed_dim": 64, "depth": 2, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
+TINY = {
+    "embed_dim": 64,
+    "depth": 2,
+    "num_heads": 1,
+    "decoder_embed_dim": 32,
+    "decoder_depth": 1,
+    "decoder_num_heads": 1,
+}
 CHANCE = 25.0  # 4 classes
 
 
@@ -41,8 +47,16 @@ def run_cli(argv: list[str]) -> int:
 
 
 def synth(n: int, classes: int = 4) -> list[str]:
-    return ["--data", "synthetic", f"data.num_samples={n}", f"data.num_classes={classes}", "--num-workers", "0",
-            "data.crop_pct=1.0", "--no-progress"]
+    return [
+        "--data",
+        "synthetic",
+        f"data.num_samples={n}",
+        f"data.num_classes={classes}",
+        "--num-workers",
+        "0",
+        "data.crop_pct=1.0",
+        "--no-progress",
+    ]
 
 
 def read_eval(out: Path) -> dict:
@@ -102,8 +116,23 @@ def test_knn_monitor_returns_top1_and_keeps_train_mode(ckpts):
 # ---------------------------------------------------------------------------------- linear probe
 def test_linprobe_end_to_end_cached(ckpts, tmp_path):
     out = tmp_path / "lp"
-    argv = ["linprobe", "--checkpoint", str(ckpts["pt"]), "--output", str(out), "--no-augment", "--epochs", "30",
-            "--batch-size", "64", "--optimizer", "sgd", "--base-lr", "0.4", "warmup_epochs=3"] + synth(1024)
+    argv = [
+        "linprobe",
+        "--checkpoint",
+        str(ckpts["pt"]),
+        "--output",
+        str(out),
+        "--no-augment",
+        "--epochs",
+        "30",
+        "--batch-size",
+        "64",
+        "--optimizer",
+        "sgd",
+        "--base-lr",
+        "0.4",
+        "warmup_epochs=3",
+    ] + synth(1024)
     assert run_cli(argv) == 0
     ev = read_eval(out)
     assert ev["protocol"] == "linprobe" and ev["cached_features"] is True and ev["config"]["optimizer"] == "sgd"
@@ -116,8 +145,16 @@ def test_linprobe_end_to_end_cached(ckpts, tmp_path):
 
 def _probe_cfg(ckpt: Path, out: Path, **kw) -> LinprobeConfig:
     data = DataConfig(name="synthetic", num_samples=256, num_classes=4, num_workers=0, crop_pct=1.0)
-    base = {"checkpoint": str(ckpt), "data": data, "output": str(out), "augment": False, "epochs": 2,
-            "warmup_epochs": 1, "batch_size": 32, "seed": 3}
+    base = {
+        "checkpoint": str(ckpt),
+        "data": data,
+        "output": str(out),
+        "augment": False,
+        "epochs": 2,
+        "warmup_epochs": 1,
+        "batch_size": 32,
+        "seed": 3,
+    }
     return LinprobeConfig(**{**base, **kw})
 
 
@@ -140,9 +177,17 @@ def test_cached_and_streaming_probes_give_the_same_head(ckpts, tmp_path):
 
 def test_partial_finetuning_changes_only_the_last_blocks(ckpts, tmp_path):
     original = load_pretrained(ckpts["pt"]).encoder.state_dict()
-    prober = LinearProber(_probe_cfg(ckpts["pt"], tmp_path, train_blocks=1, epochs=1, base_lr=10.0,
-                                     data=DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0)),
-                          progress=False)
+    prober = LinearProber(
+        _probe_cfg(
+            ckpts["pt"],
+            tmp_path,
+            train_blocks=1,
+            epochs=1,
+            base_lr=10.0,
+            data=DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0),
+        ),
+        progress=False,
+    )
     assert not prober.cached
     prober.run()
     for name, p in prober.model.encoder.named_parameters():
@@ -161,9 +206,28 @@ def test_partial_finetuning_changes_only_the_last_blocks(ckpts, tmp_path):
 def test_finetune_learns(ckpts, tmp_path):
     """Light recipe (no mixup / RandAugment) so a few seconds of CPU training show learning."""
     out = tmp_path / "ft"
-    argv = ["finetune", "--checkpoint", str(ckpts["pt"]), "--output", str(out), "--epochs", "5", "--batch-size", "64",
-            "--lr", "2e-3", "warmup_epochs=1", "mixup=0", "cutmix=0", "auto_augment=null", "reprob=0",
-            "smoothing=0", "--drop-path", "0", "crop_min_scale=1.0"] + synth(512)
+    argv = [
+        "finetune",
+        "--checkpoint",
+        str(ckpts["pt"]),
+        "--output",
+        str(out),
+        "--epochs",
+        "5",
+        "--batch-size",
+        "64",
+        "--lr",
+        "2e-3",
+        "warmup_epochs=1",
+        "mixup=0",
+        "cutmix=0",
+        "auto_augment=null",
+        "reprob=0",
+        "smoothing=0",
+        "--drop-path",
+        "0",
+        "crop_min_scale=1.0",
+    ] + synth(512)
     assert run_cli(argv) == 0
     recs = records(out)
     assert [r["epoch"] for r in recs] == [1, 2, 3, 4, 5]
@@ -175,8 +239,17 @@ def test_finetune_learns(ckpts, tmp_path):
 
 def test_finetune_paper_recipe_ema_resume_and_class_count_check(ckpts, tmp_path, capsys):
     out = tmp_path / "ft"
-    base = ["finetune", "--checkpoint", str(ckpts["pt"]), "--output", str(out), "--batch-size", "32", "--ema",
-            "warmup_epochs=0"]
+    base = [
+        "finetune",
+        "--checkpoint",
+        str(ckpts["pt"]),
+        "--output",
+        str(out),
+        "--batch-size",
+        "32",
+        "--ema",
+        "warmup_epochs=0",
+    ]
     assert run_cli(base + ["--epochs", "1"] + synth(96, classes=6)) == 0
     ev = read_eval(out)
     cfg = ev["config"]
@@ -196,12 +269,23 @@ def test_finetune_paper_recipe_ema_resume_and_class_count_check(ckpts, tmp_path,
 def test_finetune_partial_freezes_exactly_the_early_layers(ckpts, tmp_path):
     encoder = load_pretrained(ckpts["pt"]).encoder_state_dict()
     data = DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0)
-    cfg = FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path), epochs=1, batch_size=32,
-                         warmup_epochs=0, lr=1e-2, train_blocks=1)
+    cfg = FinetuneConfig(
+        checkpoint=str(ckpts["pt"]),
+        data=data,
+        output=str(tmp_path),
+        epochs=1,
+        batch_size=32,
+        warmup_epochs=0,
+        lr=1e-2,
+        train_blocks=1,
+    )
     ft = Finetuner(cfg, progress=False)
     grads: dict[str, bool] = {}
-    hooks = [p.register_hook(lambda g, n=n: grads.__setitem__(n, True))
-             for n, p in ft.model.named_parameters() if p.requires_grad]
+    hooks = [
+        p.register_hook(lambda g, n=n: grads.__setitem__(n, True))
+        for n, p in ft.model.named_parameters()
+        if p.requires_grad
+    ]
     ft.run()
     for h in hooks:
         h.remove()
@@ -217,9 +301,22 @@ def test_finetune_partial_freezes_exactly_the_early_layers(ckpts, tmp_path):
 
 def test_finetune_from_scratch(tmp_path):
     out = tmp_path / "scratch"
-    argv = ["finetune", "--from-scratch", "--checkpoint", "ignored.pt", "--model", "mae_vit_pico_patch4_32",
-            "model_args.depth=1",
-            "--output", str(out), "--epochs", "1", "--batch-size", "32", "warmup_epochs=0"] + synth(64)
+    argv = [
+        "finetune",
+        "--from-scratch",
+        "--checkpoint",
+        "ignored.pt",
+        "--model",
+        "mae_vit_pico_patch4_32",
+        "model_args.depth=1",
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "warmup_epochs=0",
+    ] + synth(64)
     assert run_cli(argv) == 0
     ev = read_eval(out)
     assert ev["checkpoint"] == "scratch" and ev["metrics"]["epochs"] == 1
@@ -227,11 +324,29 @@ def test_finetune_from_scratch(tmp_path):
 
 def test_evaluation_uses_no_augmentation(ckpts, tmp_path):
     data = DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0)
-    ft = Finetuner(FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "ft"), epochs=1,
-                                  warmup_epochs=0, batch_size=32), progress=False)
-    lp = LinearProber(LinprobeConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "lp"),
-                                     augment=True, epochs=1, warmup_epochs=0, batch_size=32),
-                      progress=False)
+    ft = Finetuner(
+        FinetuneConfig(
+            checkpoint=str(ckpts["pt"]),
+            data=data,
+            output=str(tmp_path / "ft"),
+            epochs=1,
+            warmup_epochs=0,
+            batch_size=32,
+        ),
+        progress=False,
+    )
+    lp = LinearProber(
+        LinprobeConfig(
+            checkpoint=str(ckpts["pt"]),
+            data=data,
+            output=str(tmp_path / "lp"),
+            augment=True,
+            epochs=1,
+            warmup_epochs=0,
+            batch_size=32,
+        ),
+        progress=False,
+    )
     tf = eval_transform(32, ft.mean, ft.std, crop_pct=1.0)
     for obj in (ft, lp):
         raw, _ = obj.val_ds.raw(5)
@@ -269,15 +384,34 @@ def _unlabeled_folder(root: Path) -> Path:
 @pytest.mark.parametrize("command", ["finetune", "linprobe", "knn"])
 def test_unlabeled_data_is_a_one_line_error(ckpts, tmp_path, command, capsys):
     folder = _unlabeled_folder(tmp_path / "imgs")
-    argv = [command, "--checkpoint", str(ckpts["pt"]), "--data", str(folder), "--output", str(tmp_path / "o"),
-            "--num-workers", "0", "--batch-size", "2", "--no-progress"]
+    argv = [
+        command,
+        "--checkpoint",
+        str(ckpts["pt"]),
+        "--data",
+        str(folder),
+        "--output",
+        str(tmp_path / "o"),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     assert f"has no labels: {command} needs a labeled dataset" in error_line(capsys, argv)
 
 
 @pytest.mark.parametrize("command", ["finetune", "linprobe", "knn"])
 def test_architecture_mismatch_is_a_one_line_error(ckpts, tmp_path, command, capsys):
-    argv = [command, "--checkpoint", str(ckpts["pt"]), "--model", "mae_vit_tiny_patch4_32",
-            "--output", str(tmp_path / "o")] + synth(64)
+    argv = [
+        command,
+        "--checkpoint",
+        str(ckpts["pt"]),
+        "--model",
+        "mae_vit_tiny_patch4_32",
+        "--output",
+        str(tmp_path / "o"),
+    ] + synth(64)
     line = error_line(capsys, argv)
     assert "architecture does not match" in line and "embed_dim=64" in line
 
@@ -292,8 +426,13 @@ def test_installed_console_script_runs_an_evaluation(ckpts, tmp_path):
     exe = shutil.which("maelab", path=path)
     assert exe, "no maelab console script on PATH: pip install -e '.[test]'"
     out = tmp_path / "knn"
-    proc = subprocess.run([exe, "knn", "--checkpoint", str(ckpts["safetensors"]), "--output", str(out)] + synth(128),
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [exe, "knn", "--checkpoint", str(ckpts["safetensors"]), "--output", str(out)] + synth(128),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "top-1" in proc.stdout and read_eval(out)["protocol"] == "knn"
 
@@ -301,11 +440,22 @@ def test_installed_console_script_runs_an_evaluation(ckpts, tmp_path):
 def test_shared_cifar10_copy_feeds_every_protocol(ckpts, cifar10_dir, tmp_path):
     """The real CIFAR-10 ImageFolder copy (when present): labeled train/test splits, 10 classes."""
     data = DataConfig(name=str(cifar10_dir), num_workers=0, crop_pct=1.0)
-    ft = Finetuner(FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "ft"), epochs=1,
-                                  warmup_epochs=0), progress=False)
+    ft = Finetuner(
+        FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "ft"), epochs=1, warmup_epochs=0),
+        progress=False,
+    )
     assert (len(ft.train_ds), len(ft.val_ds), ft.num_classes) == (50000, 10000, 10)
     img, label = ft.val_ds[0]
     assert img.shape == (3, 32, 32) and label == 0
-    lp = LinearProber(LinprobeConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "lp"),
-                                     augment=False, epochs=1, warmup_epochs=0), progress=False)
+    lp = LinearProber(
+        LinprobeConfig(
+            checkpoint=str(ckpts["pt"]),
+            data=data,
+            output=str(tmp_path / "lp"),
+            augment=False,
+            epochs=1,
+            warmup_epochs=0,
+        ),
+        progress=False,
+    )
     assert lp.cached and lp.num_classes == 10

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tests.conftest import random_mae, save_mae
 
 import maelab
 from maelab.config import DataConfig, build_config
@@ -23,10 +24,16 @@ from maelab.eval.features import extract_features, pool_tokens
 from maelab.eval.knn import knn_accuracy, knn_predict
 from maelab.eval.linprobe import LinearProbe, build_probe_optimizer, probe_param_groups
 from maelab.models.registry import get_config
-from tests.conftest import random_mae, save_mae
 
 DEPTH = 3
-TINY = {"embed_dim": 64, "depth": DEPTH, "num_heads": 1, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 1}
+TINY = {
+    "embed_dim": 64,
+    "depth": DEPTH,
+    "num_heads": 1,
+    "decoder_embed_dim": 32,
+    "decoder_depth": 1,
+    "decoder_num_heads": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +49,32 @@ def test_config_defaults_are_the_papers():
     assert ft.auto_augment == "rand-m9-mstd0.5-inc1" and ft.betas == (0.9, 0.999) and ft.pool == "avg"
     assert (ft.epochs, ft.warmup_epochs) == (100, 5)
     lp = LinprobeConfig(checkpoint="x")
-    assert (lp.optimizer, lp.base_lr, lp.weight_decay, lp.pool, lp.epochs, lp.warmup_epochs) == \
-        ("lars", 0.1, 0.0, "cls", 90, 10)
+    assert (lp.optimizer, lp.base_lr, lp.weight_decay, lp.pool, lp.epochs, lp.warmup_epochs) == (
+        "lars",
+        0.1,
+        0.0,
+        "cls",
+        90,
+        10,
+    )
     kn = KnnConfig(checkpoint="x")
     assert (kn.k, kn.temperature) == (20, 0.07)
 
 
-@pytest.mark.parametrize("cls, kwargs, field", [
-    (FinetuneConfig, {"checkpoint": "x", "pool": "max"}, "pool"),
-    (FinetuneConfig, {"checkpoint": "x", "layer_decay": 1.5}, "layer_decay"),
-    (FinetuneConfig, {"checkpoint": "x", "batch_size": 7}, "batch_size"),  # odd batch with mixup
-    (FinetuneConfig, {}, "checkpoint"),
-    (LinprobeConfig, {"checkpoint": "x", "optimizer": "adam"}, "optimizer"),
-    (LinprobeConfig, {"checkpoint": "x", "train_blocks": -1}, "train_blocks"),
-    (LinprobeConfig, {"checkpoint": "x", "crop": "timm"}, "crop"),
-    (KnnConfig, {"checkpoint": "x", "temperature": 0}, "temperature"),
-    (KnnConfig, {}, "checkpoint"),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, field",
+    [
+        (FinetuneConfig, {"checkpoint": "x", "pool": "max"}, "pool"),
+        (FinetuneConfig, {"checkpoint": "x", "layer_decay": 1.5}, "layer_decay"),
+        (FinetuneConfig, {"checkpoint": "x", "batch_size": 7}, "batch_size"),  # odd batch with mixup
+        (FinetuneConfig, {}, "checkpoint"),
+        (LinprobeConfig, {"checkpoint": "x", "optimizer": "adam"}, "optimizer"),
+        (LinprobeConfig, {"checkpoint": "x", "train_blocks": -1}, "train_blocks"),
+        (LinprobeConfig, {"checkpoint": "x", "crop": "timm"}, "crop"),
+        (KnnConfig, {"checkpoint": "x", "temperature": 0}, "temperature"),
+        (KnnConfig, {}, "checkpoint"),
+    ],
+)
 def test_config_errors_name_the_field(cls, kwargs, field):
     with pytest.raises(ConfigError, match=field) as e:
         cls(**kwargs)
@@ -167,8 +183,9 @@ def test_seed_rank_gives_each_rank_its_own_drop_path_masks():
     from maelab.eval.finetune import seed_rank
 
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=4, num_classes=3,
-                            drop_path_rate=0.5).train()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, depth=4, num_classes=3, drop_path_rate=0.5
+    ).train()
     x = torch.randn(4, 3, 16, 16)
 
     def out(rank: int, epoch: int = 0) -> torch.Tensor:
@@ -189,12 +206,24 @@ def test_finetune_seeds_each_epoch_by_rank(tmp_path, monkeypatch):
     ft = importlib.import_module("maelab.eval.finetune")
     calls = []
     monkeypatch.setattr(ft, "seed_rank", lambda *args: calls.append(args))
-    monkeypatch.setattr(ft, "setup_process", lambda device, precision: (DistInfo(rank=1), torch.device("cpu"),
-                                                                          torch.float32))
+    monkeypatch.setattr(
+        ft, "setup_process", lambda device, precision: (DistInfo(rank=1), torch.device("cpu"), torch.float32)
+    )
     data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0, crop_pct=1.0)
-    cfg = FinetuneConfig(from_scratch=True, model="mae_vit_pico_patch4_32", model_args={"depth": 1}, data=data,
-                         batch_size=16, epochs=2, warmup_epochs=0, eval_every=2, auto_augment=None, reprob=0.0,
-                         seed=3, output=str(tmp_path / "ft"))
+    cfg = FinetuneConfig(
+        from_scratch=True,
+        model="mae_vit_pico_patch4_32",
+        model_args={"depth": 1},
+        data=data,
+        batch_size=16,
+        epochs=2,
+        warmup_epochs=0,
+        eval_every=2,
+        auto_augment=None,
+        reprob=0.0,
+        seed=3,
+        output=str(tmp_path / "ft"),
+    )
     ft.Finetuner(cfg, progress=False).run()
     assert calls == [(3, 1, 0), (3, 1, 1)]
 
@@ -247,7 +276,8 @@ def test_linear_probe_tunes_only_its_head_and_the_last_blocks(mae):
     probe = LinearProbe(copy.deepcopy(mae.encoder), 4, "cls", train_blocks=1)
     tuned = {n for n, p in probe.named_parameters() if p.requires_grad}
     assert tuned == {"head.1.weight", "head.1.bias", "encoder.norm.weight", "encoder.norm.bias"} | {
-        n for n, _ in probe.named_parameters() if n.startswith(f"encoder.blocks.{DEPTH - 1}.")}
+        n for n, _ in probe.named_parameters() if n.startswith(f"encoder.blocks.{DEPTH - 1}.")
+    }
 
 
 # ---------------------------------------------------------------------------------- features, kNN
@@ -321,18 +351,29 @@ def test_recipes_are_valid_configs(monkeypatch):
     assert (official.base_lr, official.layer_decay, official.drop_path) == (5e-4, 0.65, 0.1)
     for size, model, drop_path in (("large", "mae_vit_large_patch16", 0.2), ("huge", "mae_vit_huge_patch14", 0.3)):
         big = build_config(FinetuneConfig, recipes / f"finetune_imagenet_vit_{size}.yaml")
-        assert (big.model, big.epochs, big.base_lr, big.layer_decay, big.drop_path) == \
-            (model, 50, 1e-3, 0.75, drop_path)
+        assert (big.model, big.epochs, big.base_lr, big.layer_decay, big.drop_path) == (
+            model,
+            50,
+            1e-3,
+            0.75,
+            drop_path,
+        )
         get_config(big.model)
     # global_batch 1024 at any GPU count, FINETUNE.md's per-GPU batch as the cap: (batch, accum) per world size
-    splits = {"base_official": {1: (32, 32), 8: (32, 4)}, "large": {1: (32, 32), 8: (32, 4)},
-              "huge": {1: (16, 64), 8: (16, 8)}}
+    splits = {
+        "base_official": {1: (32, 32), 8: (32, 4)},
+        "large": {1: (32, 32), 8: (32, 4)},
+        "huge": {1: (16, 64), 8: (16, 8)},
+    }
     for name, by_world in splits.items():
         for world, split in by_world.items():
             monkeypatch.setenv("WORLD_SIZE", str(world))
             cfg = build_config(FinetuneConfig, recipes / f"finetune_imagenet_vit_{name}.yaml")
-            assert (cfg.global_batch, (cfg.batch_size, cfg.accum_steps), cfg.effective_batch(world)) == \
-                (1024, split, 1024), (name, world)
+            assert (cfg.global_batch, (cfg.batch_size, cfg.accum_steps), cfg.effective_batch(world)) == (
+                1024,
+                split,
+                1024,
+            ), (name, world)
             assert cfg.resolved_lr(world) == pytest.approx(cfg.base_lr * 4), (name, world)
     monkeypatch.delenv("WORLD_SIZE")
     probe = build_config(LinprobeConfig, recipes / "linprobe_imagenet_vit_base_paper.yaml")
@@ -343,6 +384,7 @@ def test_recipes_are_valid_configs(monkeypatch):
 def test_linear_probe_augments_with_the_official_crop_by_default(mae, tmp_path, monkeypatch, crop):
     """The probe's training crop: the official single clipped draw (util/crop.py) unless crop=torchvision."""
     from maelab.data.transforms import ClippedRandomResizedCrop
+
     linprobe = importlib.import_module("maelab.eval.linprobe")  # (maelab.eval.linprobe is also a function)
     ckpt = save_mae(mae, tmp_path / "m.pt")
     made, original = [], linprobe.pretrain_transform
@@ -353,8 +395,17 @@ def test_linear_probe_augments_with_the_official_crop_by_default(mae, tmp_path, 
 
     monkeypatch.setattr(linprobe, "pretrain_transform", spy)
     data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0)
-    linprobe.LinearProber(LinprobeConfig(checkpoint=str(ckpt), data=data, batch_size=8, output=str(tmp_path / "p"),
-                                         device="cpu", **({"crop": crop} if crop else {})), progress=False)
+    linprobe.LinearProber(
+        LinprobeConfig(
+            checkpoint=str(ckpt),
+            data=data,
+            batch_size=8,
+            output=str(tmp_path / "p"),
+            device="cpu",
+            **({"crop": crop} if crop else {}),
+        ),
+        progress=False,
+    )
     crops = [t for t in made[0].transforms if isinstance(t, torch.nn.Module) and "ResizedCrop" in type(t).__name__]
     assert len(crops) == 1
     assert isinstance(crops[0], ClippedRandomResizedCrop) == (crop is None)
@@ -379,8 +430,14 @@ def test_streaming_probe_copies_images_and_labels_without_blocking(mae, monkeypa
     batch = [(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1]))]
     inputs = {t.data_ptr() for t in batch[0]}
     monkeypatch.setattr(torch.Tensor, "to", spy)
-    prober = SimpleNamespace(device=torch.device("cpu"), end_to_end=True, dtype=torch.float32,
-                             model=LinearProbe(mae.encoder, 2), dist=DistInfo(), num_classes=2)
+    prober = SimpleNamespace(
+        device=torch.device("cpu"),
+        end_to_end=True,
+        dtype=torch.float32,
+        model=LinearProbe(mae.encoder, 2),
+        dist=DistInfo(),
+        num_classes=2,
+    )
     list(LinearProber._streamed_batches(prober, batch))
     LinearProber.evaluate(prober, None, batch)
     assert len(calls) == 4 and all(c.get("non_blocking") for c in calls)

@@ -8,16 +8,23 @@ import importlib
 
 import pytest
 import torch
+from tests.conftest import save_random_mae
 
 from maelab.config import DataConfig
 from maelab.engine.checkpoint import LAST
 from maelab.eval.config import FinetuneConfig
 from maelab.eval.finetune import Finetuner
-from tests.conftest import save_random_mae
 
 finetune_mod = importlib.import_module("maelab.eval.finetune")  # maelab.eval.finetune is also a function
 
-TINY = {"embed_dim": 32, "depth": 2, "num_heads": 1, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 1}
+TINY = {
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 1,
+    "decoder_embed_dim": 16,
+    "decoder_depth": 1,
+    "decoder_num_heads": 1,
+}
 
 
 class Stop(Exception):
@@ -32,8 +39,9 @@ def encoder(tmp_path_factory):
 def config(encoder, output) -> FinetuneConfig:
     """The paper recipe's randomness (mixup 0.8, cutmix 1.0, drop path 0.1, RandAugment, random erasing), 2 epochs."""
     data = DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0)
-    cfg = FinetuneConfig(checkpoint=str(encoder), data=data, output=str(output), epochs=2, batch_size=16,
-                         warmup_epochs=0, ema=True)
+    cfg = FinetuneConfig(
+        checkpoint=str(encoder), data=data, output=str(output), epochs=2, batch_size=16, warmup_epochs=0, ema=True
+    )
     assert cfg.mixup > 0 and cfg.cutmix > 0 and cfg.drop_path > 0 and cfg.auto_augment and cfg.reprob > 0
     return cfg
 

@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from tests.conftest import TINY_MODEL_ARGS, error_line
 
 from maelab.cli import main
 from maelab.config import to_dict
@@ -20,17 +21,28 @@ from maelab.engine.checkpoint import load_pretrained
 from maelab.models.hf import load_hf, save_hf
 from maelab.models.registry import create_model
 from maelab.models.weights import load_exported_encoder
-from tests.conftest import TINY_MODEL_ARGS, error_line
 
 transformers = pytest.importorskip("transformers")
 
 TINY = [f"model_args.{k}={v}" for k, v in TINY_MODEL_ARGS.items()]
-ONE_STEP = ["--epochs", "1", "--max-steps", "1", "--batch-size", "8", "--num-workers", "0", "data.num_samples=16",
-            "warmup_epochs=1", "--no-progress"]
+ONE_STEP = [
+    "--epochs",
+    "1",
+    "--max-steps",
+    "1",
+    "--batch-size",
+    "8",
+    "--num-workers",
+    "0",
+    "data.num_samples=16",
+    "warmup_epochs=1",
+    "--no-progress",
+]
 """A one-step run: with warmup the first step's lr is 0, so its weights after the step are those it started from."""
-D, DEPTH, HEADS, DD, DDEPTH, DHEADS = (TINY_MODEL_ARGS[k] for k in ("embed_dim", "depth", "num_heads",
-                                                                     "decoder_embed_dim", "decoder_depth",
-                                                                     "decoder_num_heads"))
+D, DEPTH, HEADS, DD, DDEPTH, DHEADS = (
+    TINY_MODEL_ARGS[k]
+    for k in ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -49,9 +61,19 @@ def tiny_mae(seed: int, **overrides):
 def random_hf_mae(seed: int) -> torch.nn.Module:
     """HF ViTMAE with settings maelab maps (norm_pix_loss, mask_ratio, HF's default eps 1e-12 as on the hub)."""
     cfg = transformers.ViTMAEConfig(
-        image_size=32, patch_size=4, hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
-        intermediate_size=4 * D, decoder_hidden_size=DD, decoder_num_hidden_layers=DDEPTH,
-        decoder_num_attention_heads=DHEADS, decoder_intermediate_size=4 * DD, mask_ratio=0.6, norm_pix_loss=True)
+        image_size=32,
+        patch_size=4,
+        hidden_size=D,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * D,
+        decoder_hidden_size=DD,
+        decoder_num_hidden_layers=DDEPTH,
+        decoder_num_attention_heads=DHEADS,
+        decoder_intermediate_size=4 * DD,
+        mask_ratio=0.6,
+        norm_pix_loss=True,
+    )
     return randomize(transformers.ViTMAEForPreTraining(cfg), seed)
 
 
@@ -76,8 +98,9 @@ def test_hf_model_loads_as_checkpoint_with_same_mask_pred_loss(tmp_path, capsys,
         assert (d / "model.safetensors.index.json").exists() == (file == "sharded")
     ours = load_pretrained(str(d)).eval()
     assert main(["export", "--checkpoint", str(d), "--output", str(tmp_path / "enc.safetensors")]) == 0
-    torch.testing.assert_close(load_exported_encoder(tmp_path / "enc.safetensors").state_dict(),
-                               ours.encoder_state_dict(), atol=0, rtol=0)
+    torch.testing.assert_close(
+        load_exported_encoder(tmp_path / "enc.safetensors").state_dict(), ours.encoder_state_dict(), atol=0, rtol=0
+    )
     assert (ours.cfg.norm_pix_loss, ours.cfg.mask_ratio) == (True, 0.6)
     g = torch.Generator().manual_seed(1)
     imgs, noise = torch.randn(3, 3, 32, 32, generator=g), torch.rand(3, 64, generator=g)
@@ -91,8 +114,12 @@ def test_hf_model_loads_as_checkpoint_with_same_mask_pred_loss(tmp_path, capsys,
 def test_hf_directory_round_trips_exactly(tmp_path) -> None:
     mae = tiny_mae(seed=3, norm_pix_loss=True, mask_ratio=0.5)
     back = load_hf(save_hf(mae, tmp_path / "hf"))
-    assert (back.cfg.norm_pix_loss, back.cfg.mask_ratio, back.cfg.num_heads, back.cfg.decoder_num_heads) == \
-        (True, 0.5, HEADS, DHEADS)
+    assert (back.cfg.norm_pix_loss, back.cfg.mask_ratio, back.cfg.num_heads, back.cfg.decoder_num_heads) == (
+        True,
+        0.5,
+        HEADS,
+        DHEADS,
+    )
     sd, sd_back = mae.state_dict(), back.state_dict()
     assert list(sd) == list(sd_back) and all(torch.equal(sd[k], sd_back[k]) for k in sd)
 
@@ -105,8 +132,12 @@ def test_cli_export_hf_full_and_encoder_only(tmp_path, capsys) -> None:
     ckpt = tmp_path / "mae.pt"  # a maelab checkpoint: weights and their ModelConfig (head counts included)
     torch.save({"model": mae.state_dict(), "model_config": to_dict(mae.cfg)}, ckpt)
     assert main(["export", "--checkpoint", str(ckpt), "--format", "hf", "--output", str(tmp_path / "full")]) == 0
-    assert main(["export", "--checkpoint", str(ckpt), "--format", "hf", "--encoder-only",
-                 "--output", str(tmp_path / "enc")]) == 0
+    assert (
+        main(
+            ["export", "--checkpoint", str(ckpt), "--format", "hf", "--encoder-only", "--output", str(tmp_path / "enc")]
+        )
+        == 0
+    )
     assert "from_pretrained" in capsys.readouterr().out
     g = torch.Generator().manual_seed(5)
     imgs, noise = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 64, generator=g)
@@ -118,11 +149,13 @@ def test_cli_export_hf_full_and_encoder_only(tmp_path, capsys) -> None:
         torch.testing.assert_close(out.pred, ref.logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
         assert torch.equal(out.mask, ref.mask.bool())
-        torch.testing.assert_close(vit(pixel_values=imgs).last_hidden_state, mae.forward_features(imgs),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            vit(pixel_values=imgs).last_hidden_state, mae.forward_features(imgs), atol=1e-5, rtol=1e-5
+        )
         latent = mae.forward_encoder(imgs, torch.argsort(noise, dim=1)[:, :16])
-        torch.testing.assert_close(vit_mae(pixel_values=imgs, noise=noise).last_hidden_state, latent,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            vit_mae(pixel_values=imgs, noise=noise).last_hidden_state, latent, atol=1e-5, rtol=1e-5
+        )
     enc_back = load_pretrained(str(tmp_path / "enc"))  # an encoder-only directory as --checkpoint
     assert all(torch.equal(v, mae.encoder_state_dict()[k]) for k, v in enc_back.encoder_state_dict().items())
 
@@ -132,10 +165,19 @@ def hf_dir(tmp_path) -> Path:
     return save_hf(tiny_mae(seed=6), tmp_path / "hf")
 
 
-@pytest.mark.parametrize("setting,value", [
-    ("hidden_act", "gelu_new"), ("qkv_bias", False), ("layer_norm_eps", 1e-5), ("hidden_dropout_prob", 0.1),
-    ("attention_probs_dropout_prob", 0.1), ("decoder_intermediate_size", 100), ("patch_size", [4, 8]),
-    ("model_type", "dinov2")])
+@pytest.mark.parametrize(
+    "setting,value",
+    [
+        ("hidden_act", "gelu_new"),
+        ("qkv_bias", False),
+        ("layer_norm_eps", 1e-5),
+        ("hidden_dropout_prob", 0.1),
+        ("attention_probs_dropout_prob", 0.1),
+        ("decoder_intermediate_size", 100),
+        ("patch_size", [4, 8]),
+        ("model_type", "dinov2"),
+    ],
+)
 def test_unrepresentable_hf_setting_is_refused_in_one_line(hf_dir, tmp_path, capsys, setting, value) -> None:
     config = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps({**config, setting: value}))
@@ -170,8 +212,12 @@ def test_pretrain_init_starts_from_the_full_mae(tmp_path, kind) -> None:
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_pretrain_init_encoder_starts_from_a_timm_vit(tmp_path, suffix) -> None:
-    vit = randomize(timm.create_model("vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=D, depth=DEPTH,
-                                      num_heads=HEADS, num_classes=10), seed=8)  # a classifier: its head is ignored
+    vit = randomize(
+        timm.create_model(
+            "vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=10
+        ),
+        seed=8,
+    )  # a classifier: its head is ignored
     path = tmp_path / f"vit{suffix}"
     save_file(vit.state_dict(), str(path)) if suffix == ".safetensors" else torch.save(vit.state_dict(), path)
     out = tmp_path / "run"
@@ -184,12 +230,14 @@ def test_pretrain_init_encoder_starts_from_a_timm_vit(tmp_path, suffix) -> None:
 
 
 def test_init_encoder_of_another_architecture_names_the_first_tensor(tmp_path, capsys) -> None:
-    vit = timm.create_model("vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=DEPTH,
-                            num_heads=HEADS, num_classes=0)
+    vit = timm.create_model(
+        "vit_base_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=DEPTH, num_heads=HEADS, num_classes=0
+    )
     path = tmp_path / "vit96.safetensors"
     save_file(vit.state_dict(), str(path))
-    err = error_line(capsys, ["pretrain", "--init-encoder", str(path), "--output", str(tmp_path / "run"),
-                              *ONE_STEP, *TINY])
+    err = error_line(
+        capsys, ["pretrain", "--init-encoder", str(path), "--output", str(tmp_path / "run"), *ONE_STEP, *TINY]
+    )
     assert "'cls_token'" in err and "(1, 1, 96)" in err and f"(1, 1, {D})" in err
 
 

@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS
 
 import maelab
 from maelab.models.targets import hog_dim, hog_target
-from tests.conftest import TINY_MODEL_ARGS
 
 
 def reference_hog(img: np.ndarray, patch: int, nbins: int = 9, cell: int = 8) -> np.ndarray:
@@ -23,7 +23,7 @@ def reference_hog(img: np.ndarray, patch: int, nbins: int = 9, cell: int = 8) ->
     for ch in range(c):
         for y in range(h):
             for x in range(w):
-                p = padded[ch, y:y + 3, x:x + 3]
+                p = padded[ch, y : y + 3, x : x + 3]
                 gx = (p[0, 0] + 2 * p[1, 0] + p[2, 0]) - (p[0, 2] + 2 * p[1, 2] + p[2, 2])
                 gy = (p[0, 0] + 2 * p[0, 1] + p[0, 2]) - (p[2, 0] + 2 * p[2, 1] + p[2, 2])
                 mag = math.hypot(gx, gy) * win2[y % patch, x % patch]

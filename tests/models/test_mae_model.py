@@ -58,6 +58,7 @@ def test_encoder_sees_only_visible_tokens_and_decoder_sees_all() -> None:
     def grab(name):
         def hook(module, args):
             seen[name] = args[0].detach().clone()
+
         return hook
 
     handles = [blk.register_forward_pre_hook(grab(f"enc{i}")) for i, blk in enumerate(model.encoder.blocks)]
@@ -170,8 +171,12 @@ def test_loss_equals_official_formula(norm_pix: bool, in_chans: int, img_size) -
     torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-7)
     # forward_loss on its own agrees too, for an arbitrary pred
     pred = torch.randn_like(out.pred)
-    torch.testing.assert_close(model.forward_loss(imgs, pred, out.mask).double(),
-                               official_loss(imgs, pred, out.mask, 4, norm_pix), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        model.forward_loss(imgs, pred, out.mask).double(),
+        official_loss(imgs, pred, out.mask, 4, norm_pix),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_norm_pix_target_uses_unbiased_variance_and_eps() -> None:
@@ -230,8 +235,15 @@ def test_grad_checkpointing_gives_same_loss_and_grads() -> None:
 # ---------------------------------------------------------------- init
 def test_init_follows_official_rules() -> None:
     torch.manual_seed(0)
-    model = create_model("mae_vit_pico_patch4_32", embed_dim=192, depth=2, num_heads=3,
-                         decoder_embed_dim=128, decoder_depth=1, decoder_num_heads=4)
+    model = create_model(
+        "mae_vit_pico_patch4_32",
+        embed_dim=192,
+        depth=2,
+        num_heads=3,
+        decoder_embed_dim=128,
+        decoder_depth=1,
+        decoder_num_heads=4,
+    )
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 2 * 4 + 1 * 4 + 2  # qkv, proj, fc1, fc2 per block + decoder_embed, decoder_pred
     for name, m in linears:

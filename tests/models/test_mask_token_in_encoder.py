@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tests.conftest import TINY_MODEL_ARGS
 
 import maelab
 from maelab.models.masking import masking_from_noise
 from maelab.models.patches import patchify, unpatchify
-from tests.conftest import TINY_MODEL_ARGS
 
 
 def _model(**kw):

@@ -120,7 +120,7 @@ def test_random_masking_covers_positions_uniformly() -> None:
     chi2 = (((counts - draws * p) / sd) ** 2).sum()
     assert chi2 < 140
     # a biased implementation (e.g. keeping low indices more often) would show up in the halves too
-    assert abs(counts[: length // 2].mean() - counts[length // 2:].mean()) < 2 * sd
+    assert abs(counts[: length // 2].mean() - counts[length // 2 :].mean()) < 2 * sd
 
 
 def test_model_noise_kind_random_is_uniform_too() -> None:
@@ -151,8 +151,9 @@ def _masked_neighbour_fraction(mask: torch.Tensor, gh: int, gw: int) -> float:
     return float((nm / deg)[m.bool()].mean())
 
 
-@pytest.mark.parametrize("grid,ratio,margin", [((8, 8), 0.4, 0.25), ((14, 14), 0.5, 0.25),
-                                               ((6, 10), 0.5, 0.25), ((14, 14), 0.75, 0.1)])
+@pytest.mark.parametrize(
+    "grid,ratio,margin", [((8, 8), 0.4, 0.25), ((14, 14), 0.5, 0.25), ((6, 10), 0.5, 0.25), ((14, 14), 0.75, 0.1)]
+)
 def test_block_masks_are_clustered(grid: tuple[int, int], ratio: float, margin: float) -> None:
     gh, gw = grid
     g = torch.Generator().manual_seed(0)
@@ -205,6 +206,7 @@ def test_unknown_kind_raises() -> None:
 
 def test_block_masks_refuse_a_device_generator():
     """Block masks are drawn on the CPU; a CUDA generator would silently fall back to the global RNG."""
+
     class CudaGenerator:  # stands in for torch.Generator(device="cuda") on a machine without CUDA
         device = torch.device("cuda")
 

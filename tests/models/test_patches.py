@@ -47,7 +47,7 @@ def test_patch_contents_by_position() -> None:
     for b in range(2):
         for r in range(gh):
             for c in range(gw):
-                block = imgs[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p]  # [C, p, p]
+                block = imgs[b, :, r * p : (r + 1) * p, c * p : (c + 1) * p]  # [C, p, p]
                 assert torch.equal(x[b, r * gw + c], block.permute(1, 2, 0).reshape(-1))
 
 

@@ -77,7 +77,7 @@ def test_first_half_encodes_column_second_half_row() -> None:
     d, gh, gw = 16, 3, 4
     emb = sincos_2d(d, (gh, gw)).reshape(gh, gw, d)
     # moving along a row (changing column) leaves the second half unchanged, and vice versa
-    assert torch.equal(emb[:, :1, d // 2:].expand(-1, gw, -1), emb[:, :, d // 2:])
+    assert torch.equal(emb[:, :1, d // 2 :].expand(-1, gw, -1), emb[:, :, d // 2 :])
     assert torch.equal(emb[:1, :, : d // 2].expand(gh, -1, -1), emb[:, :, : d // 2])
     assert not torch.equal(emb[0, 0], emb[0, 1])
     assert not torch.equal(emb[0, 0], emb[1, 0])

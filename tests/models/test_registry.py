@@ -12,12 +12,18 @@ from maelab.errors import ConfigError
 from maelab.models.registry import create_model, get_config, list_models
 
 # (embed_dim, depth, heads) of the standard ViTs (Dosovitskiy et al.; DeiT for tiny/small)
-VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
-             "huge": (1280, 32, 16)}
+VIT_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
 
 
 def expected_trainable_params(cfg: ModelConfig) -> int:
     """Closed-form count for the official MAE (qkv bias, fixed sin-cos pos embeds excluded)."""
+
     def block(d: int, ratio: float) -> int:
         hidden = int(d * ratio)
         return (3 * d * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d) + 4 * d
@@ -31,8 +37,13 @@ def expected_trainable_params(cfg: ModelConfig) -> int:
 def test_list_models_sorted_and_nonempty() -> None:
     names = list_models()
     assert names == sorted(names) and len(names) == len(set(names))
-    for required in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14",
-                     "mae_vit_tiny_patch4_32", "mae_vit_pico_patch4_32"):
+    for required in (
+        "mae_vit_base_patch16",
+        "mae_vit_large_patch16",
+        "mae_vit_huge_patch14",
+        "mae_vit_tiny_patch4_32",
+        "mae_vit_pico_patch4_32",
+    ):
         assert required in names
 
 
@@ -58,11 +69,19 @@ def test_every_preset_is_a_valid_config(name: str) -> None:
 
 
 def test_paper_presets() -> None:
-    for name, (dim, depth, heads), patch in (("mae_vit_base_patch16", VIT_SIZES["base"], 16),
-                                             ("mae_vit_large_patch16", VIT_SIZES["large"], 16),
-                                             ("mae_vit_huge_patch14", VIT_SIZES["huge"], 14)):
+    for name, (dim, depth, heads), patch in (
+        ("mae_vit_base_patch16", VIT_SIZES["base"], 16),
+        ("mae_vit_large_patch16", VIT_SIZES["large"], 16),
+        ("mae_vit_huge_patch14", VIT_SIZES["huge"], 14),
+    ):
         cfg = get_config(name)
-        assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size) == (dim, depth, heads, patch, 224)
+        assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size) == (
+            dim,
+            depth,
+            heads,
+            patch,
+            224,
+        )
         # paper: decoder 512-d, 8 blocks, 16 heads; mask ratio 75 %, random sampling, mlp ratio 4
         assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (512, 8, 16)
         assert cfg.mask_ratio == 0.75 and cfg.mask_type == "random" and cfg.mlp_ratio == 4.0
@@ -83,11 +102,24 @@ def test_vit_base_parameter_count() -> None:
     assert abs(encoder - 85.65e6) < 0.05e6  # ViT-B/16 body without head
 
 
-@pytest.mark.parametrize("overrides", [dict(depth=2, embed_dim=64, num_heads=2, decoder_embed_dim=32,
-                                            decoder_depth=1, decoder_num_heads=2),
-                                       dict(depth=1, embed_dim=32, num_heads=4, decoder_embed_dim=16,
-                                            decoder_depth=2, decoder_num_heads=1, in_chans=1, patch_size=8,
-                                            img_size=[16, 24], norm_pix_loss=True)])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(depth=2, embed_dim=64, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+        dict(
+            depth=1,
+            embed_dim=32,
+            num_heads=4,
+            decoder_embed_dim=16,
+            decoder_depth=2,
+            decoder_num_heads=1,
+            in_chans=1,
+            patch_size=8,
+            img_size=[16, 24],
+            norm_pix_loss=True,
+        ),
+    ],
+)
 def test_small_models_match_formula_and_overrides(overrides) -> None:
     model = create_model("mae_vit_pico_patch4_32", **overrides)
     cfg = model.cfg

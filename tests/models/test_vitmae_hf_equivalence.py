@@ -24,8 +24,16 @@ D, DEPTH, HEADS, DD, DDEPTH, DHEADS = 64, 2, 2, 32, 1, 2
 def make_pair(norm_pix: bool, tmp_path, seed: int = 0):
     """Our MAE and the HF model ``from_pretrained`` loads from our ``save_hf`` export of it."""
     torch.manual_seed(seed)
-    ours = create_model("mae_vit_pico_patch4_32", depth=DEPTH, embed_dim=D, num_heads=HEADS, decoder_embed_dim=DD,
-                        decoder_depth=DDEPTH, decoder_num_heads=DHEADS, norm_pix_loss=norm_pix)
+    ours = create_model(
+        "mae_vit_pico_patch4_32",
+        depth=DEPTH,
+        embed_dim=D,
+        num_heads=HEADS,
+        decoder_embed_dim=DD,
+        decoder_depth=DDEPTH,
+        decoder_num_heads=DHEADS,
+        norm_pix_loss=norm_pix,
+    )
     hf = transformers.ViTMAEForPreTraining.from_pretrained(save_hf(ours, tmp_path / "hf"))
     return ours, hf
 
@@ -34,12 +42,27 @@ def test_exported_config_is_the_official_architecture(tmp_path) -> None:
     """What config.json tells transformers: exact GELU, qkv bias, LayerNorm eps 1e-6, no dropout."""
     _, hf = make_pair(norm_pix=True, tmp_path=tmp_path)
     c = hf.config
-    assert (c.hidden_act, c.qkv_bias, c.layer_norm_eps, c.hidden_dropout_prob, c.attention_probs_dropout_prob) == \
-        ("gelu", True, 1e-6, 0.0, 0.0)
-    assert (c.image_size, c.patch_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-            c.intermediate_size, c.decoder_hidden_size, c.decoder_num_hidden_layers, c.decoder_num_attention_heads,
-            c.decoder_intermediate_size, c.mask_ratio, c.norm_pix_loss) == \
-        (32, 4, D, DEPTH, HEADS, 4 * D, DD, DDEPTH, DHEADS, 4 * DD, 0.75, True)
+    assert (c.hidden_act, c.qkv_bias, c.layer_norm_eps, c.hidden_dropout_prob, c.attention_probs_dropout_prob) == (
+        "gelu",
+        True,
+        1e-6,
+        0.0,
+        0.0,
+    )
+    assert (
+        c.image_size,
+        c.patch_size,
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.intermediate_size,
+        c.decoder_hidden_size,
+        c.decoder_num_hidden_layers,
+        c.decoder_num_attention_heads,
+        c.decoder_intermediate_size,
+        c.mask_ratio,
+        c.norm_pix_loss,
+    ) == (32, 4, D, DEPTH, HEADS, 4 * D, DD, DDEPTH, DHEADS, 4 * DD, 0.75, True)
 
 
 def test_hf_position_embeddings_equal_ours() -> None:
@@ -49,19 +72,24 @@ def test_hf_position_embeddings_equal_ours() -> None:
     embedding and decoder modules are built and initialized on their own.)
     """
     vit_mae = pytest.importorskip("transformers.models.vit_mae.modeling_vit_mae")
-    cfg = transformers.ViTMAEConfig(image_size=32, patch_size=4, hidden_size=D, num_attention_heads=HEADS,
-                                    decoder_hidden_size=DD, decoder_num_attention_heads=DHEADS)
+    cfg = transformers.ViTMAEConfig(
+        image_size=32,
+        patch_size=4,
+        hidden_size=D,
+        num_attention_heads=HEADS,
+        decoder_hidden_size=DD,
+        decoder_num_attention_heads=DHEADS,
+    )
     emb = vit_mae.ViTMAEEmbeddings(cfg)
     emb.initialize_weights()
     dec = vit_mae.ViTMAEDecoder(cfg, num_patches=64)  # initializes its table in __init__
     assert torch.count_nonzero(emb.position_embeddings) > 0 and torch.count_nonzero(dec.decoder_pos_embed) > 0
-    torch.testing.assert_close(emb.position_embeddings.detach()[0], sincos_2d(D, 8, cls_token=True),
-                               atol=1e-6, rtol=0)
-    torch.testing.assert_close(dec.decoder_pos_embed.detach()[0], sincos_2d(DD, 8, cls_token=True),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(emb.position_embeddings.detach()[0], sincos_2d(D, 8, cls_token=True), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dec.decoder_pos_embed.detach()[0], sincos_2d(DD, 8, cls_token=True), atol=1e-6, rtol=0)
     torch.manual_seed(0)
-    ours = create_model("mae_vit_pico_patch4_32", embed_dim=D, num_heads=HEADS, decoder_embed_dim=DD,
-                        decoder_num_heads=DHEADS)
+    ours = create_model(
+        "mae_vit_pico_patch4_32", embed_dim=D, num_heads=HEADS, decoder_embed_dim=DD, decoder_num_heads=DHEADS
+    )
     torch.testing.assert_close(ours.encoder.pos_embed.detach(), emb.position_embeddings.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(ours.decoder_pos_embed.detach(), dec.decoder_pos_embed.detach(), atol=1e-6, rtol=0)
 

@@ -9,8 +9,13 @@ from torch import nn
 
 from maelab.errors import CheckpointError
 from maelab.models.registry import create_model
-from maelab.models.weights import (export_encoder, infer_model_config, load_exported_encoder,
-                                   load_official_checkpoint, read_export_metadata)
+from maelab.models.weights import (
+    export_encoder,
+    infer_model_config,
+    load_exported_encoder,
+    load_official_checkpoint,
+    read_export_metadata,
+)
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 HEADS = dict(num_heads=2, decoder_num_heads=2)  # head counts cannot be read from tensor shapes
@@ -22,6 +27,7 @@ def tiny(**overrides):
 
 def official_keys(depth: int, decoder_depth: int) -> list[str]:
     """Key names of facebookresearch/mae ``MaskedAutoencoderViT.state_dict()`` (qkv_bias=True)."""
+
     def block(prefix: str) -> list[str]:
         names = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
         return [f"{prefix}.{n}.{t}" for n in names for t in ("weight", "bias")]
@@ -29,8 +35,14 @@ def official_keys(depth: int, decoder_depth: int) -> list[str]:
     keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
     for i in range(depth):
         keys += block(f"blocks.{i}")
-    keys += ["norm.weight", "norm.bias", "mask_token", "decoder_pos_embed", "decoder_embed.weight",
-             "decoder_embed.bias"]
+    keys += [
+        "norm.weight",
+        "norm.bias",
+        "mask_token",
+        "decoder_pos_embed",
+        "decoder_embed.weight",
+        "decoder_embed.bias",
+    ]
     for i in range(decoder_depth):
         keys += block(f"decoder_blocks.{i}")
     keys += ["decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias"]
@@ -86,8 +98,12 @@ def test_nested_state_dict_prefixes_and_round_trip() -> None:
     sd = a.state_dict()
     mae_keys = {k.removeprefix("mae.") for k in sd if k.startswith("mae.")}
     assert mae_keys == set(official_keys(2, 1))
-    assert {k for k in sd if not k.startswith("mae.")} == {"head.weight", "head.bias", "tail.encoder.weight",
-                                                           "tail.encoder.bias"}
+    assert {k for k in sd if not k.startswith("mae.")} == {
+        "head.weight",
+        "head.bias",
+        "tail.encoder.weight",
+        "tail.encoder.bias",
+    }
     b.load_state_dict(sd, strict=True)
     assert_same_tensors(a.state_dict(), b.state_dict())
     # the sub-module's own state dict is the official layout too, and loads into a bare MAE
@@ -147,8 +163,16 @@ def test_encoder_only_official_layout_loads_into_encoder(tmp_path) -> None:
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_timm_vit_state_dict_loads(num_classes: int) -> None:
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=64,
-                            depth=2, num_heads=2, num_classes=num_classes).eval()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=4,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=num_classes,
+    ).eval()
     sd = vit.state_dict()
     enc_keys = {k for k in sd if not k.startswith("head.")}
     assert enc_keys == set(official_encoder_keys(2))  # timm's names are the official encoder names
@@ -159,9 +183,19 @@ def test_timm_vit_state_dict_loads(num_classes: int) -> None:
         torch.testing.assert_close(model.forward_features(imgs), vit.forward_features(imgs))
 
 
-@pytest.mark.parametrize("drop", ["norm.weight", "decoder_norm.bias", "blocks.1.attn.proj.bias", "mask_token",
-                                  "decoder_blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc1.weight", "pos_embed",
-                                  "patch_embed.proj.weight"])
+@pytest.mark.parametrize(
+    "drop",
+    [
+        "norm.weight",
+        "decoder_norm.bias",
+        "blocks.1.attn.proj.bias",
+        "mask_token",
+        "decoder_blocks.0.mlp.fc2.weight",
+        "blocks.0.mlp.fc1.weight",
+        "pos_embed",
+        "patch_embed.proj.weight",
+    ],
+)
 def test_missing_key_raises_checkpoint_error(drop: str) -> None:
     sd = dict(tiny().state_dict())
     del sd[drop]

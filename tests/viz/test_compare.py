@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.conftest import error_line
 
 from maelab.cli import main
 from maelab.viz.compare import load_run, summarize_run
-from tests.conftest import error_line
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -21,8 +21,13 @@ def _write_run(d, losses, knn=None, epochs=2):
             f.write(json.dumps({"step": i, "loss": loss, "lr": 1e-3, "img_per_s": 100.0}) + "\n")
     with open(d / "metrics.jsonl", "w") as f:
         for e in range(1, epochs + 1):
-            rec = {"epoch": e, "step": e * steps // epochs, "loss": losses[e * steps // epochs - 1], "lr": 1e-3,
-                   "img_per_s": 90.0 + e}
+            rec = {
+                "epoch": e,
+                "step": e * steps // epochs,
+                "loss": losses[e * steps // epochs - 1],
+                "lr": 1e-3,
+                "img_per_s": 90.0 + e,
+            }
             if knn is not None:
                 rec["knn_top1"] = knn[e - 1]
             f.write(json.dumps(rec) + "\n")

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.conftest import error_line
+from tests.engine.test_pretrain import tiny_cfg
 
 from maelab.cli import main
 from maelab.config import build_config, save_yaml
@@ -22,8 +24,6 @@ from maelab.engine.pretrain import pretrain
 from maelab.eval.common import write_eval_json
 from maelab.eval.config import KnnConfig
 from maelab.viz.report import Series, build_report, find_evals, line_chart
-from tests.conftest import error_line
-from tests.engine.test_pretrain import tiny_cfg
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EPOCHS = 2
@@ -35,8 +35,18 @@ def real_run(tmp_path_factory) -> Path:
     of it: a sibling folder and a subfolder; a third evaluation names another run."""
     root = tmp_path_factory.mktemp("runs")
     run = root / "mae"
-    pretrain(tiny_cfg(run, epochs=EPOCHS, vis_every=1, log_every=1, knn_every=1, knn_k=5,
-                      **{"data.num_samples": 32, "data.num_classes": 4}), progress=False)
+    pretrain(
+        tiny_cfg(
+            run,
+            epochs=EPOCHS,
+            vis_every=1,
+            log_every=1,
+            knn_every=1,
+            knn_k=5,
+            **{"data.num_samples": 32, "data.num_classes": 4},
+        ),
+        progress=False,
+    )
     _eval(root / "knn_mae", run, 87.125)
     _eval(run / "evals" / "knn_epoch1", run / "checkpoints" / "epoch_0001.pt", 55.375)
     other = root / "other"
@@ -142,8 +152,10 @@ def chromium() -> str:
     for name in ("chromium", "chromium-browser"):
         if shutil.which(name):
             return shutil.which(name)
-    pytest.skip("no chromium browser on this machine (.ci/run installs Debian's with apt-get install -y chromium); "
-                "the HTML report was not checked in a browser")
+    pytest.skip(
+        "no chromium browser on this machine (.ci/run installs Debian's with apt-get install -y chromium); "
+        "the HTML report was not checked in a browser"
+    )
 
 
 class DevTools:
@@ -163,11 +175,27 @@ class DevTools:
         self.stderr = workdir / "chromium.log"
         with open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
-                [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={workdir / 'profile'}", "--window-size=1280,2000", "--remote-debugging-pipe",
-                 "about:blank"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                preexec_fn=as_fd_3_and_4, close_fds=False)
+                [
+                    binary,
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    f"--user-data-dir={workdir / 'profile'}",
+                    "--window-size=1280,2000",
+                    "--remote-debugging-pipe",
+                    "about:blank",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                preexec_fn=as_fd_3_and_4,
+                close_fds=False,
+            )
         os.close(cmd_read)
         os.close(reply_write)
         self.timeout = timeout  # seconds to wait for any one message
@@ -226,34 +254,48 @@ def _render(chromium: str, page: Path, workdir: Path) -> dict:
         s = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.send(f"{domain}.enable", session=s)
-        browser.send("Emulation.setDeviceMetricsOverride",
-                     {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False}, session=s)
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False},
+            session=s,
+        )
         browser.send("Page.navigate", {"url": page.resolve().as_uri()}, session=s)
         browser.wait_for("Page.loadEventFired")
 
         def evaluate(expr: str):
-            return browser.send("Runtime.evaluate", {"expression": expr, "returnByValue": True},
-                                session=s)["result"].get("value")
+            return browser.send("Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=s)[
+                "result"
+            ].get("value")
 
         ready, until = None, time.monotonic() + 20
         while ready is None and time.monotonic() < until:  # set by the page's load handler
             ready = evaluate("document.documentElement.getAttribute('data-report-ready')")
             time.sleep(0.05)
         height = evaluate("document.documentElement.scrollHeight")
-        browser.send("Emulation.setDeviceMetricsOverride",
-                     {"width": 1280, "height": min(int(height), 12000), "deviceScaleFactor": 1, "mobile": False},
-                     session=s)
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": min(int(height), 12000), "deviceScaleFactor": 1, "mobile": False},
+            session=s,
+        )
         shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=s)["data"]
         (workdir / "report.png").write_bytes(base64.b64decode(shot))
         text = evaluate("document.body.innerText")
     finally:
         browser.close()
     ev = browser.events
-    errors = ([e["params"]["exceptionDetails"] for e in ev if e.get("method") == "Runtime.exceptionThrown"]
-              + [e["params"] for e in ev if e.get("method") == "Runtime.consoleAPICalled"
-                 and e["params"]["type"] in ("error", "assert")]
-              + [e["params"]["entry"] for e in ev if e.get("method") == "Log.entryAdded"
-                 and e["params"]["entry"]["level"] == "error"])
+    errors = (
+        [e["params"]["exceptionDetails"] for e in ev if e.get("method") == "Runtime.exceptionThrown"]
+        + [
+            e["params"]
+            for e in ev
+            if e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert")
+        ]
+        + [
+            e["params"]["entry"]
+            for e in ev
+            if e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
+        ]
+    )
     requests = [e["params"]["request"]["url"] for e in ev if e.get("method") == "Network.requestWillBeSent"]
     return {"ready": ready, "text": text, "errors": errors, "requests": requests}
 

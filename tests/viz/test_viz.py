@@ -133,8 +133,7 @@ def test_default_title_pixel():
 
 def test_read_metrics_and_loss_curve(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"epoch": e, "loss": 2.0 / (e + 1) ** 2, "lr": 1e-4, "img_per_s": 100.0})
-             for e in range(6)]
+    lines = [json.dumps({"epoch": e, "loss": 2.0 / (e + 1) ** 2, "lr": 1e-4, "img_per_s": 100.0}) for e in range(6)]
     lines.insert(2, "")
     lines.insert(3, '{"epoch": 9, "loss": ')  # truncated write
     lines.insert(4, "not json")

@@ -93,8 +93,13 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def measure_matmul_peak(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
-                        n: int | None = None, iters: int | None = None, warmup: int = 3) -> float:
+def measure_matmul_peak(
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    n: int | None = None,
+    iters: int | None = None,
+    warmup: int = 3,
+) -> float:
     """Achieved FLOP/s of an [n, n] @ [n, n] matmul (2*n^3 FLOPs), at the median step time.
 
     Defaults: n=8192, iters=20 on CUDA; n=1024, iters=5 elsewhere. Use it as the

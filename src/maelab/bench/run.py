@@ -13,23 +13,31 @@ import gc
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from maelab.bench.hf_reference import build_hf_mae, hf_available, hf_loss
-from maelab.bench.measure import (count_flops, environment_info, measure_matmul_peak, peak_memory,
-                                  reset_peak_memory, summarize, synchronize, time_steps)
+from maelab.bench.measure import (
+    count_flops,
+    environment_info,
+    measure_matmul_peak,
+    peak_memory,
+    reset_peak_memory,
+    summarize,
+    synchronize,
+    time_steps,
+)
 from maelab.config import ModelConfig, on_off, to_dict
 from maelab.engine.accel import compile_or_eager, convert_to_fp8, resolve_compile, uses_cudagraphs
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import autocast, resolve_device, resolve_precision
 from maelab.engine.step import TrainStep
-from maelab.models.mae import MaskedAutoencoder
 from maelab.errors import ConfigError
+from maelab.models.mae import MaskedAutoencoder
 from maelab.models.registry import get_config
 
 log = logging.getLogger(__name__)
@@ -38,9 +46,17 @@ LR = 1e-4
 REFERENCE = "hf_vitmae_sdpa"
 
 
-def _measure(name: str, step: Callable[[], None], flops_fn: Callable[[], Any] | None, batch_size: int,
-             warmup: int, steps: int, device: torch.device, peak_flops: float,
-             flops: int | None = None) -> dict[str, Any]:
+def _measure(
+    name: str,
+    step: Callable[[], None],
+    flops_fn: Callable[[], Any] | None,
+    batch_size: int,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    peak_flops: float,
+    flops: int | None = None,
+) -> dict[str, Any]:
     """Time ``step``; FLOPs from ``flops`` or by counting one call of ``flops_fn``."""
     if flops is None:
         assert flops_fn is not None
@@ -86,14 +102,22 @@ VARIANTS: dict[str, Variant] = {
 (``eager-foreach-adamw`` = eager + foreach AdamW, ``fp8-cudagraphs`` = fp8 + CUDA graphs)."""
 
 
-def _ours(cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
-          variant: Variant) -> Callable[[], None]:
+def _ours(
+    cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype, variant: Variant
+) -> Callable[[], None]:
     model = MaskedAutoencoder(cfg).to(device).train()
     convert_to_fp8(model, variant.fp8, device)
     optimizer = build_adamw(model, LR, fused=variant.fused_adamw)
     forward, compiled, eager_fallback = compile_or_eager(model, variant.compile, device, variant.compile_mode)
-    stepper = TrainStep(model, optimizer, device, dtype, forward=forward,
-                        cudagraphs=uses_cudagraphs(compiled, variant.compile_mode), eager_fallback=eager_fallback)
+    stepper = TrainStep(
+        model,
+        optimizer,
+        device,
+        dtype,
+        forward=forward,
+        cudagraphs=uses_cudagraphs(compiled, variant.compile_mode),
+        eager_fallback=eager_fallback,
+    )
     imgs = torch.randn(batch_size, cfg.in_chans, *model.img_hw, device=device)
 
     def step() -> None:
@@ -117,13 +141,18 @@ def _our_flops(cfg: ModelConfig, batch_size: int, device: torch.device, dtype: t
     return count_flops(fwd_bwd)
 
 
-def _reference(cfg: ModelConfig, batch_size: int, device: torch.device,
-               dtype: torch.dtype) -> tuple[Callable[[], None], Callable[[], Any]]:
+def _reference(
+    cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Callable[[], None], Callable[[], Any]]:
     model = build_hf_mae(cfg).to(device).train()
     optimizer = build_adamw(model, LR)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    imgs = torch.randn(batch_size, cfg.in_chans, *((cfg.img_size,) * 2 if isinstance(cfg.img_size, int)
-                                                   else cfg.img_size), device=device)
+    imgs = torch.randn(
+        batch_size,
+        cfg.in_chans,
+        *((cfg.img_size,) * 2 if isinstance(cfg.img_size, int) else cfg.img_size),
+        device=device,
+    )
 
     def fwd_bwd() -> None:
         with autocast(device, dtype):
@@ -162,8 +191,17 @@ def _guarded(name: str, batch_size: int, device: torch.device, fn: Callable[[], 
         _free(device)
 
 
-def _measure_batch(cfg: ModelConfig, bs: int, dev: torch.device, dtype: torch.dtype, variants: dict[str, Variant],
-                   reference: bool, warmup: int, steps: int, peak: float) -> list[dict[str, Any]]:
+def _measure_batch(
+    cfg: ModelConfig,
+    bs: int,
+    dev: torch.device,
+    dtype: torch.dtype,
+    variants: dict[str, Variant],
+    reference: bool,
+    warmup: int,
+    steps: int,
+    peak: float,
+) -> list[dict[str, Any]]:
     """Our variants and (optionally) the HF reference at one batch size; ratios against the
     reference and against our eager variant when both ran."""
     rows: list[dict[str, Any]] = []
@@ -188,6 +226,7 @@ def _measure_batch(cfg: ModelConfig, bs: int, dev: torch.device, dtype: torch.dt
         rows.append(_guarded(name, bs, dev, lambda n=name, v=variant: ours(n, v)))
         measured[resolved] = rows[-1]
     if reference:
+
         def ref() -> dict[str, Any]:
             step, count = _reference(cfg, bs, dev, dtype)
             return {**_measure(REFERENCE, step, count, bs, warmup, steps, dev, peak), "batch_size": bs}
@@ -214,13 +253,27 @@ def resolve_variants(names: Sequence[str] | None, default: Variant) -> dict[str,
     return out
 
 
-def run_bench(model: str | None = None, batch_size: int | None = None, steps: int = 20, warmup: int = 5,
-              device: str = "auto", precision: str = "auto", compile: str | bool = "auto",
-              compile_mode: str = "default", fp8: str = "off", variants: Sequence[str] | None = None,
-              batch_sizes: Sequence[int] | None = None, reference: bool = True,
-              json_path: str | None = None, model_args: dict[str, Any] | None = None,
-              quiet: bool = False, data: str | None = None, num_workers: int | None = None,
-              gpu_resident: str = "auto", data_args: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_bench(
+    model: str | None = None,
+    batch_size: int | None = None,
+    steps: int = 20,
+    warmup: int = 5,
+    device: str = "auto",
+    precision: str = "auto",
+    compile: str | bool = "auto",
+    compile_mode: str = "default",
+    fp8: str = "off",
+    variants: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    reference: bool = True,
+    json_path: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    quiet: bool = False,
+    data: str | None = None,
+    num_workers: int | None = None,
+    gpu_resident: str = "auto",
+    data_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Benchmark our train step as configured (``compile``, ``compile_mode``, ``fp8``: the
     training defaults), any named ablation ``variants``, and the HF reference, at ``batch_size``
     or each of ``batch_sizes``; with ``data`` also the loader and the end-to-end loop. Prints a
@@ -241,15 +294,35 @@ def run_bench(model: str | None = None, batch_size: int | None = None, steps: in
     for bs in sizes:
         results += _measure_batch(cfg, bs, dev, dtype, chosen, use_ref, warmup, steps, peak)
     if data is not None:
-        results += run_data_bench(data, name, sizes[0], steps=max(steps, 20), warmup=warmup, device=device,
-                                  num_workers=num_workers, gpu_resident=gpu_resident, model_args=model_args,
-                                  data_args=data_args, compile=compile, compile_mode=compile_mode, fp8=fp8)
+        results += run_data_bench(
+            data,
+            name,
+            sizes[0],
+            steps=max(steps, 20),
+            warmup=warmup,
+            device=device,
+            num_workers=num_workers,
+            gpu_resident=gpu_resident,
+            model_args=model_args,
+            data_args=data_args,
+            compile=compile,
+            compile_mode=compile_mode,
+            fp8=fp8,
+        )
     report = {
         "command": " ".join(["maelab", *sys.argv[1:]]) if sys.argv and "maelab" in sys.argv[0] else None,
-        "model": name, "model_config": to_dict(cfg), "batch_sizes": sizes, "precision": str(dtype).removeprefix("torch."),
-        "default_variant": dataclasses.asdict(default), "compiled": resolve_compile(default.compile, dev),
-        "steps": steps, "warmup": warmup, "matmul_peak_tflops": peak / 1e12,
-        "environment": environment_info(dev), "results": results, "best": best_per_impl(results),
+        "model": name,
+        "model_config": to_dict(cfg),
+        "batch_sizes": sizes,
+        "precision": str(dtype).removeprefix("torch."),
+        "default_variant": dataclasses.asdict(default),
+        "compiled": resolve_compile(default.compile, dev),
+        "steps": steps,
+        "warmup": warmup,
+        "matmul_peak_tflops": peak / 1e12,
+        "environment": environment_info(dev),
+        "results": results,
+        "best": best_per_impl(results),
     }
     if not quiet:
         print(format_table(report))
@@ -274,17 +347,23 @@ def format_table(report: dict[str, Any]) -> str:
     env = report["environment"]
     sizes = ", ".join(str(b) for b in report["batch_sizes"])
     path = "torch.compile" if report["compiled"] else "eager"
-    lines = [f"{report['model']}  batch {sizes}  {report['precision']}  on "
-             f"{env.get('device_name', env.get('device', '?'))}  (measured matmul peak "
-             f"{report['matmul_peak_tflops']:.1f} TFLOP/s; maelab = the default path: {path})",
-             f"{'impl':<22}{'batch':>6}{'img/s':>10}{'step ms':>10}{'peak GB':>10}{'GFLOP/img':>11}{'MFU':>8}"
-             f"{'vs ref':>8}{'vs eager':>9}"]
+    lines = [
+        f"{report['model']}  batch {sizes}  {report['precision']}  on "
+        f"{env.get('device_name', env.get('device', '?'))}  (measured matmul peak "
+        f"{report['matmul_peak_tflops']:.1f} TFLOP/s; maelab = the default path: {path})",
+        f"{'impl':<22}{'batch':>6}{'img/s':>10}{'step ms':>10}{'peak GB':>10}{'GFLOP/img':>11}{'MFU':>8}"
+        f"{'vs ref':>8}{'vs eager':>9}",
+    ]
     for r in report["results"]:
         if r["name"].startswith("data:"):
-            where = ("GPU-resident" if r["gpu_resident"] else
-                     f"{r['num_workers']} workers, {r.get('decode') or 'cpu'} decode")
-            lines.append(f"{r['name']:<22}{r['batch_size']:>6}{r['img_per_s']:>10.1f}{r['step_ms_median']:>10.1f}"
-                         f"   ({where})")
+            where = (
+                "GPU-resident"
+                if r["gpu_resident"]
+                else f"{r['num_workers']} workers, {r.get('decode') or 'cpu'} decode"
+            )
+            lines.append(
+                f"{r['name']:<22}{r['batch_size']:>6}{r['img_per_s']:>10.1f}{r['step_ms_median']:>10.1f}   ({where})"
+            )
             continue
         if r.get("oom"):
             lines.append(f"{r['name']:<22}{r['batch_size']:>6}   out of memory")
@@ -292,19 +371,33 @@ def format_table(report: dict[str, Any]) -> str:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         ratio = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else ""
         vs_eager = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else ""
-        lines.append(f"{r['name']:<22}{r['batch_size']:>6}{r['img_per_s']:>10.1f}{r['step_ms_median']:>10.1f}"
-                     f"{r['peak_memory_gb']:>10.2f}{r['flops_per_image'] / 1e9:>11.2f}{mfu:>8}{ratio:>8}{vs_eager:>9}")
+        lines.append(
+            f"{r['name']:<22}{r['batch_size']:>6}{r['img_per_s']:>10.1f}{r['step_ms_median']:>10.1f}"
+            f"{r['peak_memory_gb']:>10.2f}{r['flops_per_image'] / 1e9:>11.2f}{mfu:>8}{ratio:>8}{vs_eager:>9}"
+        )
     if len(report["batch_sizes"]) > 1:
-        lines.append("best batch: " + "; ".join(f"{k} {v['batch_size']} ({v['img_per_s']:.0f} img/s)"
-                                                for k, v in report["best"].items()))
+        lines.append(
+            "best batch: "
+            + "; ".join(f"{k} {v['batch_size']} ({v['img_per_s']:.0f} img/s)" for k, v in report["best"].items())
+        )
     return "\n".join(lines)
 
 
-def run_data_bench(data: str, model: str, batch_size: int, steps: int = 50, warmup: int = 5, device: str = "auto",
-                   num_workers: int | None = None, gpu_resident: str = "auto",
-                   model_args: dict[str, Any] | None = None, data_args: dict[str, Any] | None = None,
-                   compile: str | bool = "auto", compile_mode: str = "default",
-                   fp8: str = "off") -> list[dict[str, Any]]:
+def run_data_bench(
+    data: str,
+    model: str,
+    batch_size: int,
+    steps: int = 50,
+    warmup: int = 5,
+    device: str = "auto",
+    num_workers: int | None = None,
+    gpu_resident: str = "auto",
+    model_args: dict[str, Any] | None = None,
+    data_args: dict[str, Any] | None = None,
+    compile: str | bool = "auto",
+    compile_mode: str = "default",
+    fp8: str = "off",
+) -> list[dict[str, Any]]:
     """Loader-only and end-to-end (loader + real train step) images/s of a pre-training setup.
 
     Builds a real :class:`~maelab.engine.pretrain.Pretrainer` (in a temporary run directory)
@@ -317,11 +410,20 @@ def run_data_bench(data: str, model: str, batch_size: int, steps: int = 50, warm
     from maelab.data.jpeg_gpu import resolve_decode
     from maelab.engine.pretrain import Pretrainer
 
-    overrides: dict[str, Any] = {"model": model, "batch_size": batch_size, "device": device, "epochs": 1,
-                                 "warmup_epochs": 0, "data.name": data, "data.gpu_resident": gpu_resident,
-                                 "compile": compile, "compile_mode": compile_mode, "fp8": fp8,
-                                 **{f"model_args.{k}": v for k, v in (model_args or {}).items()},
-                                 **{f"data.{k}": v for k, v in (data_args or {}).items()}}
+    overrides: dict[str, Any] = {
+        "model": model,
+        "batch_size": batch_size,
+        "device": device,
+        "epochs": 1,
+        "warmup_epochs": 0,
+        "data.name": data,
+        "data.gpu_resident": gpu_resident,
+        "compile": compile,
+        "compile_mode": compile_mode,
+        "fp8": fp8,
+        **{f"model_args.{k}": v for k, v in (model_args or {}).items()},
+        **{f"data.{k}": v for k, v in (data_args or {}).items()},
+    }
     if num_workers is not None:
         overrides["data.num_workers"] = num_workers
     results = []
@@ -347,9 +449,17 @@ def run_data_bench(data: str, model: str, batch_size: int, steps: int = 50, warm
             synchronize(trainer.device)  # trainer.device, not the current one (cuda:N)
             elapsed = time.perf_counter() - t0
             timed = needed - warmup
-            results.append({"name": f"data:{mode}", "img_per_s": timed * batch_size / elapsed,
-                            "step_ms_median": 1e3 * elapsed / timed, "gpu_resident": trainer.gpu_resident,
-                            "num_workers": trainer.cfg.data.num_workers, "data": data, "batch_size": batch_size,
-                            "decode": None if trainer.gpu_resident else resolve_decode(trainer.cfg.data.decode)})
+            results.append(
+                {
+                    "name": f"data:{mode}",
+                    "img_per_s": timed * batch_size / elapsed,
+                    "step_ms_median": 1e3 * elapsed / timed,
+                    "gpu_resident": trainer.gpu_resident,
+                    "num_workers": trainer.cfg.data.num_workers,
+                    "data": data,
+                    "batch_size": batch_size,
+                    "decode": None if trainer.gpu_resident else resolve_decode(trainer.cfg.data.decode),
+                }
+            )
             del batches
     return results

@@ -65,8 +65,14 @@ def _has_split_dirs(root: Path) -> bool:
     return any((root / d).is_dir() for d in TRAIN_SPLIT_DIRS + EVAL_SPLIT_DIRS)
 
 
-def _folder_dataset(cfg: DataConfig, root: Path, img_size: int | tuple[int, int],
-                    in_chans: int, train: bool, transform: Callable[[Any], Any] | None) -> Dataset:
+def _folder_dataset(
+    cfg: DataConfig,
+    root: Path,
+    img_size: int | tuple[int, int],
+    in_chans: int,
+    train: bool,
+    transform: Callable[[Any], Any] | None,
+) -> Dataset:
     """ImageFolderDataset for ``root``, choosing ``train/`` / ``test/`` (``val/``) if present."""
     if in_chans not in (1, 3):
         raise DataError(f"image folder {root} gives 1 or 3 channels, but model.in_chans={in_chans}")
@@ -75,28 +81,42 @@ def _folder_dataset(cfg: DataConfig, root: Path, img_size: int | tuple[int, int]
         train_dir = root / cfg.split
         if train:
             if not train_dir.is_dir():
-                raise DataError(f"no {cfg.split}/ folder in {root} (data.split={cfg.split!r}); "
-                                f"it has: {', '.join(sorted(p.name for p in root.iterdir() if p.is_dir()))}")
+                raise DataError(
+                    f"no {cfg.split}/ folder in {root} (data.split={cfg.split!r}); "
+                    f"it has: {', '.join(sorted(p.name for p in root.iterdir() if p.is_dir()))}"
+                )
             folder = train_dir
         else:
             found = [root / d for d in EVAL_SPLIT_DIRS if (root / d).is_dir()]
             if not found:
-                raise DataError(f"no evaluation split in {root}: add a "
-                                f"{'/, '.join(EVAL_SPLIT_DIRS)}/ folder beside {cfg.split}/")
+                raise DataError(
+                    f"no evaluation split in {root}: add a {'/, '.join(EVAL_SPLIT_DIRS)}/ folder beside {cfg.split}/"
+                )
             folder = found[0]
             if train_dir.is_dir():  # same class indices as the training split
                 classes = find_image_classes(train_dir) or None
         log.info("using %s split folder %s", "training" if train else "evaluation", folder)
     elif not train:
-        log.warning("image folder %s has no test/ or val/ folder: evaluating on the same images",
-                    root)
-    return ImageFolderDataset(folder, transform=transform, channels=in_chans, strict=cfg.strict,
-                              target_size=decode_size(img_size, cfg.min_scale), classes=classes)
+        log.warning("image folder %s has no test/ or val/ folder: evaluating on the same images", root)
+    return ImageFolderDataset(
+        folder,
+        transform=transform,
+        channels=in_chans,
+        strict=cfg.strict,
+        target_size=decode_size(img_size, cfg.min_scale),
+        classes=classes,
+    )
 
 
-def build_dataset(cfg: DataConfig, *, img_size: int | tuple[int, int], in_chans: int,
-                  train: bool, transform: Callable[[Any], Any] | None,
-                  seed: int = 0) -> Dataset:
+def build_dataset(
+    cfg: DataConfig,
+    *,
+    img_size: int | tuple[int, int],
+    in_chans: int,
+    train: bool,
+    transform: Callable[[Any], Any] | None,
+    seed: int = 0,
+) -> Dataset:
     """The dataset ``cfg.name`` names, for the training (``train=True``) or test split.
 
     Args:
@@ -118,29 +138,33 @@ def build_dataset(cfg: DataConfig, *, img_size: int | tuple[int, int], in_chans:
     if key == "synthetic":
         size = img_size if isinstance(img_size, int) else tuple(img_size)
         if train:
-            return SyntheticShapes(cfg.num_samples, size, in_chans, cfg.num_classes, seed,
-                                   transform)
-        return SyntheticShapes(max(1, cfg.num_samples // 4), size, in_chans, cfg.num_classes,
-                               seed + SYNTHETIC_TEST_SEED_OFFSET, transform)
+            return SyntheticShapes(cfg.num_samples, size, in_chans, cfg.num_classes, seed, transform)
+        return SyntheticShapes(
+            max(1, cfg.num_samples // 4), size, in_chans, cfg.num_classes, seed + SYNTHETIC_TEST_SEED_OFFSET, transform
+        )
     if key in TORCHVISION_SETS:
         if in_chans not in (1, 3):
             raise DataError(f"{key} has RGB images: model.in_chans must be 3 (or 1), not {in_chans}")
         wrapped = transform if in_chans == 3 else _ToChannels(in_chans, transform)
-        return build_torchvision_dataset(key, cfg.root, train=train, download=cfg.download,
-                                         transform=wrapped, split=cfg.split)
+        return build_torchvision_dataset(
+            key, cfg.root, train=train, download=cfg.download, transform=wrapped, split=cfg.split
+        )
     if is_shard_spec(name):
         return _shard_stream(cfg, img_size, in_chans, train, transform, seed)
     root = Path(name).expanduser()
     if not root.is_dir():
-        raise DataError(f"unknown dataset or missing folder {name!r}: use synthetic, cifar10, cifar100, stl10, "
-                        "an image folder, WebDataset shards (*.tar) or a saved Hugging Face dataset")
+        raise DataError(
+            f"unknown dataset or missing folder {name!r}: use synthetic, cifar10, cifar100, stl10, "
+            "an image folder, WebDataset shards (*.tar) or a saved Hugging Face dataset"
+        )
     if is_hf_dataset_dir(root):
         return _hf_dataset(cfg, root, img_size, in_chans, train, transform)
     return _folder_dataset(cfg, root, img_size, in_chans, train, transform)
 
 
-def image_rows(cfg: DataConfig, img_size: int | tuple[int, int], in_chans: int,
-               transform: Callable[[Any], Any] | None) -> ImageFolderDataset:
+def image_rows(
+    cfg: DataConfig, img_size: int | tuple[int, int], in_chans: int, transform: Callable[[Any], Any] | None
+) -> ImageFolderDataset:
     """Every image of the folder, saved Hugging Face dataset or WebDataset shards ``cfg.name`` once, in stored
     order, as an indexable :class:`ImageFolderDataset` (its skip/strict policy; ``samples`` name the images).
 
@@ -152,29 +176,56 @@ def image_rows(cfg: DataConfig, img_size: int | tuple[int, int], in_chans: int,
     root = Path(name).expanduser()
     if is_hf_dataset_dir(root):
         return _hf_dataset(cfg, root, img_size, in_chans, True, transform)
-    return ImageFolderDataset(name, transform=transform, channels=in_chans, strict=cfg.strict,
-                              target_size=target_size)
+    return ImageFolderDataset(name, transform=transform, channels=in_chans, strict=cfg.strict, target_size=target_size)
 
 
-def _hf_dataset(cfg: DataConfig, root: Path, img_size: int | tuple[int, int], in_chans: int, train: bool,
-                transform: Callable[[Any], Any] | None) -> HFImageDataset:
+def _hf_dataset(
+    cfg: DataConfig,
+    root: Path,
+    img_size: int | tuple[int, int],
+    in_chans: int,
+    train: bool,
+    transform: Callable[[Any], Any] | None,
+) -> HFImageDataset:
     """The saved Hugging Face dataset ``root``: split ``cfg.split`` (training) or its test/validation split."""
-    return HFImageDataset(load_hf_table(root, cfg.split, train), root, transform=transform, channels=in_chans,
-                          strict=cfg.strict, target_size=decode_size(img_size, cfg.min_scale),
-                          image_column=cfg.image_column)
+    return HFImageDataset(
+        load_hf_table(root, cfg.split, train),
+        root,
+        transform=transform,
+        channels=in_chans,
+        strict=cfg.strict,
+        target_size=decode_size(img_size, cfg.min_scale),
+        image_column=cfg.image_column,
+    )
 
 
-def _shard_stream(cfg: DataConfig, img_size: int | tuple[int, int], in_chans: int, train: bool,
-                  transform: Callable[[Any], Any] | None, seed: int) -> ShardStream:
+def _shard_stream(
+    cfg: DataConfig,
+    img_size: int | tuple[int, int],
+    in_chans: int,
+    train: bool,
+    transform: Callable[[Any], Any] | None,
+    seed: int,
+) -> ShardStream:
     """This rank's :class:`~maelab.data.shards.ShardStream` of the shards ``cfg.name`` (training only)."""
     if not train:
-        raise DataError(f"WebDataset shards {cfg.name!r} are read for pre-training only: evaluate on an image "
-                        "folder or a saved Hugging Face dataset")
+        raise DataError(
+            f"WebDataset shards {cfg.name!r} are read for pre-training only: evaluate on an image "
+            "folder or a saved Hugging Face dataset"
+        )
     import torch.distributed as dist
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return ShardStream(cfg.name, transform=transform, channels=in_chans, strict=cfg.strict,
-                       target_size=decode_size(img_size, cfg.min_scale), seed=seed, rank=rank, world_size=world)
+    return ShardStream(
+        cfg.name,
+        transform=transform,
+        channels=in_chans,
+        strict=cfg.strict,
+        target_size=decode_size(img_size, cfg.min_scale),
+        seed=seed,
+        rank=rank,
+        world_size=world,
+    )
 
 
 def dataset_info(ds: Dataset) -> tuple[int | None, bool]:

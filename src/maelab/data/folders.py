@@ -30,8 +30,20 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff",
-                                   ".gif", ".ppm", ".pgm", ".pbm", ".pnm")
+IMG_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+)
 """File extensions (case-insensitive) treated as images."""
 
 MAX_NAMED_WARNINGS = 5
@@ -56,8 +68,7 @@ def scan_images(directory: str) -> list[str]:
 
 
 def _not_found(root: Path, what: str) -> DataError:
-    return DataError(f"{what} {root}: looked for files ending in {', '.join(IMG_EXTENSIONS)} "
-                     "(case-insensitive)")
+    return DataError(f"{what} {root}: looked for files ending in {', '.join(IMG_EXTENSIONS)} (case-insensitive)")
 
 
 def find_image_classes(root: str | Path) -> list[str]:
@@ -119,9 +130,15 @@ class ImageFolderDataset(Dataset):
             in this process.
     """
 
-    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Any] | None = None,
-                 channels: int = 3, strict: bool = False, target_size: int | None = None,
-                 classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[[Image.Image], Any] | None = None,
+        channels: int = 3,
+        strict: bool = False,
+        target_size: int | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             what = "not a folder:" if self.root.exists() else "image folder not found:"
@@ -146,15 +163,16 @@ class ImageFolderDataset(Dataset):
                 rel = os.path.relpath(path, root_str).split(os.sep)
                 return _is_image_name(rel[-1]) and all(_visible(p) for p in rel[:-1])
 
-            self.samples: list[tuple[str, int]] = make_dataset(
-                root_str, present, is_valid_file=valid, allow_empty=True)
+            self.samples: list[tuple[str, int]] = make_dataset(root_str, present, is_valid_file=valid, allow_empty=True)
             empty = [c for c in self.classes if c not in {self.classes[t] for _, t in self.samples}]
             if empty and self.samples:
-                log.warning("image folder %s: class folder(s) without images: %s",
-                            self.root, ", ".join(empty))
+                log.warning("image folder %s: class folder(s) without images: %s", self.root, ", ".join(empty))
             if set(self.classes) <= {"train", "test", "val", "valid", "validation"}:
-                log.warning("image folder %s has only split folders (%s) used as classes; "
-                            "point at one split instead", self.root, ", ".join(self.classes))
+                log.warning(
+                    "image folder %s has only split folders (%s) used as classes; point at one split instead",
+                    self.root,
+                    ", ".join(self.classes),
+                )
         else:
             self.samples = [(p, -1) for p in scan_images(str(self.root))]
         if not self.samples:
@@ -166,8 +184,7 @@ class ImageFolderDataset(Dataset):
 
     def load(self, index: int) -> Image.Image:
         """File ``index`` as a PIL image ('RGB' or 'L'), no transform and no skipping; DataError if unreadable."""
-        return load_image(self.samples[index][0], channels=self.channels,
-                          target_size=self.target_size)
+        return load_image(self.samples[index][0], channels=self.channels, target_size=self.target_size)
 
     def _skip(self, index: int, err: DataError) -> None:
         self._bad.add(index)
@@ -194,8 +211,7 @@ class ImageFolderDataset(Dataset):
             out = self.try_read(i, read)
             if out is not None:
                 return i, out
-        raise DataError(f"no readable image in {self.root}: all {n} files failed to load "
-                        "(see the warnings above)")
+        raise DataError(f"no readable image in {self.root}: all {n} files failed to load (see the warnings above)")
 
     def try_read(self, index: int, read: Callable[[int], T]) -> T | None:
         """``read(index)``, or None when file ``index`` is unreadable (counted, warned about and

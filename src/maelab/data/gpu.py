@@ -149,8 +149,9 @@ class DeferredTransform:
         return self.transform(img)
 
 
-def load_uint8_tensor(dataset: Dataset, num_workers: int = 0, batch_size: int = 512,
-                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def load_uint8_tensor(
+    dataset: Dataset, num_workers: int = 0, batch_size: int = 512, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode ``dataset`` once, in order: ``(images uint8 [N, C, H, W], labels int64 [N])``.
 
     The dataset's items must be ``(uint8 tensor [C, H, W] of one fixed size, int label)``:
@@ -169,17 +170,18 @@ def load_uint8_tensor(dataset: Dataset, num_workers: int = 0, batch_size: int = 
     images: torch.Tensor | None = None
     labels = torch.empty(n, dtype=torch.int64)
     pos = 0
-    with tqdm(total=n, desc="decoding dataset", unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=n, desc="decoding dataset", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for imgs, labs in loader:
             if not isinstance(imgs, torch.Tensor) or imgs.dtype != torch.uint8 or imgs.dim() != 4:
-                raise ValueError("load_uint8_tensor needs items (uint8 tensor [C, H, W], label): build the "
-                                 f"dataset with transform=uint8_transform(...), got {type(imgs).__name__}"
-                                 f"{'' if not isinstance(imgs, torch.Tensor) else f' {imgs.dtype} {tuple(imgs.shape)}'}")
+                raise ValueError(
+                    "load_uint8_tensor needs items (uint8 tensor [C, H, W], label): build the "
+                    f"dataset with transform=uint8_transform(...), got {type(imgs).__name__}"
+                    f"{'' if not isinstance(imgs, torch.Tensor) else f' {imgs.dtype} {tuple(imgs.shape)}'}"
+                )
             if images is None:
                 images = torch.empty((n, *imgs.shape[1:]), dtype=torch.uint8)
-            images[pos:pos + len(imgs)] = imgs
-            labels[pos:pos + len(imgs)] = torch.as_tensor(labs, dtype=torch.int64)
+            images[pos : pos + len(imgs)] = imgs
+            labels[pos : pos + len(imgs)] = torch.as_tensor(labs, dtype=torch.int64)
             pos += len(imgs)
             bar.update(len(imgs))
     assert images is not None and pos == n
@@ -187,8 +189,9 @@ def load_uint8_tensor(dataset: Dataset, num_workers: int = 0, batch_size: int = 
 
 
 # ---------------------------------------------------------------------------- deciding
-def fits_in_memory(n: int, c: int, h: int, w: int, device: torch.device | str,
-                   fraction: float = 0.25, free_bytes: int | None = None) -> bool:
+def fits_in_memory(
+    n: int, c: int, h: int, w: int, device: torch.device | str, fraction: float = 0.25, free_bytes: int | None = None
+) -> bool:
     """Whether ``n`` uint8 images [c, h, w] take at most ``fraction`` of the free memory.
 
     On CUDA the free memory is ``free_bytes`` if given, else ``torch.cuda.mem_get_info(device)``
@@ -224,8 +227,7 @@ def peek_image_sizes(paths: Sequence[str], count: int = PEEK_COUNT) -> list[tupl
     return sizes
 
 
-def resident_size(sizes: Sequence[tuple[int, int]], img_size: Size,
-                  max_side: int = AUTO_MAX_SIDE) -> tuple[int, int]:
+def resident_size(sizes: Sequence[tuple[int, int]], img_size: Size, max_side: int = AUTO_MAX_SIDE) -> tuple[int, int]:
     """The (h, w) to store a GPU-resident set at, from the (h, w) ``sizes`` of (some of) its images.
 
     Their common size when they all agree and its longer side is at most ``max_side``
@@ -252,10 +254,19 @@ def host_available_bytes() -> int | None:
     return None
 
 
-def plan_gpu_resident(mode: str, device: torch.device | str, num_images: int, channels: int,
-                      sizes: Sequence[tuple[int, int]], img_size: Size, max_side: int = AUTO_MAX_SIDE,
-                      fraction: float = 0.25, free_bytes: int | None = None,
-                      host_free_bytes: int | None = None, procs_on_node: int | None = None) -> tuple[int, int] | None:
+def plan_gpu_resident(
+    mode: str,
+    device: torch.device | str,
+    num_images: int,
+    channels: int,
+    sizes: Sequence[tuple[int, int]],
+    img_size: Size,
+    max_side: int = AUTO_MAX_SIDE,
+    fraction: float = 0.25,
+    free_bytes: int | None = None,
+    host_free_bytes: int | None = None,
+    procs_on_node: int | None = None,
+) -> tuple[int, int] | None:
     """Resolve ``data.gpu_resident`` before decoding anything: the (h, w) to store the set at, or None.
 
     Args:
@@ -295,9 +306,14 @@ def plan_gpu_resident(mode: str, device: torch.device | str, num_images: int, ch
     return store
 
 
-def use_gpu_resident(mode: str, device: torch.device | str, num_images: int,
-                     image_shape: Sequence[int], max_side: int = AUTO_MAX_SIDE,
-                     fraction: float = 0.25) -> bool:
+def use_gpu_resident(
+    mode: str,
+    device: torch.device | str,
+    num_images: int,
+    image_shape: Sequence[int],
+    max_side: int = AUTO_MAX_SIDE,
+    fraction: float = 0.25,
+) -> bool:
     """Resolve a ``data.gpu_resident`` setting for images of one known shape [C, H, W].
 
     ``'auto'`` is on for CUDA devices when the images have a longer side of at most
@@ -309,10 +325,14 @@ def use_gpu_resident(mode: str, device: torch.device | str, num_images: int,
 
 
 # ---------------------------------------------------------------------------- crop parameters
-def random_resized_crop_params(n: int, height: int, width: int,
-                               scale: tuple[float, float] = (0.2, 1.0),
-                               ratio: tuple[float, float] = DEFAULT_RATIO,
-                               generator: torch.Generator | None = None) -> torch.Tensor:
+def random_resized_crop_params(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = DEFAULT_RATIO,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """``n`` RandomResizedCrop boxes for a ``height`` x ``width`` image: int64 [n, 4] (top, left, h, w).
 
     torchvision's ``RandomResizedCrop`` parameter sampling, vectorized: for each sample, up
@@ -400,16 +420,18 @@ def _aa_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_siz
     return wts / torch.where(total == 0, torch.ones_like(total), total)
 
 
-def _normalize(x: torch.Tensor, mean: Sequence[float] | torch.Tensor,
-               std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+def _normalize(
+    x: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
     """[0, 255] floats -> clamp -> /255 -> (x - mean) / std, in place."""
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     return x.clamp_(0.0, 255.0).div_(255.0).sub_(mean_t).div_(std_t)
 
 
-def antialiased_resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: Size,
-                             flip: torch.Tensor | None = None) -> torch.Tensor:
+def antialiased_resized_crop(
+    images: torch.Tensor, boxes: torch.Tensor, out_size: Size, flip: torch.Tensor | None = None
+) -> torch.Tensor:
     """Crops ``boxes`` [B, 4] (top, left, h, w) of ``images`` [B, C, H, W] resized to ``out_size`` with the
     weights of torchvision's antialiased bicubic ``resized_crop`` (separable per-sample matrices, two batched
     matmuls) and mirrored where ``flip`` [B] (bool) -> float32 [B, C, oh, ow], not clamped."""
@@ -424,11 +446,15 @@ def antialiased_resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size
     return torch.matmul(wy[:, None], torch.matmul(images.to(torch.float32), wx.transpose(1, 2)[:, None]))
 
 
-def batched_resized_crop(images: torch.Tensor, boxes: torch.Tensor, out_size: Size,
-                         flip: torch.Tensor | None = None,
-                         mean: Sequence[float] | torch.Tensor = (0.0,),
-                         std: Sequence[float] | torch.Tensor = (1.0,),
-                         antialias: bool = False) -> torch.Tensor:
+def batched_resized_crop(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    out_size: Size,
+    flip: torch.Tensor | None = None,
+    mean: Sequence[float] | torch.Tensor = (0.0,),
+    std: Sequence[float] | torch.Tensor = (1.0,),
+    antialias: bool = False,
+) -> torch.Tensor:
     """Crop ``boxes`` out of ``images``, resize to ``out_size`` (bicubic), flip, normalize.
 
     Args:
@@ -505,10 +531,21 @@ class GPUBatchLoader:
             the CPU ``pretrain_transform``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 sampler: ResumableSampler, img_size: Size, mean: Sequence[float], std: Sequence[float],
-                 min_scale: float = 0.2, hflip: bool = True, seed: int = 0, antialias: bool = True,
-                 ratio: tuple[float, float] = DEFAULT_RATIO) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        sampler: ResumableSampler,
+        img_size: Size,
+        mean: Sequence[float],
+        std: Sequence[float],
+        min_scale: float = 0.2,
+        hflip: bool = True,
+        seed: int = 0,
+        antialias: bool = True,
+        ratio: tuple[float, float] = DEFAULT_RATIO,
+    ) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8:
             raise ValueError(f"images must be a uint8 tensor [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if len(labels) != len(images):
@@ -553,8 +590,9 @@ class GPUBatchLoader:
         flip = None
         if self.hflip:
             flip = torch.rand(n, generator=g, device=self.device) < 0.5
-        return batched_resized_crop(self.images[idx], boxes, self.img_size, flip, self.mean, self.std,
-                                    antialias=self.antialias)
+        return batched_resized_crop(
+            self.images[idx], boxes, self.img_size, flip, self.mean, self.std, antialias=self.antialias
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         s = self.sampler
@@ -564,11 +602,12 @@ class GPUBatchLoader:
         full = len(order) // bs
         order_t = torch.tensor(order[: full * bs], dtype=torch.int64).to(self.device, non_blocking=True)
         for k in range(full):
-            idx = order_t[k * bs:(k + 1) * bs]
+            idx = order_t[k * bs : (k + 1) * bs]
             yield self.augment(idx, epoch, start + k * bs), self.labels[idx]
 
     def __repr__(self) -> str:
         n, c, h, w = self.images.shape
-        return (f"GPUBatchLoader({n} images [{c}, {h}, {w}] on {self.device}, batch_size={self.batch_size}, "
-                f"img_size={self.img_size}, scale={self.scale}, hflip={self.hflip}, antialias={self.antialias})")
-
+        return (
+            f"GPUBatchLoader({n} images [{c}, {h}, {w}] on {self.device}, batch_size={self.batch_size}, "
+            f"img_size={self.img_size}, scale={self.scale}, hflip={self.hflip}, antialias={self.antialias})"
+        )

@@ -101,17 +101,26 @@ class HFImageDataset(ImageFolderDataset):
         images (default: the first ``Image`` feature). The other arguments as for ImageFolderDataset.
     """
 
-    def __init__(self, table: Any, root: Path, transform: Callable[[Image.Image], Any] | None = None,
-                 channels: int = 3, strict: bool = False, target_size: int | None = None,
-                 image_column: str | None = None) -> None:
+    def __init__(
+        self,
+        table: Any,
+        root: Path,
+        transform: Callable[[Image.Image], Any] | None = None,
+        channels: int = 3,
+        strict: bool = False,
+        target_size: int | None = None,
+        image_column: str | None = None,
+    ) -> None:
         datasets = _datasets()
         features = table.features
         images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
         column = image_column or (images[0] if images else None)
         if column not in features:
-            raise DataError(f"{root}: no image column {column!r} (data.image_column); columns: "
-                            f"{', '.join(features)}" if column else
-                            f"{root}: no Image column; set data.image_column (columns: {', '.join(features)})")
+            raise DataError(
+                f"{root}: no image column {column!r} (data.image_column); columns: {', '.join(features)}"
+                if column
+                else f"{root}: no Image column; set data.image_column (columns: {', '.join(features)})"
+            )
         if channels not in (1, 3):
             raise DataError(f"Hugging Face dataset {root} gives 1 or 3 channels, not {channels}")
         labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]

@@ -121,8 +121,9 @@ def _is_empty(path: str | Path) -> bool:
         return False
 
 
-def load_image(path: str | Path | bytes, channels: int = 3, target_size: int | None = None,
-               name: str | None = None) -> Image.Image:
+def load_image(
+    path: str | Path | bytes, channels: int = 3, target_size: int | None = None, name: str | None = None
+) -> Image.Image:
     """Read an image file (or its encoded bytes) as an 8-bit PIL image with ``channels`` (1 -> 'L', 3 -> 'RGB').
 
     Args:
@@ -143,8 +144,7 @@ def load_image(path: str | Path | bytes, channels: int = 3, target_size: int | N
     encoded = isinstance(path, bytes)
     where = name or ("<image bytes>" if encoded else path)
     if channels not in (1, 3):
-        raise DataError(f"cannot read image {where}: image files give 1 or 3 channels, "
-                        f"not channels={channels}")
+        raise DataError(f"cannot read image {where}: image files give 1 or 3 channels, not channels={channels}")
     mode = "RGB" if channels == 3 else "L"
     try:
         if encoded and not path:
@@ -154,8 +154,10 @@ def load_image(path: str | Path | bytes, channels: int = 3, target_size: int | N
         with img:
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise DataError(f"cannot read image {where}: {w}x{h} pixels is more than "
-                                f"maelab.data.images.MAX_PIXELS={MAX_PIXELS:,}")
+                raise DataError(
+                    f"cannot read image {where}: {w}x{h} pixels is more than "
+                    f"maelab.data.images.MAX_PIXELS={MAX_PIXELS:,}"
+                )
             if w < 1 or h < 1:
                 raise DataError(f"cannot read image {where}: empty image ({w}x{h})")
             if target_size is not None and img.format == "JPEG":

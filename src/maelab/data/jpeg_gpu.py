@@ -69,8 +69,15 @@ EOI_SEARCH = 1024
 _SOI = b"\xff\xd8\xff"
 _EOI = b"\xff\xd9"
 
-__all__ = ["DECODE_MODES", "EncodedImageFolder", "JPEGDecodeLoader", "collate_encoded", "decode_jpeg",
-           "device_decodable", "resolve_decode"]
+__all__ = [
+    "DECODE_MODES",
+    "EncodedImageFolder",
+    "JPEGDecodeLoader",
+    "collate_encoded",
+    "decode_jpeg",
+    "device_decodable",
+    "resolve_decode",
+]
 
 JPEGData = torch.Tensor | list[torch.Tensor]
 
@@ -215,10 +222,20 @@ class JPEGDecodeLoader:
         ratio: RandomResizedCrop's aspect-ratio range.
     """
 
-    def __init__(self, folder: ImageFolderDataset, batch_size: int, sampler: ResumableSampler, img_size: Size,
-                 mean: Sequence[float], std: Sequence[float], device: torch.device | str, num_workers: int = 0,
-                 min_scale: float = 0.2, hflip: bool = True,
-                 ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)) -> None:
+    def __init__(
+        self,
+        folder: ImageFolderDataset,
+        batch_size: int,
+        sampler: ResumableSampler,
+        img_size: Size,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str,
+        num_workers: int = 0,
+        min_scale: float = 0.2,
+        hflip: bool = True,
+        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    ) -> None:
         if not isinstance(folder, ImageFolderDataset):
             raise ValueError(f"JPEGDecodeLoader needs an ImageFolderDataset, got {type(folder).__name__}")
         if sampler.n != len(folder):
@@ -238,11 +255,17 @@ class JPEGDecodeLoader:
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std on the device (made once)
         self._decode_stream: torch.cuda.Stream | None = None  # allocates decode_jpeg's CUDA outputs
         self.hflip = hflip
-        self.crop = v2.RandomResizedCrop(self.img_size, scale=(min_scale, 1.0), ratio=ratio,
-                                         interpolation=InterpolationMode.BICUBIC, antialias=True)
+        self.crop = v2.RandomResizedCrop(
+            self.img_size, scale=(min_scale, 1.0), ratio=ratio, interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
         self.loader = SignalSafeDataLoader(
-            EncodedImageFolder(folder), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-            collate_fn=collate_encoded, drop_last=True, persistent_workers=num_workers > 0,
+            EncodedImageFolder(folder),
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=collate_encoded,
+            drop_last=True,
+            persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
         )
 
@@ -291,8 +314,9 @@ class JPEGDecodeLoader:
         labels[k] = self.folder.samples[j][1]
         return img
 
-    def _decode_batched(self, payloads: Sequence[torch.Tensor], files: Sequence[int], labels: torch.Tensor,
-                        ks: Sequence[int]) -> list[torch.Tensor]:
+    def _decode_batched(
+        self, payloads: Sequence[torch.Tensor], files: Sequence[int], labels: torch.Tensor, ks: Sequence[int]
+    ) -> list[torch.Tensor]:
         """Payloads ``ks`` (file bytes) in one batched ``decode_jpeg`` call; if the decoder rejects the batch,
         each half is retried batched in turn, so only the files it rejects alone go to Pillow."""
         try:
@@ -303,11 +327,13 @@ class JPEGDecodeLoader:
                 return [self._pil_fallback(files[ks[0]], labels, ks[0])]
             log.debug("batched decode_jpeg failed (%s): retrying each half", e)
         half = len(ks) // 2
-        return (self._decode_batched(payloads, files, labels, ks[:half])
-                + self._decode_batched(payloads, files, labels, ks[half:]))
+        return self._decode_batched(payloads, files, labels, ks[:half]) + self._decode_batched(
+            payloads, files, labels, ks[half:]
+        )
 
-    def decode(self, payloads: Sequence[torch.Tensor], files: Sequence[int],
-               labels: torch.Tensor) -> list[torch.Tensor]:
+    def decode(
+        self, payloads: Sequence[torch.Tensor], files: Sequence[int], labels: torch.Tensor
+    ) -> list[torch.Tensor]:
         """Payloads (file bytes [num_bytes] or decoded uint8 [C, H, W]) -> uint8 [C, H, W] each, on the device.
 
         The encoded ones are decoded in one batched ``decode_jpeg`` call (split in halves around the files it
@@ -325,8 +351,9 @@ class JPEGDecodeLoader:
         return out  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- augmentation
-    def params(self, seeds: Sequence[int],
-               sizes: Sequence[tuple[int, int]]) -> list[tuple[tuple[int, int, int, int], bool]]:
+    def params(
+        self, seeds: Sequence[int], sizes: Sequence[tuple[int, int]]
+    ) -> list[tuple[tuple[int, int, int, int], bool]]:
         """``((top, left, h, w), flip)`` per sample: the CPU path's draws for each seed and (H, W) image size.
 
         For each sample torch's CPU generator is seeded with its seed (as
@@ -348,8 +375,9 @@ class JPEGDecodeLoader:
             gen.set_state(state)
         return out
 
-    def resize(self, images: Sequence[torch.Tensor], params: Sequence[tuple[tuple[int, int, int, int], bool]],
-               batched: bool) -> list[torch.Tensor]:
+    def resize(
+        self, images: Sequence[torch.Tensor], params: Sequence[tuple[tuple[int, int, int, int], bool]], batched: bool
+    ) -> list[torch.Tensor]:
         """Decoded uint8 [C, H_i, W_i] images -> their crops ``params`` (from :meth:`params`), resized to
         ``img_size`` (bicubic, antialiased) and flipped: uint8 [C, h, w] each.
 
@@ -361,8 +389,9 @@ class JPEGDecodeLoader:
         if not batched:
             out = []
             for img, ((top, left, h, w), flip) in zip(images, params):
-                x = TF.resized_crop(img, top, left, h, w, list(self.img_size),
-                                    interpolation=InterpolationMode.BICUBIC, antialias=True)
+                x = TF.resized_crop(
+                    img, top, left, h, w, list(self.img_size), interpolation=InterpolationMode.BICUBIC, antialias=True
+                )
                 out.append(x.flip(-1) if flip else x)
             return out
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -374,8 +403,9 @@ class JPEGDecodeLoader:
             if self.device.type == "cuda":  # pinned: the copy does not make the host wait for the GPU
                 rows = rows.pin_memory()
             rows = rows.to(self.device, non_blocking=True)
-            x = antialiased_resized_crop(torch.stack([images[k] for k in ks]), rows[:, :4], self.img_size,
-                                         rows[:, 4] > 0)
+            x = antialiased_resized_crop(
+                torch.stack([images[k] for k in ks]), rows[:, :4], self.img_size, rows[:, 4] > 0
+            )
             for k, img in zip(ks, x.clamp_(0, 255).round_().to(torch.uint8).unbind(0)):
                 resized[k] = img
         return resized  # type: ignore[return-value]
@@ -395,6 +425,8 @@ class JPEGDecodeLoader:
             yield images, labels.to(self.device, non_blocking=True)
 
     def __repr__(self) -> str:
-        return (f"JPEGDecodeLoader({len(self.folder)} files in {self.folder.root}, {JPEG_BACKEND} decode_jpeg on "
-                f"{self.device}, batch_size={self.batch_size}, img_size={self.img_size}, scale={self.crop.scale}, "
-                f"hflip={self.hflip}, workers={self.loader.num_workers})")
+        return (
+            f"JPEGDecodeLoader({len(self.folder)} files in {self.folder.root}, {JPEG_BACKEND} decode_jpeg on "
+            f"{self.device}, batch_size={self.batch_size}, img_size={self.img_size}, scale={self.crop.scale}, "
+            f"hflip={self.hflip}, workers={self.loader.num_workers})"
+        )

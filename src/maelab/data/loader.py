@@ -38,8 +38,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ResumableSampler(Sampler[tuple[int, int]]):
     """Per-epoch shuffled ``(index, sample_seed)`` pairs for this rank, from position ``start``."""
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ) -> None:
         self.n = num_samples
         self.seed = seed
         self.shuffle = shuffle
@@ -68,10 +75,10 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         total = self.per_rank * self.world_size
         if total > len(idx):  # pad by wrapping, like DistributedSampler
             idx += idx[: total - len(idx)]
-        return idx[self.rank:total:self.world_size]
+        return idx[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in self.order()[self.start:]:
+        for i in self.order()[self.start :]:
             yield i, sample_seed(self.seed, self.epoch, i)
 
     def __len__(self) -> int:
@@ -115,22 +122,28 @@ class SignalSafeDataLoader(DataLoader):
     ``worker_init_fn`` (``ignore_stop_signals``, chained with the one given here) ignores them.
     """
 
-    def __init__(self, dataset: Dataset, *, worker_init_fn: Callable[[int], Any] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, *, worker_init_fn: Callable[[int], Any] | None = None, **kwargs: Any) -> None:
         if sys.platform == "linux" and kwargs.get("num_workers", 0) > 0:
             # forked workers start with the stop signals blocked (see __iter__); the default turns to
             # forkserver in Python 3.14, whose workers would be exposed until their worker_init_fn runs
             kwargs.setdefault("multiprocessing_context", "fork")
-        super().__init__(dataset, worker_init_fn=partial(ignore_stop_signals, init=worker_init_fn, parent=os.getpid()),
-                         **kwargs)
+        super().__init__(
+            dataset, worker_init_fn=partial(ignore_stop_signals, init=worker_init_fn, parent=os.getpid()), **kwargs
+        )
 
     def __iter__(self) -> Any:
         with stop_signals_blocked():  # workers (and persistent ones) are forked here
             return super().__iter__()
 
 
-def build_loader(dataset: Dataset, batch_size: int, sampler: ResumableSampler, num_workers: int,
-                 pin_memory: bool = False, drop_last: bool = True) -> DataLoader:
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    sampler: ResumableSampler,
+    num_workers: int,
+    pin_memory: bool = False,
+    drop_last: bool = True,
+) -> DataLoader:
     """DataLoader over ``SeededDataset(dataset)`` driven by ``sampler``; drops incomplete batches by default.
 
     Tuned for the training loop: workers live across epochs (``persistent_workers``: no
@@ -140,8 +153,13 @@ def build_loader(dataset: Dataset, batch_size: int, sampler: ResumableSampler, n
     compute. Batches come out in sampler order, which exact resumption relies on.
     """
     return SignalSafeDataLoader(
-        SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0,
+        SeededDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),  # its base seed is unused: samples seed themselves
     )

@@ -18,8 +18,9 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 
-def normalize_uint8(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
-                    std: Sequence[float] | torch.Tensor) -> torch.Tensor:
+def normalize_uint8(
+    images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float32 ``(x / 255 - mean) / std``, exactly as ``ToDtype(scale=True)`` +
     ``Normalize`` compute it per sample.
 
@@ -34,14 +35,17 @@ def normalize_uint8(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
     return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), mean=mean, std=std)  # type: ignore[arg-type]
 
 
-def stats_tensors(mean: Sequence[float], std: Sequence[float],
-                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def stats_tensors(
+    mean: Sequence[float], std: Sequence[float], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``mean`` and ``std`` as float32 tensors [C] on ``device``: the tensors torchvision's ``normalize``
     would build from the lists (same values), made once instead of once per batch."""
     if not all(float(s) != 0.0 for s in std):
         raise ValueError(f"std evaluated to zero, leading to division by zero: {tuple(std)}")
-    return (torch.tensor([float(m) for m in mean], dtype=torch.float32, device=device),
-            torch.tensor([float(s) for s in std], dtype=torch.float32, device=device))
+    return (
+        torch.tensor([float(m) for m in mean], dtype=torch.float32, device=device),
+        torch.tensor([float(s) for s in std], dtype=torch.float32, device=device),
+    )
 
 
 class DeviceBatches:
@@ -49,8 +53,13 @@ class DeviceBatches:
     ``device``, labels). On CUDA the next batch is copied on a side stream while the current one is
     used; elsewhere batches are converted in place of use. Labels stay where the loader put them."""
 
-    def __init__(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device | str,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         self.loader = loader
         self.device = torch.device(device)
         self.mean = tuple(float(m) for m in mean)
@@ -91,8 +100,9 @@ class DeviceBatches:
         if pending is not None:
             yield self._ready(*pending)
 
-    def _ready(self, staged: torch.Tensor, labels: torch.Tensor,
-               copied: torch.cuda.Event) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ready(
+        self, staged: torch.Tensor, labels: torch.Tensor, copied: torch.cuda.Event
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         current = torch.cuda.current_stream(self.device)
         current.wait_event(copied)  # this batch's copy has landed (not the next one's)
         staged.record_stream(current)  # its memory is not reused while the current stream may still read it

@@ -108,8 +108,12 @@ def write_shards(folder: str | Path, output: str | Path, shard_size: int) -> dic
             sink.write(sample)
             name = Path(sink.fname).name
             counts[name] = counts.get(name, 0) + 1
-    index = {"format": "webdataset", "num_samples": len(src.samples), "classes": src.classes,
-             "shards": [{"name": n, "num_samples": c} for n, c in counts.items()]}
+    index = {
+        "format": "webdataset",
+        "num_samples": len(src.samples),
+        "classes": src.classes,
+        "shards": [{"name": n, "num_samples": c} for n, c in counts.items()],
+    }
     write_json(index, out / INDEX_FILE, indent=1)
     return index
 
@@ -209,9 +213,17 @@ class ShardStream(IterableDataset):
         rank, world_size: this process and the number of processes.
     """
 
-    def __init__(self, spec: str, transform: Callable[[Image.Image], Any] | None = None, channels: int = 3,
-                 strict: bool = False, target_size: int | None = None, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self,
+        spec: str,
+        transform: Callable[[Image.Image], Any] | None = None,
+        channels: int = 3,
+        strict: bool = False,
+        target_size: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if channels not in (1, 3):
             raise DataError(f"shards {spec} give 1 or 3 channels, not {channels}")
         self.spec = spec
@@ -347,8 +359,14 @@ class ShardSamples(ImageFolderDataset):
     labels from ``cls``, classes from ``index.json``; the skip/strict policy is the folders'.
     """
 
-    def __init__(self, spec: str, transform: Callable[[Image.Image], Any] | None = None, channels: int = 3,
-                 strict: bool = False, target_size: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: str,
+        transform: Callable[[Image.Image], Any] | None = None,
+        channels: int = 3,
+        strict: bool = False,
+        target_size: int | None = None,
+    ) -> None:
         urls, _, classes = resolve_shards(spec)
         self.root = Path(urls[0]).parent
         self.transform, self.channels, self.strict, self.target_size = transform, channels, strict, target_size
@@ -387,10 +405,17 @@ class ShardSamples(ImageFolderDataset):
         return load_image(data, channels=self.channels, target_size=self.target_size, name=name)
 
 
-def build_stream_loader(stream: ShardStream, batch_size: int, num_workers: int,
-                        pin_memory: bool = False) -> SignalSafeDataLoader:
+def build_stream_loader(
+    stream: ShardStream, batch_size: int, num_workers: int, pin_memory: bool = False
+) -> SignalSafeDataLoader:
     """DataLoader of full batches from ``stream``; workers are started per epoch (not persistent), so each
     epoch's workers see the epoch and start position :meth:`ShardStream.set_epoch` set."""
     stream.set_batching(batch_size, num_workers)
-    return SignalSafeDataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                                drop_last=True, prefetch_factor=4 if num_workers > 0 else None)
+    return SignalSafeDataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -44,29 +44,31 @@ SHAPES: dict[str, Mask] = {
     "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.8,
     "triangle": lambda u, v: _tri(u, v, 0.5),
     "ring": lambda u, v: (u**2 + v**2 <= 1.0) & (u**2 + v**2 >= 0.55**2),
-    "cross": lambda u, v: ((np.abs(u) <= 0.28) | (np.abs(v) <= 0.28))
-    & (np.maximum(np.abs(u), np.abs(v)) <= 1.0),
+    "cross": lambda u, v: ((np.abs(u) <= 0.28) | (np.abs(v) <= 0.28)) & (np.maximum(np.abs(u), np.abs(v)) <= 1.0),
     "striped_disk": lambda u, v: (u**2 + v**2 <= 1.0) & (np.sin(u * 2.5 * np.pi) > 0),
     "ellipse": lambda u, v: u**2 + (v / 0.42) ** 2 <= 1.0,
     "rhombus": lambda u, v: np.abs(u) + np.abs(v) / 0.5 <= 1.0,
     "star": _star,
-    "checker": lambda u, v: (np.maximum(np.abs(u), np.abs(v)) <= 0.85)
-    & ((np.floor(u / 0.425) + np.floor(v / 0.425)) % 2 == 0),
+    "checker": lambda u, v: (
+        (np.maximum(np.abs(u), np.abs(v)) <= 0.85) & ((np.floor(u / 0.425) + np.floor(v / 0.425)) % 2 == 0)
+    ),
     "half_disk": lambda u, v: (u**2 + v**2 <= 1.0) & (v >= -0.1),
-    "frame": lambda u, v: (np.maximum(np.abs(u), np.abs(v)) <= 0.85)
-    & (np.maximum(np.abs(u), np.abs(v)) >= 0.55),
+    "frame": lambda u, v: (np.maximum(np.abs(u), np.abs(v)) <= 0.85) & (np.maximum(np.abs(u), np.abs(v)) >= 0.55),
     "two_dots": lambda u, v: ((u - 0.55) ** 2 + v**2 <= 0.4**2) | ((u + 0.55) ** 2 + v**2 <= 0.4**2),
-    "corner": lambda u, v: ((u >= -0.8) & (u <= -0.25) & (np.abs(v) <= 0.8))
-    | ((np.abs(u) <= 0.8) & (v >= 0.25) & (v <= 0.8)),
+    "corner": lambda u, v: (
+        ((u >= -0.8) & (u <= -0.25) & (np.abs(v) <= 0.8)) | ((np.abs(u) <= 0.8) & (v >= 0.25) & (v <= 0.8))
+    ),
     "crescent": lambda u, v: (u**2 + v**2 <= 1.0) & ((u - 0.45) ** 2 + v**2 >= 0.8**2),
     "triangle_outline": lambda u, v: _tri(u, v, 0.5) & ~_tri(u, v, 0.25),
     "bar": lambda u, v: (np.abs(u) <= 1.0) & (np.abs(v) <= 0.22),
-    "dot_grid": lambda u, v: ((((u + 0.9) % 0.6) - 0.3) ** 2 + (((v + 0.9) % 0.6) - 0.3) ** 2
-                              <= 0.2**2) & (np.maximum(np.abs(u), np.abs(v)) <= 0.9),
-    "bullseye": lambda u, v: (u**2 + v**2 <= 0.3**2)
-    | ((u**2 + v**2 >= 0.6**2) & (u**2 + v**2 <= 1.0)),
-    "tee": lambda u, v: ((np.abs(u) <= 0.9) & (v >= 0.45) & (v <= 0.9))
-    | ((np.abs(u) <= 0.22) & (v >= -0.9) & (v <= 0.45)),
+    "dot_grid": lambda u, v: (
+        ((((u + 0.9) % 0.6) - 0.3) ** 2 + (((v + 0.9) % 0.6) - 0.3) ** 2 <= 0.2**2)
+        & (np.maximum(np.abs(u), np.abs(v)) <= 0.9)
+    ),
+    "bullseye": lambda u, v: (u**2 + v**2 <= 0.3**2) | ((u**2 + v**2 >= 0.6**2) & (u**2 + v**2 <= 1.0)),
+    "tee": lambda u, v: (
+        ((np.abs(u) <= 0.9) & (v >= 0.45) & (v <= 0.9)) | ((np.abs(u) <= 0.22) & (v >= -0.9) & (v <= 0.45))
+    ),
 }
 SHAPE_NAMES: tuple[str, ...] = tuple(SHAPES)
 
@@ -87,8 +89,7 @@ def _colour(rng: np.random.Generator, channels: int, lum: float, spread: float) 
     return np.clip(c - c.mean() + lum, 0.0, 1.0)
 
 
-def _background(rng: np.random.Generator, h: int, w: int, channels: int,
-                lum: float) -> np.ndarray:
+def _background(rng: np.random.Generator, h: int, w: int, channels: int, lum: float) -> np.ndarray:
     """Textured background [H, W, C] in [0, 1] around luminance ``lum``."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float64)
     y, x = y / max(h - 1, 1), x / max(w - 1, 1)
@@ -104,8 +105,12 @@ def _background(rng: np.random.Generator, h: int, w: int, channels: int,
         gy, gx = y * 3, x * 3
         y0, x0 = np.minimum(gy.astype(int), 2), np.minimum(gx.astype(int), 2)
         fy, fx = gy - y0, gx - x0
-        p = (g[y0, x0] * (1 - fy) * (1 - fx) + g[y0 + 1, x0] * fy * (1 - fx)
-             + g[y0, x0 + 1] * (1 - fy) * fx + g[y0 + 1, x0 + 1] * fy * fx)
+        p = (
+            g[y0, x0] * (1 - fy) * (1 - fx)
+            + g[y0 + 1, x0] * fy * (1 - fx)
+            + g[y0, x0 + 1] * (1 - fy) * fx
+            + g[y0 + 1, x0 + 1] * fy * fx
+        )
     else:  # faint stripes
         a, f = rng.uniform(0, np.pi), rng.uniform(3, 8)
         p = 0.5 + 0.5 * np.sin(2 * np.pi * f * (x * np.cos(a) + y * np.sin(a)) + rng.uniform(0, 6.3))
@@ -115,8 +120,7 @@ def _background(rng: np.random.Generator, h: int, w: int, channels: int,
     return c0 * (1 - p[..., None]) + c1 * p[..., None]
 
 
-def render_shapes(rng: np.random.Generator, label: int, h: int, w: int,
-                  channels: int) -> np.ndarray:
+def render_shapes(rng: np.random.Generator, label: int, h: int, w: int, channels: int) -> np.ndarray:
     """One image of class ``label`` as uint8 [H, W, C]."""
     kind = SHAPES[SHAPE_NAMES[label % len(SHAPE_NAMES)]]
     copies = label // len(SHAPE_NAMES) + 1
@@ -164,12 +168,17 @@ class SyntheticShapes(Dataset):
     tensor (not PIL), so every channel count takes the same path through the transforms.
     """
 
-    def __init__(self, num_samples: int = 2048, img_size: int | tuple[int, int] = 32,
-                 channels: int = 3, num_classes: int = 10, seed: int = 0,
-                 transform: Callable[[torch.Tensor], Any] | None = None) -> None:
+    def __init__(
+        self,
+        num_samples: int = 2048,
+        img_size: int | tuple[int, int] = 32,
+        channels: int = 3,
+        num_classes: int = 10,
+        seed: int = 0,
+        transform: Callable[[torch.Tensor], Any] | None = None,
+    ) -> None:
         if num_samples < 1 or channels < 1 or num_classes < 2:
-            raise ValueError("SyntheticShapes needs num_samples >= 1, channels >= 1, "
-                             "num_classes >= 2")
+            raise ValueError("SyntheticShapes needs num_samples >= 1, channels >= 1, num_classes >= 2")
         self.num_samples = num_samples
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.channels = channels

@@ -39,9 +39,14 @@ def _resolve_root(name: str, root: str | Path | None) -> Path:
     return path
 
 
-def build_torchvision_dataset(name: str, root: str | Path | None, train: bool, download: bool,
-                              transform: Callable[[Any], Any] | None,
-                              split: str | None = None) -> Dataset:
+def build_torchvision_dataset(
+    name: str,
+    root: str | Path | None,
+    train: bool,
+    download: bool,
+    transform: Callable[[Any], Any] | None,
+    split: str | None = None,
+) -> Dataset:
     """A torchvision dataset whose items are ``(transform(PIL RGB image), int label)``.
 
     Args:
@@ -62,13 +67,13 @@ def build_torchvision_dataset(name: str, root: str | Path | None, train: bool, d
     cls = TORCHVISION_SETS[name]
     if name == "stl10":
         if train and split not in STL10_TRAIN_SPLITS:
-            raise DataError(f"invalid data.split={split!r} for stl10: use one of "
-                            f"{', '.join(STL10_TRAIN_SPLITS)}")
+            raise DataError(f"invalid data.split={split!r} for stl10: use one of {', '.join(STL10_TRAIN_SPLITS)}")
         kwargs: dict[str, Any] = {"split": split if train else "test"}
     else:
         if train and split != "train":
-            raise DataError(f"invalid data.split={split!r} for {name}: only 'train' "
-                            "(the test split is used for evaluation)")
+            raise DataError(
+                f"invalid data.split={split!r} for {name}: only 'train' (the test split is used for evaluation)"
+            )
         kwargs = {"train": train}
     if download:
         path.mkdir(parents=True, exist_ok=True)
@@ -77,7 +82,8 @@ def build_torchvision_dataset(name: str, root: str | Path | None, train: bool, d
     except RuntimeError as e:
         if download:
             raise DataError(f"{name} under {path} is incomplete or corrupt after download: {e}") from e
-        raise DataError(f"{name} not found under {path}: pass --download (data.download=true) "
-                        "or point data.root at a copy") from e
+        raise DataError(
+            f"{name} not found under {path}: pass --download (data.download=true) or point data.root at a copy"
+        ) from e
     except OSError as e:  # network failure while downloading, unreadable files
         raise DataError(f"cannot load {name} under {path}: {e}") from e

@@ -39,9 +39,7 @@ def _hw(img_size: Size | Sequence[int]) -> tuple[int, int]:
 
 
 def _finish(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-            v2.ToPureTensor()]
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
 
 
 class ClippedRandomResizedCrop(v2.RandomResizedCrop):
@@ -68,14 +66,22 @@ class ClippedRandomResizedCrop(v2.RandomResizedCrop):
 
 
 RESIZED_CROPS: dict[str, type[v2.RandomResizedCrop]] = {
-    "torchvision": v2.RandomResizedCrop, "official": ClippedRandomResizedCrop}
+    "torchvision": v2.RandomResizedCrop,
+    "official": ClippedRandomResizedCrop,
+}
 """Random resized crops by name: torchvision's (up to 10 draws, else a center crop; pre-training and fine-tuning
 use it, as the official code does) and the official linear probe's single clipped draw."""
 
 
-def pretrain_transform(img_size: Size, mean: Sequence[float], std: Sequence[float],
-                       min_scale: float = 0.2, hflip: bool = True, normalize: bool = True,
-                       crop: str = "torchvision") -> v2.Compose:
+def pretrain_transform(
+    img_size: Size,
+    mean: Sequence[float],
+    std: Sequence[float],
+    min_scale: float = 0.2,
+    hflip: bool = True,
+    normalize: bool = True,
+    crop: str = "torchvision",
+) -> v2.Compose:
     """MAE pre-training augmentation: random resized crop (+ flip), to a normalized tensor.
 
     ToImage -> RandomResizedCrop(img_size, scale=(min_scale, 1), bicubic, antialias)
@@ -87,8 +93,9 @@ def pretrain_transform(img_size: Size, mean: Sequence[float], std: Sequence[floa
     """
     ops: list[v2.Transform] = [
         v2.ToImage(),
-        RESIZED_CROPS[crop](_hw(img_size), scale=(min_scale, 1.0),
-                            interpolation=InterpolationMode.BICUBIC, antialias=True),
+        RESIZED_CROPS[crop](
+            _hw(img_size), scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+        ),
     ]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
@@ -105,8 +112,9 @@ def resolve_crop_pct(crop_pct: float | str, img_size: Size | Sequence[int]) -> f
     return float(crop_pct)
 
 
-def eval_transform(img_size: Size, mean: Sequence[float], std: Sequence[float],
-                   crop_pct: float | str = "auto") -> v2.Compose:
+def eval_transform(
+    img_size: Size, mean: Sequence[float], std: Sequence[float], crop_pct: float | str = "auto"
+) -> v2.Compose:
     """Deterministic evaluation transform: resize then center crop, to a normalized tensor.
 
     As the official code: the short side is resized to ``int(size / crop_pct)`` (aspect kept)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -60,7 +60,9 @@ def is_compile_failure(err: BaseException) -> bool:
     compiler), not from the model."""
     from torch._dynamo.exc import TorchDynamoException
 
-    return isinstance(err, TorchDynamoException) or type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
+    return isinstance(err, TorchDynamoException) or type(err).__module__.startswith(
+        ("torch._dynamo", "torch._inductor")
+    )
 
 
 def describe_compile_failure(err: BaseException) -> str:
@@ -75,8 +77,10 @@ def compile_failure_error(err: BaseException) -> ConfigError:
 
 def warn_compile_fallback(err: BaseException) -> None:
     """compile=auto: one warning line naming the failure; the caller goes on eagerly."""
-    log.warning("%s; compile=auto: running eagerly instead (compile=on makes this an error, compile=off skips "
-                "compiling)", describe_compile_failure(err))
+    log.warning(
+        "%s; compile=auto: running eagerly instead (compile=on makes this an error, compile=off skips compiling)",
+        describe_compile_failure(err),
+    )
 
 
 class Forward(NamedTuple):
@@ -120,8 +124,12 @@ def explain_compile_failure(active: bool) -> Iterator[None]:
 
 def is_fp8_candidate(module: nn.Module, fqn: str) -> bool:
     """A Linear inside a transformer block whose both dims are multiples of 16 (float8 matmul tiles)."""
-    return (isinstance(module, nn.Linear) and fqn.startswith(FP8_BLOCK_PREFIXES)
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.startswith(FP8_BLOCK_PREFIXES)
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
 
 
 def convert_to_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
@@ -136,16 +144,21 @@ def convert_to_fp8(model: nn.Module, recipe: str, device: torch.device) -> int:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as e:
-        raise ConfigError("fp8 needs torchao, which is not installed: pip install 'maelab[fp8]' "
-                          "(or set fp8=off)") from e
+        raise ConfigError(
+            "fp8 needs torchao, which is not installed: pip install 'maelab[fp8]' (or set fp8=off)"
+        ) from e
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)
         if cap < FP8_MIN_CAPABILITY:
-            raise ConfigError(f"invalid fp8={recipe!r}: float8 matmuls need a GPU of compute capability 8.9 or "
-                              f"newer (Ada, Hopper), this one is {cap[0]}.{cap[1]}; set fp8=off")
+            raise ConfigError(
+                f"invalid fp8={recipe!r}: float8 matmuls need a GPU of compute capability 8.9 or "
+                f"newer (Ada, Hopper), this one is {cap[0]}.{cap[1]}; set fp8=off"
+            )
     elif device.type != "cpu":
-        raise ConfigError(f"invalid fp8={recipe!r}: float8 training runs on CUDA (and emulated on CPU), "
-                          f"not on {device.type}; set fp8=off")
+        raise ConfigError(
+            f"invalid fp8={recipe!r}: float8 training runs on CUDA (and emulated on CPU), "
+            f"not on {device.type}; set fp8=off"
+        )
     count = sum(1 for fqn, m in model.named_modules() if is_fp8_candidate(m, fqn))
     if count == 0:
         raise ConfigError(f"fp8={recipe!r}: no Linear layer of this model has dims divisible by 16; set fp8=off")

@@ -113,8 +113,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         _, found = load_resume_state(ckpt_dir)
         return found
     if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p} (give a run directory, a Hugging Face directory "
-                              "or a .pt/.pth/.safetensors file)")
+        raise CheckpointError(
+            f"checkpoint not found: {p} (give a run directory, a Hugging Face directory "
+            "or a .pt/.pth/.safetensors file)"
+        )
     return p
 
 
@@ -125,16 +127,21 @@ def load_pretrained(path: str | Path, need_decoder: bool = False, **overrides: A
     return load_pretrained_with_config(path, need_decoder, **overrides)[0]
 
 
-def load_pretrained_with_config(path: str | Path, need_decoder: bool = False,
-                                **overrides: Any) -> tuple[Any, dict[str, Any] | None]:
+def load_pretrained_with_config(
+    path: str | Path, need_decoder: bool = False, **overrides: Any
+) -> tuple[Any, dict[str, Any] | None]:
     """``load_pretrained`` plus the pre-training run's config dict (None for other sources).
 
     ``need_decoder``: refuse (CheckpointError) a source without decoder weights instead of returning a model
     whose decoder is freshly initialized (reconstructions, a full Hugging Face export)."""
     from maelab.models.hf import is_hf_dir, load_hf
     from maelab.models.mae import MaskedAutoencoder
-    from maelab.models.weights import (encoder_only_error, load_official_checkpoint, read_checkpoint,
-                                       read_export_metadata)
+    from maelab.models.weights import (
+        encoder_only_error,
+        load_official_checkpoint,
+        read_checkpoint,
+        read_export_metadata,
+    )
 
     if is_hf_dir(path):
         return load_hf(path, need_decoder=need_decoder, **overrides), None
@@ -151,8 +158,10 @@ def load_pretrained_with_config(path: str | Path, need_decoder: bool = False,
         return model, None
     raw = read_checkpoint(p)
     if isinstance(raw, dict) and raw.get("kind") in ("finetune", "linprobe"):
-        raise CheckpointError(f"{p}: a {raw['kind']} checkpoint (a classifier), not a pre-trained MAE; "
-                              "pass the pre-training run or file it started from")
+        raise CheckpointError(
+            f"{p}: a {raw['kind']} checkpoint (a classifier), not a pre-trained MAE; "
+            "pass the pre-training run or file it started from"
+        )
     if isinstance(raw, dict) and "model_config" in raw:
         cfg = from_dict(ModelConfig, {**raw["model_config"], **overrides})
         model = MaskedAutoencoder(cfg)

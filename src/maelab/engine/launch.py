@@ -108,9 +108,12 @@ def slurm_ranks(environ: Mapping[str, str]) -> dict[str, str]:
     on this node."""
     if not is_slurm_launch(environ):
         return {}
-    return {"RANK": str(_int(environ, "SLURM_PROCID", "0")), "WORLD_SIZE": str(_int(environ, "SLURM_NTASKS", "1")),
-            "LOCAL_RANK": str(_int(environ, "SLURM_LOCALID", "0")),
-            "LOCAL_WORLD_SIZE": str(tasks_on_this_node(environ))}
+    return {
+        "RANK": str(_int(environ, "SLURM_PROCID", "0")),
+        "WORLD_SIZE": str(_int(environ, "SLURM_NTASKS", "1")),
+        "LOCAL_RANK": str(_int(environ, "SLURM_LOCALID", "0")),
+        "LOCAL_WORLD_SIZE": str(tasks_on_this_node(environ)),
+    }
 
 
 def slurm_as_torchrun_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -120,11 +123,11 @@ def slurm_as_torchrun_env(environ: Mapping[str, str]) -> dict[str, str]:
     env = slurm_ranks(environ)
     if not env:
         return env
-    nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
-                or environ.get("SLURM_NODELIST"))
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     if not environ.get("MASTER_ADDR") and not nodelist:
-        raise ConfigError("SLURM started several tasks but set no SLURM_JOB_NODELIST: set MASTER_ADDR to the host "
-                          "of task 0")
+        raise ConfigError(
+            "SLURM started several tasks but set no SLURM_JOB_NODELIST: set MASTER_ADDR to the host of task 0"
+        )
     env["MASTER_ADDR"] = environ.get("MASTER_ADDR") or expand_nodelist(nodelist or "")[0]
     port = 20000 + _int(environ, "SLURM_JOB_ID", "0") % 20000 if "SLURM_JOB_ID" in environ else DEFAULT_PORT
     env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(port)
@@ -137,8 +140,13 @@ def adopt_slurm_launch() -> None:
     env = slurm_as_torchrun_env(os.environ)
     os.environ.update(env)
     if env.get("RANK") == "0":
-        log.info("launched by SLURM's srun (no torchrun): %s tasks, %s on this node, rendezvous at %s:%s",
-                 env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"])
+        log.info(
+            "launched by SLURM's srun (no torchrun): %s tasks, %s on this node, rendezvous at %s:%s",
+            env["WORLD_SIZE"],
+            env["LOCAL_WORLD_SIZE"],
+            env["MASTER_ADDR"],
+            env["MASTER_PORT"],
+        )
 
 
 def job_env(environ: Mapping[str, str] | None = None) -> Mapping[str, str]:
@@ -153,7 +161,9 @@ def task_cpus(environ: Mapping[str, str] | None = None) -> int | None:
     WORLD_SIZE are SLURM_PROCID and SLURM_NTASKS), else None: under ``srun torchrun`` a task holds several."""
     env = job_env(environ)
     one_per_task = "SLURM_PROCID" in env and (env.get("RANK"), env.get("WORLD_SIZE")) == (
-        env["SLURM_PROCID"], env.get("SLURM_NTASKS"))
+        env["SLURM_PROCID"],
+        env.get("SLURM_NTASKS"),
+    )
     return (_int(env, "SLURM_CPUS_PER_TASK", "0") or None) if one_per_task else None
 
 

@@ -10,7 +10,6 @@ from typing import Any
 
 from maelab.io import atomic_write
 
-
 STEP_LOG = "steps.jsonl"
 """Run-directory file of step-level records, one per ``log_every`` steps: ``step``, ``loss`` (mean over the
 steps since the previous record, or since the epoch began), ``lr``, ``img_per_s``."""
@@ -67,6 +66,7 @@ class MetricsLog:
     def keep_completed(self, epochs_done: int, steps_done: int | None = None) -> None:
         """Keep only records of the first ``epochs_done`` epochs and, for step-level records (no
         ``epoch`` key), of the first ``steps_done`` steps: a resumed run redoes the rest."""
+
         def done(r: dict[str, Any]) -> bool:
             if "epoch" in r or steps_done is None:
                 return r.get("epoch", 0) <= epochs_done

@@ -13,8 +13,14 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return set(fn()) if callable(fn) else set()
 
 
-def build_adamw(model: nn.Module, lr: float, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95),
-                fused: bool | None = None, decay_tokens: bool = True) -> torch.optim.AdamW:
+def build_adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.05,
+    betas: tuple[float, float] = (0.9, 0.95),
+    fused: bool | None = None,
+    decay_tokens: bool = True,
+) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms and biases (1-D params, and names ending in ``.bias``).
 
     As the official pre-training (``main_pretrain.py``: timm 0.3.2's ``add_weight_decay`` with no

@@ -13,10 +13,11 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,13 +25,20 @@ from tqdm.auto import tqdm
 from maelab.config import PretrainConfig, batch_summary, save_yaml, to_dict
 from maelab.data import build_dataset, default_stats, eval_transform, pretrain_transform
 from maelab.data.build import EVAL_SPLIT_DIRS
-from maelab.data.gpu import (FIXED_SIZE_DATASETS, DeferredTransform, GPUBatchLoader, load_uint8_tensor,
-                             peek_image_sizes, plan_gpu_resident, uint8_transform)
-from maelab.data.jpeg_gpu import JPEGDecodeLoader, resolve_decode
 from maelab.data.folders import ImageFolderDataset
+from maelab.data.gpu import (
+    FIXED_SIZE_DATASETS,
+    DeferredTransform,
+    GPUBatchLoader,
+    load_uint8_tensor,
+    peek_image_sizes,
+    plan_gpu_resident,
+    uint8_transform,
+)
+from maelab.data.jpeg_gpu import JPEGDecodeLoader, resolve_decode
 from maelab.data.loader import ResumableSampler, build_loader
-from maelab.data.shards import ShardStream, build_stream_loader
 from maelab.data.prefetch import DeviceBatches
+from maelab.data.shards import ShardStream, build_stream_loader
 from maelab.engine.accel import compile_or_eager, convert_to_fp8, explain_compile_failure, uses_cudagraphs
 from maelab.engine.checkpoint import LAST, atomic_link, atomic_save, config_mismatch, load_resume_state, rotate
 from maelab.engine.distributed import (
@@ -45,8 +53,7 @@ from maelab.engine.distributed import (
 )
 from maelab.engine.metrics import ENV_FILE, STEP_LOG, MetricsLog
 from maelab.engine.optim import build_adamw
-from maelab.engine.runtime import (autocast, explain_out_of_memory, rng_state, seed_everything,
-                                   set_rng_state)
+from maelab.engine.runtime import autocast, explain_out_of_memory, rng_state, seed_everything, set_rng_state
 from maelab.engine.schedule import lr_at
 from maelab.engine.signals import StopFlag
 from maelab.engine.step import TrainStep
@@ -93,8 +100,10 @@ class Pretrainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.fig_dir = self.out / "figures"
         if not resume and (self.ckpt_dir / LAST).exists():
-            raise ConfigError(f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to continue it "
-                              "or choose another --output")
+            raise ConfigError(
+                f"{self.out} already holds a run (checkpoints/last.pt): pass --resume to continue it "
+                "or choose another --output"
+            )
         self.dist, self.device, self.dtype = setup_process(cfg.device, cfg.precision)
         self.is_main = self.dist.is_main
         seed_everything(cfg.seed, cfg.deterministic)  # same on every rank: identical init and masking noise
@@ -107,19 +116,30 @@ class Pretrainer:
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = cfg.resolved_lr(self.dist.world_size)
 
-        self.optimizer = build_adamw(self.model, self.peak_lr, cfg.weight_decay, cfg.betas,
-                                     decay_tokens=cfg.weight_decay_tokens)
+        self.optimizer = build_adamw(
+            self.model, self.peak_lr, cfg.weight_decay, cfg.betas, decay_tokens=cfg.weight_decay_tokens
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         # block masks are drawn on the CPU (rectangles, one sample at a time): their generator lives there
         gen_device = "cpu" if self.model_cfg.mask_type == "block" else self.device
         self.mask_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed)
-        self.stepper = TrainStep(self.model, self.optimizer, self.device, self.dtype, self.scaler, cfg.grad_clip,
-                                 self.mask_gen, forward=self.forward, rank=self.dist.rank,
-                                 world_size=self.dist.world_size, no_sync=no_sync,
-                                 skip_nonfinite=cfg.max_bad_steps > 0,
-                                 all_reduce_min=lambda t: all_reduce_min(t, self.dist),
-                                 cudagraphs=uses_cudagraphs(self.compiled, cfg.compile_mode),
-                                 eager_fallback=self.eager_fallback)
+        self.stepper = TrainStep(
+            self.model,
+            self.optimizer,
+            self.device,
+            self.dtype,
+            self.scaler,
+            cfg.grad_clip,
+            self.mask_gen,
+            forward=self.forward,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            no_sync=no_sync,
+            skip_nonfinite=cfg.max_bad_steps > 0,
+            all_reduce_min=lambda t: all_reduce_min(t, self.dist),
+            cudagraphs=uses_cudagraphs(self.compiled, cfg.compile_mode),
+            eager_fallback=self.eager_fallback,
+        )
         self.bad_steps = 0
         self.step = 0
         self.epoch = 0
@@ -151,12 +171,14 @@ class Pretrainer:
             data = f"{self.cfg.data.num_workers} workers read files, JPEGs decoded on {self.device}"
         else:
             data = f"{self.cfg.data.num_workers} workers"
-        return (f"pre-training {self.cfg.model} ({params / 1e6:.1f}M trainable params) on {self.cfg.data.name!r} "
-                f"({len(self.dataset)} images, {data}); "
-                f"{batch_summary(self.cfg.batch_size, self.cfg.accum_steps, self.dist.world_size, self.peak_lr)}, "
-                f"{self.cfg.epochs} epochs = {self.total_steps} steps, {self.device} "
-                f"{str(self.dtype).removeprefix('torch.')}{self._speed_summary()}; output {self.out}"
-                + (f"; resuming at epoch {self.epoch}, step {self.step}" if self.step else ""))
+        return (
+            f"pre-training {self.cfg.model} ({params / 1e6:.1f}M trainable params) on {self.cfg.data.name!r} "
+            f"({len(self.dataset)} images, {data}); "
+            f"{batch_summary(self.cfg.batch_size, self.cfg.accum_steps, self.dist.world_size, self.peak_lr)}, "
+            f"{self.cfg.epochs} epochs = {self.total_steps} steps, {self.device} "
+            f"{str(self.dtype).removeprefix('torch.')}{self._speed_summary()}; output {self.out}"
+            + (f"; resuming at epoch {self.epoch}, step {self.step}" if self.step else "")
+        )
 
     def _write_environment(self) -> None:
         """``env.json``: the versions and the device of this (re)start (``maelab report`` shows them)."""
@@ -195,8 +217,9 @@ class Pretrainer:
             wrapped = self.ddp = DistributedDataParallel(self.model, device_ids=ids)
             no_sync = self.ddp.no_sync
         # compile=auto: a torch.compile failure here or in the first step means eager, with a warning
-        self.forward, self.compiled, self.eager_fallback = compile_or_eager(wrapped, self.cfg.compile, self.device,
-                                                                            self.cfg.compile_mode)
+        self.forward, self.compiled, self.eager_fallback = compile_or_eager(
+            wrapped, self.cfg.compile, self.device, self.cfg.compile_mode
+        )
         return no_sync
 
     def _setup_data(self) -> None:
@@ -206,38 +229,76 @@ class Pretrainer:
         self.dataset, store = self._training_set()
         self.gpu_resident = store is not None
         if len(self.dataset) < cfg.batch_size * self.dist.world_size:
-            raise DataError(f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than one global batch "
-                            f"(batch_size={cfg.batch_size} x {self.dist.world_size} processes): lower --batch-size")
-        self.sampler: Any = ResumableSampler(len(self.dataset), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
-                                             world_size=self.dist.world_size)
+            raise DataError(
+                f"dataset {cfg.data.name!r} has {len(self.dataset)} images, fewer than one global batch "
+                f"(batch_size={cfg.batch_size} x {self.dist.world_size} processes): lower --batch-size"
+            )
+        self.sampler: Any = ResumableSampler(
+            len(self.dataset), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=self.dist.world_size
+        )
         per_rank = len(self.sampler)
         self.loader: Any
         if isinstance(self.dataset, ShardStream):  # its own sampler: set_epoch positions the stream
             self.sampler, per_rank = self.dataset, self.dataset.samples_per_rank
-            self.loader = DeviceBatches(build_stream_loader(self.dataset, cfg.batch_size, cfg.data.num_workers,
-                                                            pin_memory=self.device.type == "cuda"),
-                                        self.device, self.mean, self.std)
+            self.loader = DeviceBatches(
+                build_stream_loader(
+                    self.dataset, cfg.batch_size, cfg.data.num_workers, pin_memory=self.device.type == "cuda"
+                ),
+                self.device,
+                self.mean,
+                self.std,
+            )
         elif self.gpu_resident:
-            images, labels = load_uint8_tensor(self.dataset, num_workers=cfg.data.num_workers,
-                                               progress=self.progress and self.is_main)
-            self.loader = GPUBatchLoader(images.to(self.device), labels, cfg.batch_size, self.sampler,
-                                         self.model_cfg.img_size, self.mean, self.std, min_scale=cfg.data.min_scale,
-                                         hflip=cfg.data.hflip, seed=cfg.seed)
+            images, labels = load_uint8_tensor(
+                self.dataset, num_workers=cfg.data.num_workers, progress=self.progress and self.is_main
+            )
+            self.loader = GPUBatchLoader(
+                images.to(self.device),
+                labels,
+                cfg.batch_size,
+                self.sampler,
+                self.model_cfg.img_size,
+                self.mean,
+                self.std,
+                min_scale=cfg.data.min_scale,
+                hflip=cfg.data.hflip,
+                seed=cfg.seed,
+            )
         elif resolve_decode(cfg.data.decode) == "gpu":  # DataConfig allows it for image folders only
-            self.loader = JPEGDecodeLoader(self.dataset, cfg.batch_size, self.sampler, self.model_cfg.img_size,
-                                           self.mean, self.std, self.device, num_workers=cfg.data.num_workers,
-                                           min_scale=cfg.data.min_scale, hflip=cfg.data.hflip)
+            self.loader = JPEGDecodeLoader(
+                self.dataset,
+                cfg.batch_size,
+                self.sampler,
+                self.model_cfg.img_size,
+                self.mean,
+                self.std,
+                self.device,
+                num_workers=cfg.data.num_workers,
+                min_scale=cfg.data.min_scale,
+                hflip=cfg.data.hflip,
+            )
         else:
-            self.loader = DeviceBatches(build_loader(self.dataset, cfg.batch_size, self.sampler, cfg.data.num_workers,
-                                                     pin_memory=self.device.type == "cuda"),
-                                        self.device, self.mean, self.std)
+            self.loader = DeviceBatches(
+                build_loader(
+                    self.dataset,
+                    cfg.batch_size,
+                    self.sampler,
+                    cfg.data.num_workers,
+                    pin_memory=self.device.type == "cuda",
+                ),
+                self.device,
+                self.mean,
+                self.std,
+            )
         if self.gpu_resident or cfg.data.decode == "gpu":
             log.info("data: %r", self.loader)
         self.batches_per_epoch = per_rank // cfg.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.accum_steps
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"invalid accum_steps={cfg.accum_steps}: an epoch has only "
-                              f"{self.batches_per_epoch} batches; lower accum_steps or batch_size")
+            raise ConfigError(
+                f"invalid accum_steps={cfg.accum_steps}: an epoch has only "
+                f"{self.batches_per_epoch} batches; lower accum_steps or batch_size"
+            )
 
     def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         mean_d, std_d = default_stats(self.model_cfg.in_chans)
@@ -245,8 +306,9 @@ class Pretrainer:
         std = self.cfg.data.std or std_d
         c = self.model_cfg.in_chans
         if len(mean) != c or len(std) != c:
-            raise ConfigError(f"invalid data.mean/std: need {c} values each (model in_chans={c}), "
-                              f"got {len(mean)} and {len(std)}")
+            raise ConfigError(
+                f"invalid data.mean/std: need {c} values each (model in_chans={c}), got {len(mean)} and {len(std)}"
+            )
         return tuple(mean), tuple(std)
 
     def _training_set(self) -> tuple[Any, tuple[int, int] | None]:
@@ -266,8 +328,10 @@ class Pretrainer:
         mode = data.gpu_resident
         if not (fixed or type(ds) is ImageFolderDataset):  # shards and HF datasets: the CPU DataLoader
             if mode == "on" or data.decode == "gpu":
-                raise ConfigError(f"data.gpu_resident=on and data.decode=gpu need an image folder or a built-in "
-                                  f"dataset, not {data.name!r}: use gpu_resident=auto and decode=cpu")
+                raise ConfigError(
+                    f"data.gpu_resident=on and data.decode=gpu need an image folder or a built-in "
+                    f"dataset, not {data.name!r}: use gpu_resident=auto and decode=cpu"
+                )
             mode = "off"
         if mode == "auto" and (self.device.type != "cuda" or data.decode == "gpu"):
             mode = "off"  # an explicit decode=gpu asks for per-batch device decoding
@@ -285,15 +349,18 @@ class Pretrainer:
             transform.set(uint8_transform(None if fixed else store))
         else:
             # uint8 crops: DeviceBatches normalizes them on the device (a quarter of the bytes to copy)
-            transform.set(pretrain_transform(img_size, self.mean, self.std, data.min_scale, data.hflip,
-                                             normalize=False))
+            transform.set(
+                pretrain_transform(img_size, self.mean, self.std, data.min_scale, data.hflip, normalize=False)
+            )
         return ds, store
 
     def _tensorboard(self) -> Any:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ConfigError("tensorboard=true needs the tensorboard package: pip install 'maelab[tensorboard]'") from e
+            raise ConfigError(
+                "tensorboard=true needs the tensorboard package: pip install 'maelab[tensorboard]'"
+            ) from e
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def _vis_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,8 +381,9 @@ class Pretrainer:
         finally:
             self._transform.set(training_transform)
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
-        noise = make_noise(self.model_cfg.mask_type, n, self.model_cfg.grid_size, self.model_cfg.mask_ratio,
-                           "cpu", generator=gen)
+        noise = make_noise(
+            self.model_cfg.mask_type, n, self.model_cfg.grid_size, self.model_cfg.mask_ratio, "cpu", generator=gen
+        )
         return imgs, noise
 
     def _knn_sets(self) -> tuple[Any, Any] | None:
@@ -328,20 +396,26 @@ class Pretrainer:
             log.warning("knn_every is ignored with fsdp=true (sharded forward passes need every rank)")
             return None
         if isinstance(self.dataset, ShardStream):
-            raise ConfigError("knn_every needs an indexable training set, not WebDataset shards: set knn_every=0 "
-                              "and run maelab knn on an image folder or a saved Hugging Face dataset")
+            raise ConfigError(
+                "knn_every needs an indexable training set, not WebDataset shards: set knn_every=0 "
+                "and run maelab knn on an image folder or a saved Hugging Face dataset"
+            )
         tf = eval_transform(self.model_cfg.img_size, self.mean, self.std, self.cfg.data.crop_pct)
         kw = dict(img_size=self.model_cfg.img_size, in_chans=self.model_cfg.in_chans, transform=tf, seed=self.cfg.seed)
         train = build_dataset(self.cfg.data, train=True, **kw)
         root = Path(self.cfg.data.name)
         if self.cfg.knn_data is None and root.is_dir() and not any((root / d).is_dir() for d in EVAL_SPLIT_DIRS):
-            raise ConfigError(f"knn_every needs validation images apart from the training folder {root}: "
-                              "set knn_data=PATH (a labeled folder, e.g. .../test)")
+            raise ConfigError(
+                f"knn_every needs validation images apart from the training folder {root}: "
+                "set knn_data=PATH (a labeled folder, e.g. .../test)"
+            )
         val_cfg = self.cfg.data if self.cfg.knn_data is None else replace(self.cfg.data, name=self.cfg.knn_data)
         val = build_dataset(val_cfg, train=False, **kw)
         if not (dataset_info(train)[1] and dataset_info(val)[1]):
-            raise ConfigError(f"knn_every={self.cfg.knn_every} needs labeled data: {self.cfg.data.name!r} "
-                              "(or knn_data) has no labels; set knn_every=0")
+            raise ConfigError(
+                f"knn_every={self.cfg.knn_every} needs labeled data: {self.cfg.data.name!r} "
+                "(or knn_data) has no labels; set knn_every=0"
+            )
         if len(train) > self.cfg.knn_max_train:
             step = len(train) / self.cfg.knn_max_train
             train = Subset(train, [int(i * step) for i in range(self.cfg.knn_max_train)])
@@ -352,9 +426,17 @@ class Pretrainer:
         from maelab.eval.knn import knn_monitor
 
         train, val = self.knn_sets
-        return knn_monitor(self.model, train, val, self.device, k=self.cfg.knn_k, T=self.cfg.knn_temperature,
-                           batch_size=max(self.cfg.batch_size, 64), num_workers=self.cfg.data.num_workers,
-                           dtype=self.dtype)
+        return knn_monitor(
+            self.model,
+            train,
+            val,
+            self.device,
+            k=self.cfg.knn_k,
+            T=self.cfg.knn_temperature,
+            batch_size=max(self.cfg.batch_size, 64),
+            num_workers=self.cfg.data.num_workers,
+            dtype=self.dtype,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, batch_in_epoch: int) -> dict[str, Any]:
@@ -407,15 +489,21 @@ class Pretrainer:
         saved_batch = saved_cfg.get("batch_size", self.cfg.batch_size) * saved_cfg.get("accum_steps", 1) * saved_world
         now_batch = self.cfg.effective_batch(self.dist.world_size)
         if saved_batch != now_batch:
-            raise CheckpointError(f"{path}: the run used a global batch of {saved_batch} images per step, now it would be "
-                                  f"{now_batch} (batch_size x accum_steps x world_size): keep it the same to resume")
+            raise CheckpointError(
+                f"{path}: the run used a global batch of {saved_batch} images per step, now it would be "
+                f"{now_batch} (batch_size x accum_steps x world_size): keep it the same to resume"
+            )
         if saved_cfg.get("seed", self.cfg.seed) != self.cfg.seed:
-            raise CheckpointError(f"{path}: the run used seed={saved_cfg['seed']}, now seed={self.cfg.seed}: "
-                                  "keep it the same to resume exactly")
+            raise CheckpointError(
+                f"{path}: the run used seed={saved_cfg['seed']}, now seed={self.cfg.seed}: "
+                "keep it the same to resume exactly"
+            )
         saved_tokens = saved_cfg.get("weight_decay_tokens", False)  # older runs exempted the tokens
         if saved_tokens != self.cfg.weight_decay_tokens:
-            raise CheckpointError(f"{path}: the run used weight_decay_tokens={str(saved_tokens).lower()} (other "
-                                  "optimizer groups): pass the same value to resume")
+            raise CheckpointError(
+                f"{path}: the run used weight_decay_tokens={str(saved_tokens).lower()} (other "
+                "optimizer groups): pass the same value to resume"
+            )
         if self.fsdp:
             self.model.load_state_dict(shard_like(state["model"], self.model.state_dict()), strict=True)
             load_full_optimizer_state(self.optimizer, state["optimizer"])
@@ -429,11 +517,19 @@ class Pretrainer:
         samples_done = state["batch_in_epoch"] * saved_cfg.get("batch_size", self.cfg.batch_size) * saved_world
         self._resume_batch = samples_done // (self.cfg.batch_size * self.dist.world_size)
         saved_workers = saved_cfg.get("data", {}).get("num_workers", self.cfg.data.num_workers)
-        if isinstance(self.dataset, ShardStream) and self._resume_batch and \
-                (saved_world, saved_workers) != (self.dist.world_size, self.cfg.data.num_workers):
-            log.warning("WebDataset shards: the interrupted epoch continues in another order (the run had %d "
-                        "processes x %d workers, now %d x %d); the next epochs are exact again", saved_world,
-                        saved_workers, self.dist.world_size, self.cfg.data.num_workers)
+        if (
+            isinstance(self.dataset, ShardStream)
+            and self._resume_batch
+            and (saved_world, saved_workers) != (self.dist.world_size, self.cfg.data.num_workers)
+        ):
+            log.warning(
+                "WebDataset shards: the interrupted epoch continues in another order (the run had %d "
+                "processes x %d workers, now %d x %d); the next epochs are exact again",
+                saved_world,
+                saved_workers,
+                self.dist.world_size,
+                self.cfg.data.num_workers,
+            )
         self.epoch_loss_sum = state.get("epoch_loss_sum", 0.0)
         self.epoch_steps_done = state.get("epoch_steps_done", 0)
         self.bad_steps = state.get("bad_steps", 0)
@@ -446,8 +542,13 @@ class Pretrainer:
 
     # ------------------------------------------------------------------ training
     def lr(self) -> float:
-        return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                     peak_lr=self.peak_lr, min_lr=self.cfg.min_lr)
+        return lr_at(
+            self.step,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            peak_lr=self.peak_lr,
+            min_lr=self.cfg.min_lr,
+        )
 
     def train_step(self, batches: list[torch.Tensor]) -> torch.Tensor | None:
         """One optimizer step over ``accum_steps`` micro-batches; returns the mean loss (on device),
@@ -460,8 +561,12 @@ class Pretrainer:
             self.bad_steps += 1
             if self.bad_steps > self.cfg.max_bad_steps:
                 self._check_finite(float("nan"))
-            log.warning("non-finite loss at step %d: update skipped (%d of max_bad_steps=%d)", self.step,
-                        self.bad_steps, self.cfg.max_bad_steps)
+            log.warning(
+                "non-finite loss at step %d: update skipped (%d of max_bad_steps=%d)",
+                self.step,
+                self.bad_steps,
+                self.cfg.max_bad_steps,
+            )
             return None
         return loss
 
@@ -471,21 +576,30 @@ class Pretrainer:
             where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written"
             raise NonFiniteLossError(
                 f"non-finite loss ({loss_value}) at epoch {self.epoch}, step {self.step}; training stopped, {where}. "
-                "Try a lower lr, grad_clip=1.0 or precision=fp32")
+                "Try a lower lr, grad_clip=1.0 or precision=fp32"
+            )
 
     def run(self, max_steps: int | None = None, on_epoch_end: Callable[[Pretrainer], None] | None = None) -> RunResult:
         """Train until ``cfg.epochs`` (or ``max_steps`` optimizer steps, then checkpoint and stop)."""
         cfg = self.cfg
         check_every = 1 if self.device.type == "cpu" else cfg.log_every
         start_batch = getattr(self, "_resume_batch", 0)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and self.is_main), unit="step",
-                   dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not (self.progress and self.is_main),
+            unit="step",
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         last_loss = float("nan")
         stopped = False
         self.model.train()
         if self.compiled and self.is_main:
-            log.info("torch.compile: the first steps compile the model (a minute or more for large models; "
-                     "compile=off skips it)")
+            log.info(
+                "torch.compile: the first steps compile the model (a minute or more for large models; "
+                "compile=off skips it)"
+            )
         with StopFlag() as stop:
             while self.epoch < cfg.epochs and not stopped:
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}")
@@ -516,17 +630,26 @@ class Pretrainer:
                         self._check_finite(value)
                         self.epoch_loss_sum += value * window_steps
                         self.epoch_steps_done += window_steps
-                        rate = (window_steps * cfg.effective_batch(self.dist.world_size)
-                                / max(time.perf_counter() - t_window, 1e-9))
+                        rate = (
+                            window_steps
+                            * cfg.effective_batch(self.dist.world_size)
+                            / max(time.perf_counter() - t_window, 1e-9)
+                        )
                         last_loss = value
                         bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr():.2e}", img_s=f"{rate:.0f}")
                         log_sum, log_steps = log_sum + value * window_steps, log_steps + window_steps
                         if self.step % cfg.log_every == 0:  # step-level curve: the mean since the last record
                             if self.is_main:
-                                self.step_log.append({
-                                    "step": self.step, "loss": log_sum / log_steps, "lr": self.lr(),
-                                    "img_per_s": log_steps * cfg.effective_batch(self.dist.world_size)
-                                    / max(time.perf_counter() - t_log, 1e-9)})
+                                self.step_log.append(
+                                    {
+                                        "step": self.step,
+                                        "loss": log_sum / log_steps,
+                                        "lr": self.lr(),
+                                        "img_per_s": log_steps
+                                        * cfg.effective_batch(self.dist.world_size)
+                                        / max(time.perf_counter() - t_log, 1e-9),
+                                    }
+                                )
                             log_sum, log_steps, t_log = 0.0, 0, time.perf_counter()
                         if self.tb is not None:
                             self.tb.add_scalar("train/loss", value, self.step)
@@ -543,12 +666,20 @@ class Pretrainer:
                         self.save(done_in_epoch)
                         if stop.signum is not None:  # every rank says so: all stop after the same step
                             rank = f" (rank {self.dist.rank})" if self.dist.enabled else ""
-                            log.warning("received signal %d%s: stopped after step %d, saved %s", stop.signum, rank,
-                                        self.step, self.ckpt_dir / LAST)
+                            log.warning(
+                                "received signal %d%s: stopped after step %d, saved %s",
+                                stop.signum,
+                                rank,
+                                self.step,
+                                self.ckpt_dir / LAST,
+                            )
                         stopped = True
                         break
-                    if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 \
-                            and done_in_epoch < self.batches_per_epoch:
+                    if (
+                        cfg.save_every_steps
+                        and self.step % cfg.save_every_steps == 0
+                        and done_in_epoch < self.batches_per_epoch
+                    ):
                         self._flush_window(window, window_steps)
                         window = torch.zeros((), device=self.device)
                         window_steps = 0
@@ -562,9 +693,15 @@ class Pretrainer:
                 last_loss = epoch_loss
                 elapsed = time.perf_counter() - t_epoch
                 self.epoch += 1
-                record = {"epoch": self.epoch, "step": self.step, "loss": epoch_loss, "lr": self.lr(),
-                          "img_per_s": imgs_seen / max(elapsed, 1e-9), "epoch_time_s": elapsed,
-                          "time": time.time()}
+                record = {
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "loss": epoch_loss,
+                    "lr": self.lr(),
+                    "img_per_s": imgs_seen / max(elapsed, 1e-9),
+                    "epoch_time_s": elapsed,
+                    "time": time.time(),
+                }
                 if self.knn_sets is not None and self.epoch % cfg.knn_every == 0:
                     record["knn_top1"] = self.knn_top1()
                     bar.write(f"epoch {self.epoch}: kNN top-1 {record['knn_top1']:.2f}%")
@@ -618,8 +755,9 @@ class Pretrainer:
         self.model.train()
         if not self.is_main:
             return self.fig_dir
-        images = reconstruct(imgs, out.pred.float().cpu(), out.mask.cpu(), self.model_cfg.patch_size,
-                             self.model_cfg.norm_pix_loss)
+        images = reconstruct(
+            imgs, out.pred.float().cpu(), out.mask.cpu(), self.model_cfg.patch_size, self.model_cfg.norm_pix_loss
+        )
         path = self.fig_dir / f"reconstruction_epoch{self.epoch:04d}.png"
         title = default_title(self.model_cfg.norm_pix_loss, self.model_cfg.mask_ratio, epoch=self.epoch)
         save_reconstruction_grid(images, path, self.mean, self.std, title=title)
@@ -627,7 +765,8 @@ class Pretrainer:
         return path
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True,
-             max_steps: int | None = None) -> RunResult:
+def pretrain(
+    cfg: PretrainConfig, resume: bool = False, progress: bool = True, max_steps: int | None = None
+) -> RunResult:
     """Run MAE pre-training described by ``cfg``; see :class:`Pretrainer`."""
     return Pretrainer(cfg, resume=resume, progress=progress).run(max_steps=max_steps)

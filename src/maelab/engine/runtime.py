@@ -46,17 +46,25 @@ def out_of_memory_advice(batch_size: int, accum_steps: int | None, global_batch:
     if batch_size < 2:
         return "use a smaller model or input size"
     if accum_steps is None and global_batch:
-        return (f"run more processes, or set global_batch=0 and lower --batch-size (global_batch={global_batch} "
-                "puts each process's whole share in one batch: the linear probe does not accumulate gradients, "
-                "its BatchNorm needs the whole batch)")
+        return (
+            f"run more processes, or set global_batch=0 and lower --batch-size (global_batch={global_batch} "
+            "puts each process's whole share in one batch: the linear probe does not accumulate gradients, "
+            "its BatchNorm needs the whole batch)"
+        )
     if accum_steps is None:
-        return ("lower --batch-size or run more processes (the linear probe does not accumulate gradients: "
-                "its BatchNorm needs the whole batch)")
+        return (
+            "lower --batch-size or run more processes (the linear probe does not accumulate gradients: "
+            "its BatchNorm needs the whole batch)"
+        )
     if global_batch:
-        return (f"lower --batch-size, e.g. --batch-size {batch_size // 2}: global_batch={global_batch} then takes "
-                f"more accumulation steps (now accum_steps={accum_steps})")
-    return (f"lower --batch-size and raise accum_steps by the same factor to keep the batch per optimizer step, "
-            f"e.g. --batch-size {batch_size // 2} --accum-steps {accum_steps * 2}")
+        return (
+            f"lower --batch-size, e.g. --batch-size {batch_size // 2}: global_batch={global_batch} then takes "
+            f"more accumulation steps (now accum_steps={accum_steps})"
+        )
+    return (
+        f"lower --batch-size and raise accum_steps by the same factor to keep the batch per optimizer step, "
+        f"e.g. --batch-size {batch_size // 2} --accum-steps {accum_steps * 2}"
+    )
 
 
 @contextlib.contextmanager
@@ -66,10 +74,12 @@ def explain_out_of_memory(cfg: Any, device: torch.device) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError as e:
-        advice = out_of_memory_advice(cfg.batch_size, getattr(cfg, "accum_steps", None),
-                                      getattr(cfg, "global_batch", 0))
-        raise DeviceMemoryError(f"out of memory on {device} in a training step at batch_size={cfg.batch_size} "
-                                f"per process: {advice}") from e
+        advice = out_of_memory_advice(
+            cfg.batch_size, getattr(cfg, "accum_steps", None), getattr(cfg, "global_batch", 0)
+        )
+        raise DeviceMemoryError(
+            f"out of memory on {device} in a training step at batch_size={cfg.batch_size} per process: {advice}"
+        ) from e
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -87,8 +97,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Global RNG states (python, numpy, torch CPU and CUDA)."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                             "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -100,5 +113,5 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         # a checkpoint from a process that saw more GPUs restores the devices this one has
-        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)

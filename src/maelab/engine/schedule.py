@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int | float, *, total_steps: int, warmup_steps: int | float, peak_lr: float, min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int | float, *, total_steps: int, warmup_steps: int | float, peak_lr: float, min_lr: float = 0.0
+) -> float:
     """lr for optimizer step ``step`` (0-based). Same curve as the official fractional-epoch rule."""
     if warmup_steps > 0 and step < warmup_steps:
         return peak_lr * step / warmup_steps

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # SIGUSR1 does not exist on Windows
 STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
-    s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGUSR1", "SIGINT")) if s is not None)
+    s for s in (getattr(signal, n, None) for n in ("SIGTERM", "SIGUSR1", "SIGINT")) if s is not None
+)
 
 
 @contextlib.contextmanager
@@ -58,8 +59,12 @@ def ignore_stop_signals(worker_id: int, init: Callable[[int], Any] | None = None
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # in every thread started from here on
-        threading.Thread(target=_exit_on_sigterm_from, args=(os.getppid() if parent is None else parent,), name="maelab-sigterm",
-                         daemon=True).start()
+        threading.Thread(
+            target=_exit_on_sigterm_from,
+            args=(os.getppid() if parent is None else parent,),
+            name="maelab-sigterm",
+            daemon=True,
+        ).start()
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, others)
     if init is not None:

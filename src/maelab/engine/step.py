@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from maelab.engine.optim import set_lr
 from maelab.engine.accel import is_compile_failure, warn_compile_fallback
+from maelab.engine.optim import set_lr
 from maelab.engine.runtime import autocast, rng_state, set_rng_state
 from maelab.models.mae import MAEOutput, MaskedAutoencoder
 from maelab.models.masking import make_noise
@@ -25,14 +25,24 @@ class TrainStep:
     process does with the same global batch.
     """
 
-    def __init__(self, model: MaskedAutoencoder, optimizer: torch.optim.Optimizer, device: torch.device,
-                 dtype: torch.dtype, scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
-                 generator: torch.Generator | None = None,
-                 forward: Callable[..., MAEOutput] | None = None, rank: int = 0, world_size: int = 1,
-                 no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 skip_nonfinite: bool = False,
-                 all_reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 cudagraphs: bool = False, eager_fallback: Callable[..., MAEOutput] | None = None) -> None:
+    def __init__(
+        self,
+        model: MaskedAutoencoder,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        dtype: torch.dtype,
+        scaler: torch.amp.GradScaler | None = None,
+        grad_clip: float | None = None,
+        generator: torch.Generator | None = None,
+        forward: Callable[..., MAEOutput] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        skip_nonfinite: bool = False,
+        all_reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cudagraphs: bool = False,
+        eager_fallback: Callable[..., MAEOutput] | None = None,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -47,7 +57,9 @@ class TrainStep:
         self.skip_nonfinite = skip_nonfinite
         self.all_reduce_min = all_reduce_min
         self.last_skipped = False
-        self.cudagraphs = cudagraphs  # forward is compiled with CUDA graphs (compile_mode reduce-overhead / max-autotune)
+        self.cudagraphs = (
+            cudagraphs  # forward is compiled with CUDA graphs (compile_mode reduce-overhead / max-autotune)
+        )
         self.eager_fallback = eager_fallback  # compile=auto: what runs if the first compiled step fails
         self.fell_back = False
         cfg = model.cfg
@@ -57,8 +69,15 @@ class TrainStep:
         """This rank's rows of the global batch's noise: [batch_size, L]."""
         kind, grid, ratio = self._noise_args
         total = batch_size * self.world_size
-        return make_noise(kind, total, grid, ratio, self.device, generator=self.generator,
-                          rows=range(self.rank, total, self.world_size) if self.world_size > 1 else None)
+        return make_noise(
+            kind,
+            total,
+            grid,
+            ratio,
+            self.device,
+            generator=self.generator,
+            rows=range(self.rank, total, self.world_size) if self.world_size > 1 else None,
+        )
 
     def __call__(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
         """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""

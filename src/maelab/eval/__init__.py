@@ -24,7 +24,22 @@ from maelab.eval.knn import knn_accuracy, knn_monitor, knn_predict, run_knn
 from maelab.eval.linprobe import LinearProbe, linprobe
 
 __all__ = [
-    "EmbedConfig", "FinetuneConfig", "KnnConfig", "LinearProbe", "LinprobeConfig", "build_classifier", "embed",
-    "evaluate", "extract_features", "finetune", "knn_accuracy", "knn_monitor", "knn_predict",
-    "layer_decay_param_groups", "linprobe", "pool_tokens", "run_knn", "set_trainable_blocks",
+    "EmbedConfig",
+    "FinetuneConfig",
+    "KnnConfig",
+    "LinearProbe",
+    "LinprobeConfig",
+    "build_classifier",
+    "embed",
+    "evaluate",
+    "extract_features",
+    "finetune",
+    "knn_accuracy",
+    "knn_monitor",
+    "knn_predict",
+    "layer_decay_param_groups",
+    "linprobe",
+    "pool_tokens",
+    "run_knn",
+    "set_trainable_blocks",
 ]

@@ -27,20 +27,32 @@ HEAD_PREFIXES = ("head.", "fc_norm.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def classifier_kwargs(model_cfg: ModelConfig, num_classes: int, pool: str = "avg", drop_path: float = 0.0,
-                      img_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+def classifier_kwargs(
+    model_cfg: ModelConfig,
+    num_classes: int,
+    pool: str = "avg",
+    drop_path: float = 0.0,
+    img_size: int | tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """``timm.create_model(model_cfg.timm_name, **kwargs)`` arguments of the classifier."""
     kwargs = dict(model_cfg.timm_kwargs())
-    kwargs.update(num_classes=num_classes, global_pool="avg" if pool == "avg" else "token",
-                  drop_path_rate=drop_path)
+    kwargs.update(num_classes=num_classes, global_pool="avg" if pool == "avg" else "token", drop_path_rate=drop_path)
     if img_size is not None:
         kwargs["img_size"] = img_size
     return kwargs
 
 
-def build_classifier(mae: Any | None, num_classes: int, *, model_cfg: ModelConfig | None = None,
-                     pool: str = "avg", drop_path: float = 0.1, img_size: int | tuple[int, int] | None = None,
-                     head_init_std: float = 2e-5, source: str = "checkpoint") -> VisionTransformer:
+def build_classifier(
+    mae: Any | None,
+    num_classes: int,
+    *,
+    model_cfg: ModelConfig | None = None,
+    pool: str = "avg",
+    drop_path: float = 0.1,
+    img_size: int | tuple[int, int] | None = None,
+    head_init_std: float = 2e-5,
+    source: str = "checkpoint",
+) -> VisionTransformer:
     """A timm ViT classifier with ``mae``'s encoder weights (``mae=None``: timm's random init).
 
     Args:
@@ -62,8 +74,8 @@ def build_classifier(mae: Any | None, num_classes: int, *, model_cfg: ModelConfi
     if pool not in ("avg", "cls"):
         raise ConfigError(f"invalid pool={pool!r}: one of avg, cls")
     model: VisionTransformer = timm.create_model(
-        model_cfg.timm_name, pretrained=False,
-        **classifier_kwargs(model_cfg, num_classes, pool, drop_path, img_size))
+        model_cfg.timm_name, pretrained=False, **classifier_kwargs(model_cfg, num_classes, pool, drop_path, img_size)
+    )
     if mae is not None:
         load_encoder_weights(model, mae.encoder_state_dict(), source=source)
         with torch.no_grad():
@@ -72,8 +84,9 @@ def build_classifier(mae: Any | None, num_classes: int, *, model_cfg: ModelConfi
     return model
 
 
-def load_encoder_weights(model: VisionTransformer, encoder_sd: dict[str, torch.Tensor],
-                         source: str = "checkpoint") -> None:
+def load_encoder_weights(
+    model: VisionTransformer, encoder_sd: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """Load timm-named encoder weights into a classifier ViT; only head/fc_norm (new) and
     ``norm`` (dropped with average pooling) may differ. Position embeddings are resampled
     to the classifier's grid if needed."""
@@ -84,20 +97,26 @@ def load_encoder_weights(model: VisionTransformer, encoder_sd: dict[str, torch.T
     sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
     pos = sd.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape and pos.shape[-1] == model.pos_embed.shape[-1]:
-        sd["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size),
-                                                 num_prefix_tokens=model.num_prefix_tokens)
+        sd["pos_embed"] = resample_abs_pos_embed(
+            pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens
+        )
     own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-             if k in own and own[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape
+    ]
     if wrong:
-        raise CheckpointError(f"{source}: encoder weights do not fit the classifier architecture "
-                              f"(checkpoint vs classifier shapes: {'; '.join(wrong[:3])})")
+        raise CheckpointError(
+            f"{source}: encoder weights do not fit the classifier architecture "
+            f"(checkpoint vs classifier shapes: {'; '.join(wrong[:3])})"
+        )
     result = model.load_state_dict(sd, strict=False)
     expected_missing = {k for k in own if k.startswith(HEAD_PREFIXES)}
     missing = [k for k in result.missing_keys if k not in expected_missing]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"{source}: encoder weights do not match the classifier's keys: "
-                              f"missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
+        raise CheckpointError(
+            f"{source}: encoder weights do not match the classifier's keys: "
+            f"missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
+        )
 
 
 # ---------------------------------------------------------------------------------- partial fine-tuning
@@ -177,7 +196,12 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
 
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     # the model as timm sees it, with the official layer ids in place of timm's ViT matcher
-    official = SimpleNamespace(named_parameters=model.named_parameters,
-                               group_matcher=lambda coarse=False: OFFICIAL_LAYERS)
-    return param_groups_layer_decay(official, weight_decay=weight_decay,  # type: ignore[arg-type]
-                                    no_weight_decay_list=nwd, layer_decay=layer_decay)
+    official = SimpleNamespace(
+        named_parameters=model.named_parameters, group_matcher=lambda coarse=False: OFFICIAL_LAYERS
+    )
+    return param_groups_layer_decay(
+        official,
+        weight_decay=weight_decay,  # type: ignore[arg-type]
+        no_weight_decay_list=nwd,
+        layer_decay=layer_decay,
+    )

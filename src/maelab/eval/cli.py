@@ -20,16 +20,35 @@ from maelab.engine.distributed import close_process_group, is_main_process
 
 FLAG_KEYS = {
     # attribute: dotted config key
-    "checkpoint": "checkpoint", "model": "model", "data": "data.name", "data_root": "data.root",
-    "epochs": "epochs", "batch_size": "batch_size", "accum_steps": "accum_steps", "lr": "lr", "base_lr": "base_lr",
-    "output": "output", "device": "device", "precision": "precision", "seed": "seed",
-    "num_workers": "data.num_workers", "pool": "pool", "train_blocks": "train_blocks", "layer_decay": "layer_decay",
-    "drop_path": "drop_path", "optimizer": "optimizer", "k": "k", "temperature": "temperature",
+    "checkpoint": "checkpoint",
+    "model": "model",
+    "data": "data.name",
+    "data_root": "data.root",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "accum_steps": "accum_steps",
+    "lr": "lr",
+    "base_lr": "base_lr",
+    "output": "output",
+    "device": "device",
+    "precision": "precision",
+    "seed": "seed",
+    "num_workers": "data.num_workers",
+    "pool": "pool",
+    "train_blocks": "train_blocks",
+    "layer_decay": "layer_decay",
+    "drop_path": "drop_path",
+    "optimizer": "optimizer",
+    "k": "k",
+    "temperature": "temperature",
 }
 SWITCH_KEYS = {
     # store_true attribute: (dotted key, value)
-    "download": ("data.download", True), "strict_data": ("data.strict", True),
-    "from_scratch": ("from_scratch", True), "ema": ("ema", True), "no_augment": ("augment", False),
+    "download": ("data.download", True),
+    "strict_data": ("data.strict", True),
+    "from_scratch": ("from_scratch", True),
+    "ema": ("ema", True),
+    "no_augment": ("augment", False),
     "no_cache": ("cache_features", False),
 }
 
@@ -66,8 +85,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     m = result.metrics
     top5 = f", top-5 {m['top5']:.2f}" if "top5" in m else ""
     ema = f", EMA top-1 {m['ema_top1']:.2f}" if "ema_top1" in m else ""
-    print(f"finetune finished: epoch {result.epoch}/{cfg.epochs}, top-1 {m.get('top1', float('nan')):.2f}{top5}{ema} "
-          f"(best {m['best_top1']:.2f} at epoch {m['best_epoch']}); eval.json in {result.output}")
+    print(
+        f"finetune finished: epoch {result.epoch}/{cfg.epochs}, top-1 {m.get('top1', float('nan')):.2f}{top5}{ema} "
+        f"(best {m['best_top1']:.2f} at epoch {m['best_epoch']}); eval.json in {result.output}"
+    )
     return 0
 
 
@@ -84,8 +105,10 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
     m = result.metrics
     top5 = f", top-5 {m['top5']:.2f}" if "top5" in m else ""
     what = "linear probe" if cfg.train_blocks == 0 else f"partial fine-tune ({cfg.train_blocks} blocks)"
-    print(f"{what} finished{' on cached features' if result.cached else ''}: top-1 {m['top1']:.2f}{top5} "
-          f"(best {m['best_top1']:.2f} at epoch {m['best_epoch']}); eval.json in {result.output}")
+    print(
+        f"{what} finished{' on cached features' if result.cached else ''}: top-1 {m['top1']:.2f}{top5} "
+        f"(best {m['best_top1']:.2f} at epoch {m['best_epoch']}); eval.json in {result.output}"
+    )
     return 0
 
 
@@ -101,8 +124,10 @@ def cmd_knn(args: argparse.Namespace) -> int:
         return 0
     m = result.metrics
     top5 = f", top-5 {m['top5']:.2f}" if "top5" in m else ""
-    print(f"kNN (k={cfg.k}, T={cfg.temperature}, {cfg.pool} features): top-1 {m['top1']:.2f}{top5}; "
-          f"eval.json in {result.output}")
+    print(
+        f"kNN (k={cfg.k}, T={cfg.temperature}, {cfg.pool} features): top-1 {m['top1']:.2f}{top5}; "
+        f"eval.json in {result.output}"
+    )
     return 0
 
 
@@ -121,12 +146,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- parser
-_SOURCE_HELP = ("pre-trained weights: a pre-training run directory, a maelab .pt, an official MAE .pth, "
-                "or an encoder exported by `maelab export` (.safetensors)")
+_SOURCE_HELP = (
+    "pre-trained weights: a pre-training run directory, a maelab .pt, an official MAE .pth, "
+    "or an encoder exported by `maelab export` (.safetensors)"
+)
 
 
-def _add_shared(p: argparse.ArgumentParser, batch_help: str = "per-device (per-process) batch size",
-                output_help: str = "output directory (eval.json, metrics.jsonl, checkpoints/)") -> None:
+def _add_shared(
+    p: argparse.ArgumentParser,
+    batch_help: str = "per-device (per-process) batch size",
+    output_help: str = "output directory (eval.json, metrics.jsonl, checkpoints/)",
+) -> None:
     p.add_argument("--config", help="YAML recipe (see recipes/finetune_*.yaml, linprobe_*.yaml, knn_*.yaml)")
     p.add_argument("--checkpoint", help=_SOURCE_HELP)
     p.add_argument("--model", help="preset name; with --checkpoint it is checked against the checkpoint")
@@ -142,16 +172,21 @@ def _add_shared(p: argparse.ArgumentParser, batch_help: str = "per-device (per-p
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. warmup_epochs=5 data.num_workers=8 ")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. warmup_epochs=5 data.num_workers=8 "
+    )
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float, help="absolute peak lr (overrides base_lr)")
     p.add_argument("--base-lr", type=float, help="lr = base_lr * effective_batch / 256")
-    p.add_argument("--train-blocks", type=int, metavar="K",
-                   help="partial fine-tuning: tune only the last K blocks (+ head); 0 = linear probe")
+    p.add_argument(
+        "--train-blocks",
+        type=int,
+        metavar="K",
+        help="partial fine-tuning: tune only the last K blocks (+ head); 0 = linear probe",
+    )
 
 
 def add_eval_commands(sub: Any) -> None:
@@ -159,8 +194,11 @@ def add_eval_commands(sub: Any) -> None:
     p = sub.add_parser("finetune", help="fine-tune a pre-trained encoder (paper recipe: layer decay, mixup, ...)")
     _add_shared(p)
     _add_training(p)
-    p.add_argument("--from-scratch", action="store_true",
-                   help="random init instead of a checkpoint (the supervised baseline; pick --model)")
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="random init instead of a checkpoint (the supervised baseline; pick --model)",
+    )
     p.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay (paper: 0.75; 1.0 = off)")
     p.add_argument("--drop-path", type=float, help="stochastic depth rate")
@@ -172,8 +210,11 @@ def add_eval_commands(sub: Any) -> None:
     _add_shared(p)
     _add_training(p)
     p.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], help="head optimizer (paper: lars)")
-    p.add_argument("--no-augment", action="store_true",
-                   help="no training augmentation: features are extracted once and cached (fast)")
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="no training augmentation: features are extracted once and cached (fast)",
+    )
     p.add_argument("--no-cache", action="store_true", help="never cache features (stream images every step)")
     p.set_defaults(func=cmd_linprobe)
 
@@ -184,6 +225,9 @@ def add_eval_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_knn)
 
     p = sub.add_parser("embed", help="frozen features of every image of a folder, to .safetensors or .npy")
-    _add_shared(p, batch_help="images per batch (per process)",
-                output_help="features file, .safetensors or .npy (+ <stem>.files.txt, <stem>.skipped.txt)")
+    _add_shared(
+        p,
+        batch_help="images per batch (per process)",
+        output_help="features file, .safetensors or .npy (+ <stem>.files.txt, <stem>.skipped.txt)",
+    )
     p.set_defaults(func=cmd_embed)

@@ -34,8 +34,9 @@ ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_
 """ModelConfig fields that must agree between a checkpoint and a requested ``model``."""
 
 
-def load_encoder_model(checkpoint: str, model: str | None = None,
-                       model_args: dict[str, Any] | None = None) -> MaskedAutoencoder:
+def load_encoder_model(
+    checkpoint: str, model: str | None = None, model_args: dict[str, Any] | None = None
+) -> MaskedAutoencoder:
     """The pre-trained MAE behind ``checkpoint``; if ``model`` is given, its architecture must match.
 
     Raises:
@@ -53,11 +54,16 @@ def load_encoder_model(checkpoint: str, model: str | None = None,
 
 def check_architecture(found: ModelConfig, expected: ModelConfig, source: str, model: str) -> None:
     """One-line :class:`CheckpointError` listing the fields where ``found`` differs from ``expected``."""
-    diff = [f"{f}={getattr(found, f)!r} (model wants {getattr(expected, f)!r})"
-            for f in ARCH_FIELDS if getattr(found, f) != getattr(expected, f)]
+    diff = [
+        f"{f}={getattr(found, f)!r} (model wants {getattr(expected, f)!r})"
+        for f in ARCH_FIELDS
+        if getattr(found, f) != getattr(expected, f)
+    ]
     if diff:
-        raise CheckpointError(f"{source}: checkpoint architecture does not match model={model!r}: "
-                              f"{', '.join(diff)}; drop --model or pick the preset it was trained with")
+        raise CheckpointError(
+            f"{source}: checkpoint architecture does not match model={model!r}: "
+            f"{', '.join(diff)}; drop --model or pick the preset it was trained with"
+        )
 
 
 def resolve_stats(data: DataConfig, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -66,13 +72,23 @@ def resolve_stats(data: DataConfig, in_chans: int) -> tuple[tuple[float, ...], t
     mean = tuple(data.mean or mean_d)
     std = tuple(data.std or std_d)
     if len(mean) != in_chans or len(std) != in_chans:
-        raise ConfigError(f"invalid data.mean/std: need {in_chans} values each (the encoder has "
-                          f"in_chans={in_chans}), got {len(mean)} and {len(std)}")
+        raise ConfigError(
+            f"invalid data.mean/std: need {in_chans} values each (the encoder has "
+            f"in_chans={in_chans}), got {len(mean)} and {len(std)}"
+        )
     return mean, std
 
 
-def labeled_dataset(data: DataConfig, *, img_size: int | tuple[int, int], in_chans: int, train: bool,
-                    transform: Callable[[Any], Any], seed: int, protocol: str) -> tuple[Dataset, int]:
+def labeled_dataset(
+    data: DataConfig,
+    *,
+    img_size: int | tuple[int, int],
+    in_chans: int,
+    train: bool,
+    transform: Callable[[Any], Any],
+    seed: int,
+    protocol: str,
+) -> tuple[Dataset, int]:
     """``build_dataset`` for a supervised protocol: ``(dataset, num_classes)``.
 
     Raises:
@@ -82,35 +98,50 @@ def labeled_dataset(data: DataConfig, *, img_size: int | tuple[int, int], in_cha
     num_classes, labeled = dataset_info(ds)
     split = "training" if train else "evaluation"
     if not labeled or num_classes is None:
-        raise DataError(f"dataset {data.name!r} ({split} split) has no labels: {protocol} needs a labeled dataset "
-                        "(an image folder with one subfolder per class, synthetic, cifar10, cifar100, stl10)")
+        raise DataError(
+            f"dataset {data.name!r} ({split} split) has no labels: {protocol} needs a labeled dataset "
+            "(an image folder with one subfolder per class, synthetic, cifar10, cifar100, stl10)"
+        )
     if len(ds) == 0:  # pragma: no cover - build_dataset already refuses empty folders
         raise DataError(f"dataset {data.name!r} ({split} split) is empty")
     return ds, num_classes
 
 
-def train_and_test_sets(data: DataConfig, *, img_size: int | tuple[int, int], in_chans: int,
-                        train_transform: Callable[[Any], Any], test_transform: Callable[[Any], Any],
-                        seed: int, protocol: str) -> tuple[Dataset, Dataset, int]:
+def train_and_test_sets(
+    data: DataConfig,
+    *,
+    img_size: int | tuple[int, int],
+    in_chans: int,
+    train_transform: Callable[[Any], Any],
+    test_transform: Callable[[Any], Any],
+    seed: int,
+    protocol: str,
+) -> tuple[Dataset, Dataset, int]:
     """Labeled training and evaluation splits with the same class count: ``(train, test, num_classes)``."""
-    train_ds, n_train = labeled_dataset(data, img_size=img_size, in_chans=in_chans, train=True,
-                                        transform=train_transform, seed=seed, protocol=protocol)
-    test_ds, n_test = labeled_dataset(data, img_size=img_size, in_chans=in_chans, train=False,
-                                      transform=test_transform, seed=seed, protocol=protocol)
+    train_ds, n_train = labeled_dataset(
+        data, img_size=img_size, in_chans=in_chans, train=True, transform=train_transform, seed=seed, protocol=protocol
+    )
+    test_ds, n_test = labeled_dataset(
+        data, img_size=img_size, in_chans=in_chans, train=False, transform=test_transform, seed=seed, protocol=protocol
+    )
     if n_test != n_train:
-        raise DataError(f"dataset {data.name!r}: the evaluation split has {n_test} classes but the training "
-                        f"split has {n_train}; both need the same class folders")
+        raise DataError(
+            f"dataset {data.name!r}: the evaluation split has {n_test} classes but the training "
+            f"split has {n_train}; both need the same class folders"
+        )
     return train_ds, test_ds, n_train
 
 
-def evaluation_transform(img_size: int | tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...],
-                   crop_pct: float | str) -> Callable[[Any], Any]:
+def evaluation_transform(
+    img_size: int | tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float | str
+) -> Callable[[Any], Any]:
     """The deterministic evaluation transform (resize, center crop, normalize): no augmentation."""
     return eval_transform(img_size, mean, std, crop_pct=crop_pct)
 
 
-def frozen_encoder_setup(cfg: Any) -> tuple[DistInfo, torch.device, torch.dtype, MaskedAutoencoder,
-                                            Callable[[Any], Any]]:
+def frozen_encoder_setup(
+    cfg: Any,
+) -> tuple[DistInfo, torch.device, torch.dtype, MaskedAutoencoder, Callable[[Any], Any]]:
     """Start of a frozen-feature command (``knn``, ``embed``): ``(info, device, dtype, mae, transform)``.
 
     Joins torchrun's process group (if any), seeds, loads the checkpoint's MAE and builds its
@@ -125,11 +156,24 @@ def frozen_encoder_setup(cfg: Any) -> tuple[DistInfo, torch.device, torch.dtype,
     return info, device, dtype, mae, evaluation_transform(mae.cfg.img_size, mean, std, cfg.data.crop_pct)
 
 
-def plain_loader(ds: Dataset, batch_size: int, num_workers: int, device: torch.device,
-                 collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+def plain_loader(
+    ds: Dataset,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
     """Sequential, non-dropping loader for evaluation and feature extraction (``collate_fn``: torch's default)."""
-    return SignalSafeDataLoader(ds, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False, collate_fn=collate_fn)
+    return SignalSafeDataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        collate_fn=collate_fn,
+    )
 
 
 # ---------------------------------------------------------------------------------- torchrun helpers
@@ -171,8 +215,9 @@ def all_gather_interleaved(local: torch.Tensor, total: int, info: DistInfo) -> t
     return _interleaved(shards, total)
 
 
-def gather_interleaved_to_rank0(local: torch.Tensor, total: int, info: DistInfo,
-                                group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor | None:
+def gather_interleaved_to_rank0(
+    local: torch.Tensor, total: int, info: DistInfo, group: torch.distributed.ProcessGroup | None = None
+) -> torch.Tensor | None:
     """Rows of :func:`shard`-ed data from every rank, in dataset order on rank 0's CPU: [total, ...]; None on
     the other ranks.
 
@@ -206,14 +251,20 @@ def checkpoint_source(cfg: Any) -> str:
     return str(p.resolve()) if p.exists() else str(p)
 
 
-def write_eval_json(output: str | Path, protocol: str, metrics: dict[str, Any], cfg: Any,
-                    **extra: Any) -> Path:
+def write_eval_json(output: str | Path, protocol: str, metrics: dict[str, Any], cfg: Any, **extra: Any) -> Path:
     """``eval.json`` in ``output``: protocol, metrics, encoder source, resolved config and extras."""
     from maelab import __version__
 
-    record = {"protocol": protocol, "metrics": metrics, "checkpoint": checkpoint_source(cfg),
-              "dataset": cfg.data.name, **extra, "config": to_dict(cfg), "maelab_version": __version__,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {
+        "protocol": protocol,
+        "metrics": metrics,
+        "checkpoint": checkpoint_source(cfg),
+        "dataset": cfg.data.name,
+        **extra,
+        "config": to_dict(cfg),
+        "maelab_version": __version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     return write_json(record, Path(output) / "eval.json")
 
 

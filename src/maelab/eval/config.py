@@ -31,8 +31,12 @@ def _check_common(cfg: Any) -> None:
     if isinstance(cfg.data, dict):
         object.__setattr__(cfg, "data", from_dict(DataConfig, cfg.data, prefix="data."))
     _check(cfg.pool in POOLS, "pool", cfg.pool, f"one of {POOLS} (avg: global average pooling, cls: class token)")
-    _check(cfg.device == "auto" or cfg.device in ("cpu", "mps") or cfg.device.startswith("cuda"),
-           "device", cfg.device, "auto, cpu, cuda or cuda:N")
+    _check(
+        cfg.device == "auto" or cfg.device in ("cpu", "mps") or cfg.device.startswith("cuda"),
+        "device",
+        cfg.device,
+        "auto, cpu, cuda or cuda:N",
+    )
     _check(cfg.precision in PRECISIONS, "precision", cfg.precision, f"one of {PRECISIONS}")
     if not isinstance(cfg.model_args, dict):
         raise ConfigError(f"invalid model_args={cfg.model_args!r}: a mapping of ModelConfig fields")
@@ -45,9 +49,13 @@ def _check_source(cfg: Any, scratch_allowed: bool) -> None:
     if scratch_allowed and cfg.from_scratch:
         return  # a checkpoint (e.g. from a recipe) is ignored
     hint = " (or from_scratch=true for the random-init baseline)" if scratch_allowed else ""
-    _check(bool(cfg.checkpoint), "checkpoint", cfg.checkpoint,
-           "required: a pre-training run directory, a maelab .pt, an official MAE .pth or an exported "
-           f".safetensors{hint}; pass --checkpoint")
+    _check(
+        bool(cfg.checkpoint),
+        "checkpoint",
+        cfg.checkpoint,
+        "required: a pre-training run directory, a maelab .pt, an official MAE .pth or an exported "
+        f".safetensors{hint}; pass --checkpoint",
+    )
 
 
 def _check_training(cfg: Any) -> None:
@@ -59,8 +67,12 @@ def _check_training(cfg: Any) -> None:
     _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "0 or more")
     clamp_warmup(cfg)
     _check(0.0 < cfg.crop_min_scale <= 1.0, "crop_min_scale", cfg.crop_min_scale, "a number in (0, 1]")
-    _check(cfg.train_blocks is None or cfg.train_blocks >= 0, "train_blocks", cfg.train_blocks,
-           "0 or more (the number of last blocks to tune), or null for all")
+    _check(
+        cfg.train_blocks is None or cfg.train_blocks >= 0,
+        "train_blocks",
+        cfg.train_blocks,
+        "0 or more (the number of last blocks to tune), or null for all",
+    )
     _check(cfg.log_every >= 1, "log_every", cfg.log_every, "a positive int")
     _check(cfg.eval_every >= 1, "eval_every", cfg.eval_every, "a positive int")
 
@@ -160,31 +172,38 @@ class FinetuneConfig:
         _check(self.accum_steps >= 1, "accum_steps", self.accum_steps, "a positive int")
         apply_global_batch(self)
         _check_training(self)
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
-               "two numbers in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)"
+        )
         _check(0.0 < self.layer_decay <= 1.0, "layer_decay", self.layer_decay, "a number in (0, 1]")
         _check(0.0 <= self.drop_path < 1.0, "drop_path", self.drop_path, "a number in [0, 1)")
         _check(self.mixup >= 0, "mixup", self.mixup, "0 (off) or a positive alpha")
         _check(self.cutmix >= 0, "cutmix", self.cutmix, "0 (off) or a positive alpha")
         _check(0.0 <= self.mixup_prob <= 1.0, "mixup_prob", self.mixup_prob, "a number in [0, 1]")
-        _check(0.0 <= self.mixup_switch_prob <= 1.0, "mixup_switch_prob", self.mixup_switch_prob,
-               "a number in [0, 1]")
-        _check(self.mixup_mode in ("batch", "pair", "elem"), "mixup_mode", self.mixup_mode,
-               "one of batch, pair, elem")
+        _check(0.0 <= self.mixup_switch_prob <= 1.0, "mixup_switch_prob", self.mixup_switch_prob, "a number in [0, 1]")
+        _check(self.mixup_mode in ("batch", "pair", "elem"), "mixup_mode", self.mixup_mode, "one of batch, pair, elem")
         if self.uses_mixup:
-            _check(self.batch_size % 2 == 0, "batch_size", self.batch_size,
-                   "must be even when mixup/cutmix is on (timm Mixup pairs samples)")
+            _check(
+                self.batch_size % 2 == 0,
+                "batch_size",
+                self.batch_size,
+                "must be even when mixup/cutmix is on (timm Mixup pairs samples)",
+            )
         _check(0.0 <= self.smoothing < 1.0, "smoothing", self.smoothing, "a number in [0, 1)")
         _check(0.0 <= self.reprob <= 1.0, "reprob", self.reprob, "a number in [0, 1]")
         _check(self.remode in ("const", "rand", "pixel"), "remode", self.remode, "one of const, rand, pixel")
         _check(self.recount >= 1, "recount", self.recount, "a positive int")
-        _check(self.auto_augment is None or self.auto_augment.startswith(("rand", "augmix", "original", "v0",
-                                                                          "3a", "trivial")),
-               "auto_augment", self.auto_augment, "a timm policy such as rand-m9-mstd0.5-inc1, or null")
-        _check(self.color_jitter is None or self.color_jitter >= 0, "color_jitter", self.color_jitter,
-               "0 or more, or null")
-        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
-               "a positive number or null")
+        _check(
+            self.auto_augment is None
+            or self.auto_augment.startswith(("rand", "augmix", "original", "v0", "3a", "trivial")),
+            "auto_augment",
+            self.auto_augment,
+            "a timm policy such as rand-m9-mstd0.5-inc1, or null",
+        )
+        _check(
+            self.color_jitter is None or self.color_jitter >= 0, "color_jitter", self.color_jitter, "0 or more, or null"
+        )
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "a positive number or null")
         _check(0.0 < self.ema_decay < 1.0, "ema_decay", self.ema_decay, "a number in (0, 1)")
 
     @property
@@ -335,5 +354,9 @@ class EmbedConfig:
         _check_common(self)
         _check_source(self, scratch_allowed=False)
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "a positive int")
-        _check(bool(self.output) and str(self.output).endswith(EMBED_FORMATS), "output", self.output,
-               f"required: a file ending in {' or '.join(EMBED_FORMATS)}; pass --output")
+        _check(
+            bool(self.output) and str(self.output).endswith(EMBED_FORMATS),
+            "output",
+            self.output,
+            f"required: a file ending in {' or '.join(EMBED_FORMATS)}; pass --output",
+        )

@@ -37,8 +37,7 @@ from maelab.data.folders import ImageFolderDataset
 from maelab.data.torchvision_sets import TORCHVISION_SETS
 from maelab.engine.distributed import DistInfo, barrier, cpu_group
 from maelab.errors import DataError
-from maelab.eval.common import (checkpoint_source, frozen_encoder_setup, gather_interleaved_to_rank0,
-                                 plain_loader, shard)
+from maelab.eval.common import checkpoint_source, frozen_encoder_setup, gather_interleaved_to_rank0, plain_loader, shard
 from maelab.eval.config import EmbedConfig
 from maelab.eval.features import extract_features, feature_dim
 from maelab.io import atomic_write
@@ -72,8 +71,9 @@ def collate_readable(batch: list[tuple[Any, int] | None]) -> tuple[torch.Tensor,
     return default_collate(kept)
 
 
-def image_folder(cfg: EmbedConfig, img_size: int | tuple[int, int], in_chans: int,
-                 transform: Any) -> ImageFolderDataset:
+def image_folder(
+    cfg: EmbedConfig, img_size: int | tuple[int, int], in_chans: int, transform: Any
+) -> ImageFolderDataset:
     """The folder ``cfg.data.name`` as the evaluation protocols read it (same decode size, strict policy); a saved
     Hugging Face dataset (rows ``row<i>``) or WebDataset shards (``SHARD:KEY``, stored order) are read the same way.
 
@@ -81,14 +81,24 @@ def image_folder(cfg: EmbedConfig, img_size: int | tuple[int, int], in_chans: in
         DataError: a built-in dataset name instead of a folder, a missing folder, no images."""
     name = cfg.data.name
     if name.lower() in ("synthetic", *TORCHVISION_SETS):
-        raise DataError(f"maelab embed reads an image folder and lists its files; {name!r} is a built-in dataset: "
-                        "pass --data DIR")
+        raise DataError(
+            f"maelab embed reads an image folder and lists its files; {name!r} is a built-in dataset: pass --data DIR"
+        )
     return image_rows(cfg.data, img_size, in_chans, transform)  # a folder, a saved HF dataset or shards
 
 
-def embed_rows(encoder: torch.nn.Module, items: ReadableImages, pool: str, device: torch.device, *,
-               batch_size: int, num_workers: int, dtype: torch.dtype, info: DistInfo,
-               progress: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+def embed_rows(
+    encoder: torch.nn.Module,
+    items: ReadableImages,
+    pool: str,
+    device: torch.device,
+    *,
+    batch_size: int,
+    num_workers: int,
+    dtype: torch.dtype,
+    info: DistInfo,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Features of every item of ``items`` in dataset order, on rank 0's CPU (None on the other ranks).
 
     Each rank encodes its shard and moves it to the CPU; only rank 0 gathers the rows (through a gloo group under
@@ -99,8 +109,9 @@ def embed_rows(encoder: torch.nn.Module, items: ReadableImages, pool: str, devic
     """
     part = shard(items, info)
     loader = plain_loader(part, batch_size, num_workers, device, collate_fn=collate_readable)
-    feats, index = extract_features(encoder, loader, pool, device, dtype, progress=progress and info.is_main,
-                                    desc="embed")
+    feats, index = extract_features(
+        encoder, loader, pool, device, dtype, progress=progress and info.is_main, desc="embed"
+    )
     # this rank's rows: dataset items rank, rank + W, ... (shard), unreadable ones left zero
     rows = ((index - info.rank) // info.world_size).cpu()
     local = torch.zeros(len(part), feature_dim(encoder))  # type: ignore[arg-type]
@@ -132,8 +143,14 @@ def sidecar(output: Path, what: str) -> Path:
     return output.with_name(f"{output.stem}.{what}")
 
 
-def write_embeddings(output: Path, feats: torch.Tensor, labels: torch.Tensor | None, files: list[str],
-                     skipped: list[str], metadata: dict[str, str]) -> None:
+def write_embeddings(
+    output: Path,
+    feats: torch.Tensor,
+    labels: torch.Tensor | None,
+    files: list[str],
+    skipped: list[str],
+    metadata: dict[str, str],
+) -> None:
     """The features file and its lists (see the module docstring); stale lists of an earlier run are removed.
 
     feats [N, D] float32, labels [N] int64 or None, files: N paths, skipped: unreadable paths."""
@@ -192,11 +209,22 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> Path:
     output = Path(str(cfg.output))
     if info.is_main:
         kind = "labeled" if folder.labeled else "unlabeled"
-        log.info(f"embed ({cfg.pool} features) of {cfg.checkpoint} on {folder.root} ({len(folder)} images, {kind}); "
-                 f"{batch_summary(cfg.batch_size, None, info.world_size)}, {device}; output {output}")
+        log.info(
+            f"embed ({cfg.pool} features) of {cfg.checkpoint} on {folder.root} ({len(folder)} images, {kind}); "
+            f"{batch_summary(cfg.batch_size, None, info.world_size)}, {device}; output {output}"
+        )
     encoder = mae.encoder.to(device)
-    gathered = embed_rows(encoder, ReadableImages(folder), cfg.pool, device, batch_size=cfg.batch_size,
-                          num_workers=int(cfg.data.num_workers), dtype=dtype, info=info, progress=progress)
+    gathered = embed_rows(
+        encoder,
+        ReadableImages(folder),
+        cfg.pool,
+        device,
+        batch_size=cfg.batch_size,
+        num_workers=int(cfg.data.num_workers),
+        dtype=dtype,
+        info=info,
+        progress=progress,
+    )
     if gathered is not None:  # rank 0
         feats, keep = gathered
         paths = [os.path.relpath(path, folder.root) for path, _ in folder.samples]
@@ -208,7 +236,9 @@ def embed(cfg: EmbedConfig, progress: bool = True) -> Path:
         meta = {"pool": cfg.pool, "checkpoint": checkpoint_source(cfg), "data": str(folder.root.resolve())}
         write_embeddings(output, feats[keep], labels, files, skipped, meta)
         if skipped:
-            log.warning(f"skipped {len(skipped)} unreadable image(s) of {len(paths)}: listed in "
-                        f"{sidecar(output, 'skipped.txt')}")
+            log.warning(
+                f"skipped {len(skipped)} unreadable image(s) of {len(paths)}: listed in "
+                f"{sidecar(output, 'skipped.txt')}"
+            )
     barrier(info)  # the files exist when any rank returns
     return output

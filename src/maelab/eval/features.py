@@ -49,9 +49,15 @@ def encode(encoder: nn.Module, imgs: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, loader: DataLoader, pool: str, device: torch.device | str,
-                     dtype: torch.dtype = torch.float32, progress: bool = False,
-                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    encoder: nn.Module,
+    loader: DataLoader,
+    pool: str,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every item of ``loader``, in loader order.
 
     The encoder runs in eval mode without gradients (its mode is restored afterwards). Empty
@@ -83,15 +89,24 @@ def extract_features(encoder: nn.Module, loader: DataLoader, pool: str, device: 
         bar.close()
         encoder.train(was_training)
     if not feats:
-        return (torch.zeros(0, feature_dim(encoder), device=device),
-                torch.zeros(0, dtype=torch.long, device=device))
+        return (torch.zeros(0, feature_dim(encoder), device=device), torch.zeros(0, dtype=torch.long, device=device))
     return torch.cat(feats), torch.cat(labels)
 
 
-def extract_split(encoder: nn.Module, ds: Dataset, pool: str, device: torch.device | str, *,
-                  batch_size: int, num_workers: int = 0, dtype: torch.dtype = torch.float32,
-                  info: DistInfo | None = None, gather: bool = True, progress: bool = False,
-                  desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+def extract_split(
+    encoder: nn.Module,
+    ds: Dataset,
+    pool: str,
+    device: torch.device | str,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    dtype: torch.dtype = torch.float32,
+    info: DistInfo | None = None,
+    gather: bool = True,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features and labels of every item of ``ds``, in dataset order.
 
     Under torchrun (``info.enabled``) each rank encodes only its shard (items
@@ -103,8 +118,9 @@ def extract_split(encoder: nn.Module, ds: Dataset, pool: str, device: torch.devi
     device = torch.device(device)
     # fewer items than ranks: a rank may have nothing to encode ([0, D]) but still joins the gather
     loader = plain_loader(shard(ds, info), batch_size, num_workers, device)
-    feats, labels = extract_features(encoder, loader, pool, device, dtype,
-                                     progress=progress and info.is_main, desc=desc)
+    feats, labels = extract_features(
+        encoder, loader, pool, device, dtype, progress=progress and info.is_main, desc=desc
+    )
     if gather and info.enabled:
         total = len(ds)  # type: ignore[arg-type]
         feats = all_gather_interleaved(feats, total, info)

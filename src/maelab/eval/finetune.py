@@ -48,7 +48,7 @@ from maelab.config import ModelConfig, batch_summary, from_dict, save_yaml, to_d
 from maelab.data import pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save, load_resume_state
-from maelab.engine.distributed import all_reduce_mean, barrier, DistInfo, setup_process
+from maelab.engine.distributed import DistInfo, all_reduce_mean, barrier, setup_process
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
 from maelab.engine.runtime import (
@@ -116,8 +116,9 @@ class _SeedPythonRandom:
         return f"{type(self).__name__}({self.transform!r})"
 
 
-def finetune_train_transform(cfg: FinetuneConfig, img_size: int | tuple[int, int], in_chans: int,
-                             mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[Any], Any]:
+def finetune_train_transform(
+    cfg: FinetuneConfig, img_size: int | tuple[int, int], in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[Any], Any]:
     """The fine-tuning augmentation (timm ``create_transform``, as the official code).
 
     Images with 1 or 3 channels get the full recipe; other channel counts (possible with
@@ -128,17 +129,31 @@ def finetune_train_transform(cfg: FinetuneConfig, img_size: int | tuple[int, int
     if in_chans in (1, 3):
         from timm.data import create_transform
 
-        tf = create_transform(size, is_training=True, scale=(cfg.crop_min_scale, 1.0),
-                              hflip=0.5 if cfg.data.hflip else 0.0, color_jitter=cfg.color_jitter,
-                              auto_augment=cfg.auto_augment, interpolation="bicubic", mean=mean, std=std,
-                              re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
+        tf = create_transform(
+            size,
+            is_training=True,
+            scale=(cfg.crop_min_scale, 1.0),
+            hflip=0.5 if cfg.data.hflip else 0.0,
+            color_jitter=cfg.color_jitter,
+            auto_augment=cfg.auto_augment,
+            interpolation="bicubic",
+            mean=mean,
+            std=std,
+            re_prob=cfg.reprob,
+            re_mode=cfg.remode,
+            re_count=cfg.recount,
+        )
         return _SeedPythonRandom(tf, to_pil=True)
     from timm.data.random_erasing import RandomErasing
     from torchvision.transforms import v2
 
     if cfg.auto_augment:
-        log.warning("auto_augment=%s needs 1- or 3-channel images; with in_chans=%d only RandomResizedCrop, flip "
-                    "and random erasing are used", cfg.auto_augment, in_chans)
+        log.warning(
+            "auto_augment=%s needs 1- or 3-channel images; with in_chans=%d only RandomResizedCrop, flip "
+            "and random erasing are used",
+            cfg.auto_augment,
+            in_chans,
+        )
     ops: list[Any] = [pretrain_transform(size, mean, std, min_scale=cfg.crop_min_scale, hflip=cfg.data.hflip)]
     if cfg.reprob > 0:
         ops.append(RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device="cpu"))
@@ -147,9 +162,15 @@ def finetune_train_transform(cfg: FinetuneConfig, img_size: int | tuple[int, int
 
 # ---------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype = torch.float32,
-             progress: bool = False, info: DistInfo | None = None,
-             num_classes: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    info: DistInfo | None = None,
+    num_classes: int | None = None,
+) -> dict[str, float]:
     """Top-1 / top-5 (percent; top-5 only with more than 5 classes) and mean cross-entropy.
 
     The model runs in eval mode (its mode is restored); the loader must carry the
@@ -164,8 +185,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
     correct: dict[str, torch.Tensor] = {}
     loss_sum, n = 0.0, 0
     try:
-        for imgs, target in tqdm(loader, disable=not (progress and info.is_main), desc="eval", leave=False,
-                                 dynamic_ncols=True):
+        for imgs, target in tqdm(
+            loader, disable=not (progress and info.is_main), desc="eval", leave=False, dynamic_ncols=True
+        ):
             imgs = imgs.to(device, non_blocking=True)
             target = torch.as_tensor(target).to(device)
             with autocast(device, dtype):
@@ -181,8 +203,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
     if not correct:  # an empty split (or an empty shard, which still joins the sums)
         if info.enabled and num_classes is None:
             raise ValueError("evaluate() under torchrun needs num_classes when a rank holds no images")
-        correct = {f"top{k}": torch.zeros((), dtype=torch.long, device=device)
-                   for k in (1, 5) if k == 1 or k < (num_classes or 0)}
+        correct = {
+            f"top{k}": torch.zeros((), dtype=torch.long, device=device)
+            for k in (1, 5)
+            if k == 1 or k < (num_classes or 0)
+        }
     out, total = summed_topk(correct, n, info, extra={"loss": loss_sum})
     if total == 0:
         raise DataError("the evaluation split is empty")
@@ -230,8 +255,10 @@ class Finetuner:
         self.ckpt_dir = self.out / "checkpoints"
         state = self._resume_state() if resume else None  # every rank reads the checkpoint
         if state is None and (self.ckpt_dir / LAST).exists():
-            raise ConfigError(f"{self.out} already holds a fine-tuning run (checkpoints/last.pt): pass --resume to "
-                              "continue it or choose another --output")
+            raise ConfigError(
+                f"{self.out} already holds a fine-tuning run (checkpoints/last.pt): pass --resume to "
+                "continue it or choose another --output"
+            )
 
         # encoder / architecture
         mae = None
@@ -258,25 +285,40 @@ class Finetuner:
         c = self.model_cfg.in_chans
         self.mean, self.std = resolve_stats(cfg.data, c)
         self.train_ds, self.val_ds, self.num_classes = train_and_test_sets(
-            cfg.data, img_size=self.img_size, in_chans=c,
+            cfg.data,
+            img_size=self.img_size,
+            in_chans=c,
             train_transform=finetune_train_transform(cfg, self.img_size, c, self.mean, self.std),
             test_transform=evaluation_transform(self.img_size, self.mean, self.std, cfg.data.crop_pct),
-            seed=cfg.seed, protocol="finetune")
+            seed=cfg.seed,
+            protocol="finetune",
+        )
         if len(self.train_ds) < cfg.effective_batch(self.world_size):
             ranks = f" x world_size ({self.world_size} processes)" if self.dist.enabled else ""
-            raise DataError(f"dataset {cfg.data.name!r} has {len(self.train_ds)} training images, fewer than "
-                            f"batch_size x accum_steps{ranks} = {cfg.effective_batch(self.world_size)}: "
-                            "lower --batch-size")
+            raise DataError(
+                f"dataset {cfg.data.name!r} has {len(self.train_ds)} training images, fewer than "
+                f"batch_size x accum_steps{ranks} = {cfg.effective_batch(self.world_size)}: "
+                "lower --batch-size"
+            )
         if state is not None:
             saved = state.get("num_classes")
             if saved != self.num_classes:
-                raise CheckpointError(f"{self._resume_path}: the fine-tune being resumed has a {saved}-class head, "
-                                      f"but dataset {cfg.data.name!r} has {self.num_classes} classes; use the same "
-                                      "dataset or another --output")
+                raise CheckpointError(
+                    f"{self._resume_path}: the fine-tune being resumed has a {saved}-class head, "
+                    f"but dataset {cfg.data.name!r} has {self.num_classes} classes; use the same "
+                    "dataset or another --output"
+                )
 
         # model
-        self.model = build_classifier(mae, self.num_classes, model_cfg=self.model_cfg, pool=cfg.pool,
-                                      drop_path=cfg.drop_path, img_size=self.img_size, source=self.source)
+        self.model = build_classifier(
+            mae,
+            self.num_classes,
+            model_cfg=self.model_cfg,
+            pool=cfg.pool,
+            drop_path=cfg.drop_path,
+            img_size=self.img_size,
+            source=self.source,
+        )
         del mae
         set_trainable_blocks(self.model, cfg.train_blocks)
         self.model.to(self.device)
@@ -295,12 +337,12 @@ class Finetuner:
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)  # on every rank (the weights agree)
 
         # loaders: an interleaved slice of each epoch's permutation per rank; a disjoint shard of the test split
-        self.sampler = ResumableSampler(len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
-                                        world_size=self.world_size)
+        self.sampler = ResumableSampler(
+            len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=self.world_size
+        )
         pin = self.device.type == "cuda"
         self.loader = build_loader(self.train_ds, cfg.batch_size, self.sampler, cfg.data.num_workers, pin_memory=pin)
-        self.val_loader = plain_loader(shard(self.val_ds, self.dist), cfg.batch_size, cfg.data.num_workers,
-                                       self.device)
+        self.val_loader = plain_loader(shard(self.val_ds, self.dist), cfg.batch_size, cfg.data.num_workers, self.device)
         self.batches_per_epoch = len(self.sampler) // cfg.batch_size
         self.steps_per_epoch = self.batches_per_epoch // cfg.accum_steps
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -334,11 +376,13 @@ class Finetuner:
         """One line: what is fine-tuned on what, with which batch, lr and length."""
         cfg = self.cfg
         params = sum(p.numel() for p in self.trainable)
-        return (f"fine-tuning {self.source} ({params / 1e6:.1f}M trainable params) on {cfg.data.name!r} "
-                f"({len(self.train_ds)} images, {self.num_classes} classes); "
-                f"{batch_summary(cfg.batch_size, cfg.accum_steps, self.world_size, self.peak_lr)}, {cfg.epochs} epochs "
-                f"({cfg.warmup_epochs:g} warmup) = {self.total_steps} steps, {self.device} "
-                f"{str(self.dtype).removeprefix('torch.')}; output {self.out}")
+        return (
+            f"fine-tuning {self.source} ({params / 1e6:.1f}M trainable params) on {cfg.data.name!r} "
+            f"({len(self.train_ds)} images, {self.num_classes} classes); "
+            f"{batch_summary(cfg.batch_size, cfg.accum_steps, self.world_size, self.peak_lr)}, {cfg.epochs} epochs "
+            f"({cfg.warmup_epochs:g} warmup) = {self.total_steps} steps, {self.device} "
+            f"{str(self.dtype).removeprefix('torch.')}; output {self.out}"
+        )
 
     # ------------------------------------------------------------------ setup helpers
     def _mixup(self) -> Any:
@@ -347,9 +391,15 @@ class Finetuner:
             return None
         from timm.data import Mixup
 
-        return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                     switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
-                     num_classes=self.num_classes)
+        return Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode=cfg.mixup_mode,
+            label_smoothing=cfg.smoothing,
+            num_classes=self.num_classes,
+        )
 
     def _criterion(self) -> nn.Module:
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -371,15 +421,20 @@ class Finetuner:
         keys = ("batch_size", "accum_steps") if saved_world == self.world_size else ()
         for key in (*keys, "seed", "pool", "train_blocks"):
             if key in saved and saved[key] != getattr(self.cfg, key):
-                raise CheckpointError(f"{path}: resuming with {key}={getattr(self.cfg, key)!r} but the run used "
-                                      f"{saved[key]!r}; keep it the same to resume")
-        saved_batch = (saved.get("batch_size", self.cfg.batch_size) * saved.get("accum_steps", self.cfg.accum_steps)
-                       * saved_world)
+                raise CheckpointError(
+                    f"{path}: resuming with {key}={getattr(self.cfg, key)!r} but the run used "
+                    f"{saved[key]!r}; keep it the same to resume"
+                )
+        saved_batch = (
+            saved.get("batch_size", self.cfg.batch_size) * saved.get("accum_steps", self.cfg.accum_steps) * saved_world
+        )
         now_batch = self.cfg.effective_batch(self.world_size)
         if saved_batch != now_batch:
-            raise CheckpointError(f"{path}: the run used a global batch of {saved_batch} images per step, now it "
-                                  f"would be {now_batch} (batch_size x accum_steps x world_size): keep it the same "
-                                  "to resume")
+            raise CheckpointError(
+                f"{path}: the run used a global batch of {saved_batch} images per step, now it "
+                f"would be {now_batch} (batch_size x accum_steps x world_size): keep it the same "
+                "to resume"
+            )
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -387,8 +442,10 @@ class Finetuner:
             self.model.load_state_dict(state["model"], strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()
-            raise CheckpointError(f"{self._resume_path}: weights do not match the classifier "
-                                  f"({first[1].strip() if len(first) > 1 else first[0]})") from e
+            raise CheckpointError(
+                f"{self._resume_path}: weights do not match the classifier "
+                f"({first[1].strip() if len(first) > 1 else first[0]})"
+            ) from e
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
@@ -403,9 +460,12 @@ class Finetuner:
             "kind": "finetune",
             "model": self.model.state_dict(),
             "num_classes": self.num_classes,
-            "classifier": {"timm_name": self.model_cfg.timm_name,
-                           "timm_kwargs": classifier_kwargs(self.model_cfg, self.num_classes, self.cfg.pool,
-                                                            self.cfg.drop_path, self.img_size)},
+            "classifier": {
+                "timm_name": self.model_cfg.timm_name,
+                "timm_kwargs": classifier_kwargs(
+                    self.model_cfg, self.num_classes, self.cfg.pool, self.cfg.drop_path, self.img_size
+                ),
+            },
             "encoder_config": to_dict(self.model_cfg),
             "config": to_dict(self.cfg),
             "source": self.source,
@@ -423,8 +483,13 @@ class Finetuner:
 
     # ------------------------------------------------------------------ training
     def lr(self) -> float:
-        return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                     peak_lr=self.peak_lr, min_lr=self.cfg.min_lr)
+        return lr_at(
+            self.step,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            peak_lr=self.peak_lr,
+            min_lr=self.cfg.min_lr,
+        )
 
     def train_mode(self) -> None:
         self.model.train()
@@ -461,14 +526,22 @@ class Finetuner:
 
     def _check_finite(self, value: float) -> None:
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite fine-tuning loss ({value}) at epoch {self.epoch + 1}, step "
-                                     f"{self.step}; try a lower lr, grad_clip=1.0 or precision=fp32")
+            raise NonFiniteLossError(
+                f"non-finite fine-tuning loss ({value}) at epoch {self.epoch + 1}, step "
+                f"{self.step}; try a lower lr, grad_clip=1.0 or precision=fp32"
+            )
 
     def run(self) -> FinetuneResult:
         cfg = self.cfg
         check_every = 1 if self.device.type == "cpu" else cfg.log_every
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and self.is_main),
-                   unit="step", dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not (self.progress and self.is_main),
+            unit="step",
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         while self.epoch < cfg.epochs:
             bar.set_description(f"finetune {self.epoch + 1}/{cfg.epochs}")
             self.sampler.set_epoch(self.epoch)
@@ -495,8 +568,9 @@ class Finetuner:
                     self._check_finite(value)
                     loss_sum += value * window_steps
                     loss_steps += window_steps
-                    rate = (window_steps * cfg.effective_batch(self.world_size)
-                            / max(time.perf_counter() - t_window, 1e-9))
+                    rate = (
+                        window_steps * cfg.effective_batch(self.world_size) / max(time.perf_counter() - t_window, 1e-9)
+                    )
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr():.2e}", img_s=f"{rate:.0f}")
                     window, window_steps, t_window = torch.zeros((), device=self.device), 0, time.perf_counter()
                 bar.update(1)
@@ -504,29 +578,47 @@ class Finetuner:
                     break
             elapsed = time.perf_counter() - t_epoch
             self.epoch += 1
-            record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "loss": loss_sum / max(loss_steps, 1),
-                                      "lr": self.lr(), "img_per_s": seen / max(elapsed, 1e-9),
-                                      "epoch_time_s": elapsed}
+            record: dict[str, Any] = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "loss": loss_sum / max(loss_steps, 1),
+                "lr": self.lr(),
+                "img_per_s": seen / max(elapsed, 1e-9),
+                "epoch_time_s": elapsed,
+            }
             final = self.epoch == cfg.epochs
             if final or self.epoch % cfg.eval_every == 0:
                 # sharded under torchrun; the summed metrics are the same on every rank
-                ev = evaluate(self.model, self.val_loader, self.device, self.dtype, info=self.dist,
-                              num_classes=self.num_classes)
+                ev = evaluate(
+                    self.model, self.val_loader, self.device, self.dtype, info=self.dist, num_classes=self.num_classes
+                )
                 record.update(_eval_record(ev))
                 if self.ema is not None:
-                    ev_ema = evaluate(self.ema.module, self.val_loader, self.device, self.dtype, info=self.dist,
-                                      num_classes=self.num_classes)
+                    ev_ema = evaluate(
+                        self.ema.module,
+                        self.val_loader,
+                        self.device,
+                        self.dtype,
+                        info=self.dist,
+                        num_classes=self.num_classes,
+                    )
                     record.update({f"ema_{k}": v for k, v in _eval_record(ev_ema).items()})
                 self.last_eval = {k: v for k, v in record.items() if k.startswith(("top", "ema_", "val_"))}
                 improved = ev["top1"] > self.best["top1"]
                 if improved:
-                    self.best = {"top1": ev["top1"], "epoch": self.epoch, **({"top5": ev["top5"]} if "top5" in ev else {})}
+                    self.best = {
+                        "top1": ev["top1"],
+                        "epoch": self.epoch,
+                        **({"top5": ev["top5"]} if "top5" in ev else {}),
+                    }
                 record["best_top1"] = self.best["top1"]
                 if self.is_main:
-                    bar.write(f"epoch {self.epoch}: loss {record['loss']:.4f}, val top-1 {ev['top1']:.2f}"
-                              + (f", top-5 {ev['top5']:.2f}" if "top5" in ev else "")
-                              + (f", ema top-1 {record['ema_top1']:.2f}" if "ema_top1" in record else "")
-                              + f" (best {self.best['top1']:.2f} @ {self.best['epoch']})")
+                    bar.write(
+                        f"epoch {self.epoch}: loss {record['loss']:.4f}, val top-1 {ev['top1']:.2f}"
+                        + (f", top-5 {ev['top5']:.2f}" if "top5" in ev else "")
+                        + (f", ema top-1 {record['ema_top1']:.2f}" if "ema_top1" in record else "")
+                        + f" (best {self.best['top1']:.2f} @ {self.best['epoch']})"
+                    )
                 if improved and self.is_main:
                     atomic_save(self.state_dict(full=False), self.ckpt_dir / BEST)
             record["time"] = time.time()
@@ -534,13 +626,27 @@ class Finetuner:
                 self.metrics.append(record)
                 atomic_save(self.state_dict(), self.ckpt_dir / LAST)
         bar.close()
-        metrics = {**self.last_eval, "best_top1": self.best["top1"], "best_epoch": self.best["epoch"],
-                   "epochs": self.epoch, "steps": self.step}
+        metrics = {
+            **self.last_eval,
+            "best_top1": self.best["top1"],
+            "best_epoch": self.best["epoch"],
+            "epochs": self.epoch,
+            "steps": self.step,
+        }
         if self.is_main:
-            write_eval_json(self.out, "finetune", metrics, self.cfg, num_classes=self.num_classes,
-                            num_train=len(self.train_ds), num_test=len(self.val_ds), pool=self.cfg.pool,
-                            train_blocks=self.cfg.train_blocks,
-                            trainable_params=sum(p.numel() for p in self.trainable), world_size=self.world_size)
+            write_eval_json(
+                self.out,
+                "finetune",
+                metrics,
+                self.cfg,
+                num_classes=self.num_classes,
+                num_train=len(self.train_ds),
+                num_test=len(self.val_ds),
+                pool=self.cfg.pool,
+                train_blocks=self.cfg.train_blocks,
+                trainable_params=sum(p.numel() for p in self.trainable),
+                world_size=self.world_size,
+            )
         barrier(self.dist)  # the outputs exist when any rank returns
         return FinetuneResult(self.out, metrics, self.epoch, self.step)
 

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from maelab.config import batch_summary, save_yaml
 from maelab.data import dataset_info
-from maelab.engine.distributed import all_reduce_sum, barrier, DistInfo
+from maelab.engine.distributed import DistInfo, all_reduce_sum, barrier
 from maelab.errors import DataError
 from maelab.eval.common import (
     frozen_encoder_setup,
@@ -43,8 +43,15 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 256) -> torch.Tensor:
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 256,
+) -> torch.Tensor:
     """Class scores [M, num_classes] of the test features from their k nearest training features.
 
     train_feats [N, D], train_labels [N] (0..num_classes-1), test_feats [M, D]; features
@@ -56,7 +63,7 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     k = min(k, train.shape[0])
     out = []
     for start in range(0, test.shape[0], chunk):
-        sim = test[start:start + chunk].to(train.device) @ train.T  # [b, N] cosine similarity
+        sim = test[start : start + chunk].to(train.device) @ train.T  # [b, N] cosine similarity
         top_sim, top_idx = sim.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
         votes = torch.zeros(sim.shape[0], num_classes, device=train.device, dtype=weights.dtype)
@@ -78,8 +85,9 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return out
 
 
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5),
-                 num_classes: int | None = None) -> dict[str, torch.Tensor]:
+def topk_correct(
+    scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5), num_classes: int | None = None
+) -> dict[str, torch.Tensor]:
     """Numbers of correct top-k predictions (int64 tensors on ``scores.device``), for the same k
     as :func:`topk_accuracy`; counts of disjoint shards can be summed (``all_reduce``)."""
     labels = labels.to(scores.device).long()
@@ -96,8 +104,9 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return out
 
 
-def summed_topk(correct: dict[str, torch.Tensor], n: int, info: DistInfo,
-                extra: dict[str, float] | None = None) -> tuple[dict[str, float], int]:
+def summed_topk(
+    correct: dict[str, torch.Tensor], n: int, info: DistInfo, extra: dict[str, float] | None = None
+) -> tuple[dict[str, float], int]:
     """Percentages from per-rank ``topk_correct`` counts, ``n`` items and optional sums
     (e.g. a loss sum) added over ranks: ``({'top1': %, ..., **extra sums}, total n)``."""
     keys = list(correct)
@@ -114,9 +123,15 @@ def summed_topk(correct: dict[str, torch.Tensor], n: int, info: DistInfo,
     return out, total
 
 
-def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 test_labels: torch.Tensor, num_classes: int | None = None, k: int = 20,
-                 temperature: float = 0.07) -> dict[str, float]:
+def knn_accuracy(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int | None = None,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, float]:
     """``{'top1': %, 'top5': %}`` of weighted kNN (top5 only when there are more than 5 classes)."""
     if num_classes is None:
         num_classes = int(max(train_labels.max().item(), test_labels.max().item())) + 1
@@ -132,23 +147,34 @@ def _require_labels(ds: Dataset, what: str) -> int:
 
 
 @torch.no_grad()
-def knn_monitor(model: Any, train_ds: Dataset, val_ds: Dataset, device: torch.device | str, k: int = 20,
-                T: float = 0.07, batch_size: int = 256, pool: str = "cls", num_workers: int = 0,
-                dtype: torch.dtype | None = None) -> float:
+def knn_monitor(
+    model: Any,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    device: torch.device | str,
+    k: int = 20,
+    T: float = 0.07,
+    batch_size: int = 256,
+    pool: str = "cls",
+    num_workers: int = 0,
+    dtype: torch.dtype | None = None,
+) -> float:
     """kNN top-1 accuracy (percent) of ``model.encoder``'s frozen features, for monitoring pre-training.
 
     ``train_ds`` / ``val_ds`` should use a deterministic transform (e.g. ``eval_transform``).
     The model's train/eval mode is restored afterwards. Raises DataError for unlabeled data.
     """
     device = torch.device(device)
-    num_classes = max(_require_labels(train_ds, "the kNN training set"), _require_labels(val_ds, "the kNN validation set"))
+    num_classes = max(
+        _require_labels(train_ds, "the kNN training set"), _require_labels(val_ds, "the kNN validation set")
+    )
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoder = model.encoder if hasattr(model, "encoder") else model
-    train_f, train_y = extract_features(encoder, plain_loader(train_ds, batch_size, num_workers, device), pool,
-                                        device, dtype)
-    val_f, val_y = extract_features(encoder, plain_loader(val_ds, batch_size, num_workers, device), pool,
-                                    device, dtype)
+    train_f, train_y = extract_features(
+        encoder, plain_loader(train_ds, batch_size, num_workers, device), pool, device, dtype
+    )
+    val_f, val_y = extract_features(encoder, plain_loader(val_ds, batch_size, num_workers, device), pool, device, dtype)
     return knn_accuracy(train_f, train_y, val_f, val_y, num_classes, k, T)["top1"]
 
 
@@ -162,20 +188,33 @@ def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
     """``maelab knn``: features of the train and test splits, weighted kNN, ``eval.json``."""
     info, device, dtype, mae, tf = frozen_encoder_setup(cfg)
     mcfg = mae.cfg
-    train_ds, test_ds, num_classes = train_and_test_sets(cfg.data, img_size=mcfg.img_size, in_chans=mcfg.in_chans,
-                                                         train_transform=tf, test_transform=tf, seed=cfg.seed,
-                                                         protocol="knn")
+    train_ds, test_ds, num_classes = train_and_test_sets(
+        cfg.data,
+        img_size=mcfg.img_size,
+        in_chans=mcfg.in_chans,
+        train_transform=tf,
+        test_transform=tf,
+        seed=cfg.seed,
+        protocol="knn",
+    )
     out = Path(cfg.output)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "config.yaml")
-        log.info(f"kNN (k={cfg.k}, T={cfg.temperature}, {cfg.pool} features) of {cfg.checkpoint} on {cfg.data.name!r} "
-                 f"({len(train_ds)} train / {len(test_ds)} test images, {num_classes} classes); feature extraction "
-                 f"{batch_summary(cfg.batch_size, None, info.world_size)}, {device}; output {out}")
+        log.info(
+            f"kNN (k={cfg.k}, T={cfg.temperature}, {cfg.pool} features) of {cfg.checkpoint} on {cfg.data.name!r} "
+            f"({len(train_ds)} train / {len(test_ds)} test images, {num_classes} classes); feature extraction "
+            f"{batch_summary(cfg.batch_size, None, info.world_size)}, {device}; output {out}"
+        )
     encoder = mae.encoder.to(device)
     t0 = time.perf_counter()
-    kw: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": cfg.data.num_workers, "dtype": dtype,
-                          "info": info, "progress": progress}
+    kw: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.data.num_workers,
+        "dtype": dtype,
+        "info": info,
+        "progress": progress,
+    }
     # the memory bank is needed whole on every rank; the queries stay sharded
     train_f, train_y = extract_split(encoder, train_ds, cfg.pool, device, desc="train features", **kw)
     test_f, test_y = extract_split(encoder, test_ds, cfg.pool, device, desc="test features", gather=False, **kw)
@@ -186,8 +225,17 @@ def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
     acc, _ = summed_topk(topk_correct(scores, test_y, num_classes=num_classes), test_f.shape[0], info)
     metrics = {**acc, "k": cfg.k, "temperature": cfg.temperature}
     if info.is_main:
-        write_eval_json(out, "knn", metrics, cfg, num_classes=num_classes, num_train=len(train_ds),  # type: ignore[arg-type]
-                        num_test=len(test_ds), pool=cfg.pool, seconds=time.perf_counter() - t0,
-                        world_size=info.world_size)
+        write_eval_json(
+            out,
+            "knn",
+            metrics,
+            cfg,
+            num_classes=num_classes,
+            num_train=len(train_ds),  # type: ignore[arg-type]
+            num_test=len(test_ds),
+            pool=cfg.pool,
+            seconds=time.perf_counter() - t0,
+            world_size=info.world_size,
+        )
     barrier(info)  # eval.json exists when any rank returns
     return KnnResult(out, metrics)

@@ -47,7 +47,7 @@ from maelab.config import batch_summary, save_yaml, to_dict
 from maelab.data import pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
 from maelab.engine.checkpoint import LAST, atomic_save
-from maelab.engine.distributed import all_reduce_mean, barrier, DistInfo, setup_process
+from maelab.engine.distributed import DistInfo, all_reduce_mean, barrier, setup_process
 from maelab.engine.metrics import MetricsLog
 from maelab.engine.optim import set_lr
 from maelab.engine.runtime import (
@@ -125,8 +125,11 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None  # type: ignore[arg-type]
-                     else self.momentum)
+                m = (
+                    1.0 / float(self.num_batches_tracked)
+                    if self.momentum is None  # type: ignore[arg-type]
+                    else self.momentum
+                )
                 unbiased = var.detach() * n / torch.clamp(n - 1, min=1)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(unbiased, alpha=m)  # type: ignore[union-attr]
@@ -135,8 +138,13 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm1d) -> GlobalBatchNorm1d:
         """The same layer (hyper-parameters, weights, running statistics) with global statistics."""
-        new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,  # type: ignore[arg-type]
-                  track_running_stats=bn.track_running_stats)
+        new = cls(
+            bn.num_features,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,  # type: ignore[arg-type]
+            track_running_stats=bn.track_running_stats,
+        )
         state = bn.state_dict()
         ref = next(iter(state.values()), None)
         if ref is not None:
@@ -148,8 +156,14 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 class LinearProbe(nn.Module):
     """Encoder (frozen but for its last ``train_blocks`` blocks) + pooling + BN + Linear head."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "cls", train_blocks: int = 0,
-                 head_init_std: float = 0.01) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_classes: int,
+        pool: str = "cls",
+        train_blocks: int = 0,
+        head_init_std: float = 0.01,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.pool = pool
@@ -189,8 +203,7 @@ def probe_param_groups(model: nn.Module, weight_decay: float, lars: bool = False
     parameters such as biases and norms (no weight decay, no LARS adaptation), as the official LARS."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if lars:
         groups[0]["always_adapt"] = True
         groups[1]["always_adapt"] = False
@@ -202,8 +215,9 @@ def build_probe_optimizer(model: nn.Module, cfg: LinprobeConfig, lr: float) -> t
     if cfg.optimizer == "lars":
         from timm.optim import Lars
 
-        return Lars(probe_param_groups(model, cfg.weight_decay, lars=True), lr=lr, momentum=cfg.momentum,
-                    trust_coeff=0.001)
+        return Lars(
+            probe_param_groups(model, cfg.weight_decay, lars=True), lr=lr, momentum=cfg.momentum, trust_coeff=0.001
+        )
     groups = probe_param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
@@ -230,17 +244,33 @@ class LinearProber:
         self.model_cfg = mcfg = mae.cfg
         self.mean, self.std = resolve_stats(cfg.data, mcfg.in_chans)
         test_tf = evaluation_transform(mcfg.img_size, self.mean, self.std, cfg.data.crop_pct)
-        train_tf = (pretrain_transform(mcfg.img_size, self.mean, self.std, min_scale=cfg.crop_min_scale,
-                                       hflip=cfg.data.hflip, crop=cfg.crop) if cfg.augment else test_tf)
+        train_tf = (
+            pretrain_transform(
+                mcfg.img_size, self.mean, self.std, min_scale=cfg.crop_min_scale, hflip=cfg.data.hflip, crop=cfg.crop
+            )
+            if cfg.augment
+            else test_tf
+        )
         self.train_ds, self.val_ds, self.num_classes = train_and_test_sets(
-            cfg.data, img_size=mcfg.img_size, in_chans=mcfg.in_chans, train_transform=train_tf,
-            test_transform=test_tf, seed=cfg.seed, protocol="linprobe")
+            cfg.data,
+            img_size=mcfg.img_size,
+            in_chans=mcfg.in_chans,
+            train_transform=train_tf,
+            test_transform=test_tf,
+            seed=cfg.seed,
+            protocol="linprobe",
+        )
         self.global_batch = cfg.batch_size * self.world_size
         if len(self.train_ds) < self.global_batch:
-            what = (f"batch_size x world_size = {self.global_batch} ({self.world_size} processes)" if self.dist.enabled
-                    else f"batch_size={cfg.batch_size}")
-            raise DataError(f"dataset {cfg.data.name!r} has {len(self.train_ds)} training images, fewer than "
-                            f"{what}: lower --batch-size")
+            what = (
+                f"batch_size x world_size = {self.global_batch} ({self.world_size} processes)"
+                if self.dist.enabled
+                else f"batch_size={cfg.batch_size}"
+            )
+            raise DataError(
+                f"dataset {cfg.data.name!r} has {len(self.train_ds)} training images, fewer than "
+                f"{what}: lower --batch-size"
+            )
         seed_everything(cfg.seed)  # the head's init depends on the seed only (the same on every rank)
         self.model = LinearProbe(mae.encoder, self.num_classes, cfg.pool, cfg.train_blocks).to(self.device)
         self.cached = cfg.uses_cache
@@ -248,8 +278,9 @@ class LinearProber:
         self.optimizer = build_probe_optimizer(self.model, cfg, self.peak_lr)
         # streaming: this rank's interleaved slice of each epoch's permutation; the cache path reads the
         # global order in global batches (the union of the ranks' batches: the same samples)
-        self.sampler = ResumableSampler(len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank,
-                                        world_size=self.world_size)
+        self.sampler = ResumableSampler(
+            len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=self.world_size
+        )
         self.global_sampler = ResumableSampler(len(self.train_ds), seed=cfg.seed, shuffle=True)
         self.steps_per_epoch = len(self.sampler) // cfg.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -285,24 +316,35 @@ class LinearProber:
         """One line: what is probed on what, with which batch, lr and length."""
         cfg = self.cfg
         what = "linear probe" if cfg.train_blocks == 0 else f"partial fine-tune ({cfg.train_blocks} blocks)"
-        return (f"{what} of {cfg.checkpoint} ({cfg.pool} features, {cfg.optimizer}) on {cfg.data.name!r} "
-                f"({len(self.train_ds)} images, {self.num_classes} classes{', cached features' if self.cached else ''}"
-                f"); {batch_summary(cfg.batch_size, None, self.world_size, self.peak_lr)}, {cfg.epochs} epochs "
-                f"({cfg.warmup_epochs:g} warmup) = {self.total_steps} steps, {self.device}; output {self.out}")
+        return (
+            f"{what} of {cfg.checkpoint} ({cfg.pool} features, {cfg.optimizer}) on {cfg.data.name!r} "
+            f"({len(self.train_ds)} images, {self.num_classes} classes{', cached features' if self.cached else ''}"
+            f"); {batch_summary(cfg.batch_size, None, self.world_size, self.peak_lr)}, {cfg.epochs} epochs "
+            f"({cfg.warmup_epochs:g} warmup) = {self.total_steps} steps, {self.device}; output {self.out}"
+        )
 
     # ------------------------------------------------------------------ data
     def _extract(self, ds: Any, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of the whole split on every rank (under torchrun: sharded, then all-gathered)."""
-        return extract_split(self.model.encoder, ds, self.cfg.pool, self.device, batch_size=self.cfg.batch_size,
-                             num_workers=self.cfg.data.num_workers, dtype=self.dtype, info=self.dist,
-                             progress=self.progress, desc=desc)
+        return extract_split(
+            self.model.encoder,
+            ds,
+            self.cfg.pool,
+            self.device,
+            batch_size=self.cfg.batch_size,
+            num_workers=self.cfg.data.num_workers,
+            dtype=self.dtype,
+            info=self.dist,
+            progress=self.progress,
+            desc=desc,
+        )
 
     def _cached_batches(self, feats: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The streaming loaders' global batches, read from the cache: same samples, last partial batch dropped."""
         order = torch.tensor(self.global_sampler.order(), dtype=torch.long, device=feats.device)
         bs = self.global_batch
         for i in range(self.steps_per_epoch):
-            idx = order[i * bs:(i + 1) * bs]
+            idx = order[i * bs : (i + 1) * bs]
             yield feats[idx], labels[idx]
 
     def _streamed_batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -320,8 +362,13 @@ class LinearProber:
 
     # ------------------------------------------------------------------ training
     def lr(self) -> float:
-        return lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                     peak_lr=self.peak_lr, min_lr=self.cfg.min_lr)
+        return lr_at(
+            self.step,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            peak_lr=self.peak_lr,
+            min_lr=self.cfg.min_lr,
+        )
 
     def train_step(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One step on features (or on images when blocks are tuned while streaming)."""
@@ -350,15 +397,16 @@ class LinearProber:
         if val_cache is not None:
             feats, labels = val_cache
             for i in range(0, feats.shape[0], 4096):
-                chunks.append((self.model.head(feats[i:i + 4096]), labels[i:i + 4096]))
+                chunks.append((self.model.head(feats[i : i + 4096]), labels[i : i + 4096]))
         else:
             reduce_over = self.dist
             for imgs, labels in val_loader:
                 imgs = imgs.to(self.device, non_blocking=True)
                 with autocast(self.device, self.dtype):
                     feats = self.model.features(imgs)
-                chunks.append((self.model.head(feats.float()),
-                               torch.as_tensor(labels).to(self.device, non_blocking=True)))
+                chunks.append(
+                    (self.model.head(feats.float()), torch.as_tensor(labels).to(self.device, non_blocking=True))
+                )
         self.model.train()
         if chunks:
             logits = torch.cat([c[0] for c in chunks]).float()
@@ -367,8 +415,12 @@ class LinearProber:
             logits = torch.zeros(0, self.num_classes, device=self.device)
             labels = torch.zeros(0, dtype=torch.long, device=self.device)
         loss_sum = nn.functional.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
-        out, total = summed_topk(topk_correct(logits, labels, num_classes=self.num_classes), len(labels),
-                                 reduce_over, extra={"val_loss": loss_sum})
+        out, total = summed_topk(
+            topk_correct(logits, labels, num_classes=self.num_classes),
+            len(labels),
+            reduce_over,
+            extra={"val_loss": loss_sum},
+        )
         if total == 0:
             raise DataError("the evaluation split is empty")
         out["val_loss"] /= total
@@ -380,22 +432,34 @@ class LinearProber:
         frozen = cfg.train_blocks == 0
         train_cache = self._extract(self.train_ds, "train features") if self.cached else None
         val_cache = self._extract(self.val_ds, "test features") if frozen else None
-        val_loader = None if frozen else plain_loader(shard(self.val_ds, self.dist), cfg.batch_size,
-                                                      cfg.data.num_workers, self.device)
-        loader = None if self.cached else build_loader(self.train_ds, cfg.batch_size, self.sampler,
-                                                       cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        val_loader = (
+            None
+            if frozen
+            else plain_loader(shard(self.val_ds, self.dist), cfg.batch_size, cfg.data.num_workers, self.device)
+        )
+        loader = (
+            None
+            if self.cached
+            else build_loader(
+                self.train_ds, cfg.batch_size, self.sampler, cfg.data.num_workers, pin_memory=self.device.type == "cuda"
+            )
+        )
         best: dict[str, Any] = {"top1": -1.0, "epoch": 0}
         last: dict[str, Any] = {}
         check_every = 1 if self.device.type == "cpu" else cfg.log_every
-        bar = tqdm(total=self.total_steps, disable=not (self.progress and self.is_main), unit="step",
-                   dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(
+            total=self.total_steps,
+            disable=not (self.progress and self.is_main),
+            unit="step",
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         self.model.train()
         while self.epoch < cfg.epochs:
             bar.set_description(f"linprobe {self.epoch + 1}/{cfg.epochs}{' (cached)' if self.cached else ''}")
             self.sampler.set_epoch(self.epoch)
             self.global_sampler.set_epoch(self.epoch)
-            batches = (self._cached_batches(*train_cache) if train_cache is not None
-                       else self._streamed_batches(loader))
+            batches = self._cached_batches(*train_cache) if train_cache is not None else self._streamed_batches(loader)
             t_epoch, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             window, window_steps, t_window = torch.zeros((), device=self.device), 0, time.perf_counter()
             for done, (feats, labels) in enumerate(batches, start=1):
@@ -407,8 +471,7 @@ class LinearProber:
                 if self.step % check_every == 0 or self.step % cfg.log_every == 0 or done == self.steps_per_epoch:
                     value = all_reduce_mean(window, self.dist).item() / window_steps  # the same on every rank
                     if not math.isfinite(value):
-                        raise NonFiniteLossError(f"non-finite probe loss ({value}) at step {self.step}; "
-                                                 "try a lower lr")
+                        raise NonFiniteLossError(f"non-finite probe loss ({value}) at step {self.step}; try a lower lr")
                     loss_sum += value * window_steps
                     loss_n += window_steps
                     rate = window_steps * self.global_batch / max(time.perf_counter() - t_window, 1e-9)
@@ -419,9 +482,14 @@ class LinearProber:
                     break
             elapsed = time.perf_counter() - t_epoch
             self.epoch += 1
-            record: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "loss": loss_sum / max(loss_n, 1),
-                                      "lr": self.lr(), "img_per_s": seen / max(elapsed, 1e-9),
-                                      "epoch_time_s": elapsed}
+            record: dict[str, Any] = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "loss": loss_sum / max(loss_n, 1),
+                "lr": self.lr(),
+                "img_per_s": seen / max(elapsed, 1e-9),
+                "epoch_time_s": elapsed,
+            }
             final = self.epoch == cfg.epochs
             if final or self.epoch % cfg.eval_every == 0:
                 last = self.evaluate(val_cache, val_loader)
@@ -436,20 +504,41 @@ class LinearProber:
                 self.metrics.append(record)
                 atomic_save(self._state(), self.ckpt_dir / LAST)
         bar.close()
-        metrics = {**last, "best_top1": best["top1"], "best_epoch": best["epoch"], "epochs": self.epoch,
-                   "steps": self.step}
+        metrics = {
+            **last,
+            "best_top1": best["top1"],
+            "best_epoch": best["epoch"],
+            "epochs": self.epoch,
+            "steps": self.step,
+        }
         if self.is_main:
-            write_eval_json(self.out, "linprobe", metrics, cfg, num_classes=self.num_classes,
-                            num_train=len(self.train_ds), num_test=len(self.val_ds), pool=cfg.pool,
-                            train_blocks=cfg.train_blocks, cached_features=self.cached,
-                            seconds=time.perf_counter() - t_start, world_size=self.world_size)
+            write_eval_json(
+                self.out,
+                "linprobe",
+                metrics,
+                cfg,
+                num_classes=self.num_classes,
+                num_train=len(self.train_ds),
+                num_test=len(self.val_ds),
+                pool=cfg.pool,
+                train_blocks=cfg.train_blocks,
+                cached_features=self.cached,
+                seconds=time.perf_counter() - t_start,
+                world_size=self.world_size,
+            )
         barrier(self.dist)  # the outputs exist when any rank returns
         return LinprobeResult(self.out, metrics, self.cached)
 
     def _state(self) -> dict[str, Any]:
-        return {"kind": "linprobe", "probe": self.model.trainable_state_dict(), "num_classes": self.num_classes,
-                "encoder_config": to_dict(self.model_cfg), "config": to_dict(self.cfg), "epoch": self.epoch,
-                "step": self.step}
+        return {
+            "kind": "linprobe",
+            "probe": self.model.trainable_state_dict(),
+            "num_classes": self.num_classes,
+            "encoder_config": to_dict(self.model_cfg),
+            "config": to_dict(self.cfg),
+            "epoch": self.epoch,
+            "step": self.step,
+        }
 
 
 def linprobe(cfg: LinprobeConfig, progress: bool = True) -> LinprobeResult:

@@ -28,29 +28,47 @@ from maelab.io import atomic_write, write_json
 
 MAE_TYPE, VIT_TYPE = "vit_mae", "vit"
 CONFIG_FILE = "config.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 """Weight files of a Hugging Face directory, in the order they are looked for (``*.index.json``: sharded)."""
 
-_PLAIN = (("cls_token", "vit.embeddings.cls_token"), ("pos_embed", "vit.embeddings.position_embeddings"),
-          ("patch_embed.proj", "vit.embeddings.patch_embeddings.projection"), ("norm", "vit.layernorm"),
-          ("mask_token", "decoder.mask_token"), ("decoder_pos_embed", "decoder.decoder_pos_embed"),
-          ("decoder_embed", "decoder.decoder_embed"), ("decoder_norm", "decoder.decoder_norm"),
-          ("decoder_pred", "decoder.decoder_pred"))
+_PLAIN = (
+    ("cls_token", "vit.embeddings.cls_token"),
+    ("pos_embed", "vit.embeddings.position_embeddings"),
+    ("patch_embed.proj", "vit.embeddings.patch_embeddings.projection"),
+    ("norm", "vit.layernorm"),
+    ("mask_token", "decoder.mask_token"),
+    ("decoder_pos_embed", "decoder.decoder_pos_embed"),
+    ("decoder_embed", "decoder.decoder_embed"),
+    ("decoder_norm", "decoder.decoder_norm"),
+    ("decoder_pred", "decoder.decoder_pred"),
+)
 """Official module/parameter name -> hub name (``ViTMAEForPreTraining``), outside the blocks."""
 _STACKS = (("blocks", "vit.encoder.layer"), ("decoder_blocks", "decoder.decoder_layers"))
 """Official block list -> hub layer list."""
-_BLOCK = (("norm1", ("layernorm_before",)),
-          ("attn.qkv", ("attention.attention.query", "attention.attention.key", "attention.attention.value")),
-          ("attn.proj", ("attention.output.dense",)), ("norm2", ("layernorm_after",)),
-          ("mlp.fc1", ("intermediate.dense",)), ("mlp.fc2", ("output.dense",)))
+_BLOCK = (
+    ("norm1", ("layernorm_before",)),
+    ("attn.qkv", ("attention.attention.query", "attention.attention.key", "attention.attention.value")),
+    ("attn.proj", ("attention.output.dense",)),
+    ("norm2", ("layernorm_after",)),
+    ("mlp.fc1", ("intermediate.dense",)),
+    ("mlp.fc2", ("output.dense",)),
+)
 """Official name inside a block -> hub name(s) inside a layer (qkv: three, concatenated along dim 0)."""
-_NEWER = ((r"^vit\.layers\.", "vit.encoder.layer."), (r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),
-          (r"\.attention\.q_proj\.", ".attention.attention.query."),
-          (r"\.attention\.k_proj\.", ".attention.attention.key."),
-          (r"\.attention\.v_proj\.", ".attention.attention.value."),
-          (r"\.attention\.o_proj\.", ".attention.output.dense."), (r"\.mlp\.fc1\.", ".intermediate.dense."),
-          (r"\.mlp\.fc2\.", ".output.dense."))
+_NEWER = (
+    (r"^vit\.layers\.", "vit.encoder.layer."),
+    (r"^decoder\.decoder_encoder\.layer\.", "decoder.decoder_layers."),
+    (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+)
 """transformers 5.x module names (and its ``save_pretrained`` renaming of the decoder layers) -> hub names."""
 _IGNORED = re.compile(r"^(vit\.pooler\.|classifier\.|vit\.embeddings\.mask_token$)")
 """Hub weights outside the MAE: ViTModel's pooler, a classifier head, ViT's optional mask token."""
@@ -63,12 +81,12 @@ def hf_names(key: str) -> tuple[str, ...]:
     """Hub name(s) of one official key (three for a fused ``attn.qkv`` tensor)."""
     for ours, theirs in _PLAIN:
         if key == ours or key.startswith(ours + "."):
-            return (theirs + key[len(ours):],)
+            return (theirs + key[len(ours) :],)
     for ours, theirs in _STACKS:
         if m := re.fullmatch(rf"{ours}\.(\d+)\.(.+)", key):
             for part, hf_parts in _BLOCK:
                 if m.group(2).startswith(part + "."):
-                    return tuple(f"{theirs}.{m.group(1)}.{p}{m.group(2)[len(part):]}" for p in hf_parts)
+                    return tuple(f"{theirs}.{m.group(1)}.{p}{m.group(2)[len(part) :]}" for p in hf_parts)
     raise CheckpointError(f"weight {key!r} has no Hugging Face ViTMAE counterpart")
 
 
@@ -76,13 +94,13 @@ def official_name(hf_key: str) -> tuple[str, int, int] | None:
     """(official key, part index, number of parts) of one hub name; None if it is not an MAE weight."""
     for ours, theirs in _PLAIN:
         if hf_key == theirs or hf_key.startswith(theirs + "."):
-            return ours + hf_key[len(theirs):], 0, 1
+            return ours + hf_key[len(theirs) :], 0, 1
     for ours, theirs in _STACKS:
         if m := re.fullmatch(rf"{re.escape(theirs)}\.(\d+)\.(.+)", hf_key):
             for part, hf_parts in _BLOCK:
                 for j, p in enumerate(hf_parts):
                     if m.group(2).startswith(p + "."):
-                        return f"{ours}.{m.group(1)}.{part}{m.group(2)[len(p):]}", j, len(hf_parts)
+                        return f"{ours}.{m.group(1)}.{part}{m.group(2)[len(p) :]}", j, len(hf_parts)
     return None
 
 
@@ -105,7 +123,7 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], encoder_only: bool = False) ->
         if encoder_only:
             if not names[0].startswith(_ENCODER_PREFIX):
                 continue
-            names = tuple(n[len(_ENCODER_PREFIX):] for n in names)
+            names = tuple(n[len(_ENCODER_PREFIX) :] for n in names)
         for name, part in zip(names, value.detach().chunk(len(names), dim=0)):
             out[name] = part.to("cpu", copy=True).contiguous()
     return out
@@ -142,19 +160,35 @@ def hf_config(cfg: Any, encoder_only: bool = False) -> dict[str, Any]:
         size = size[0]
     out: dict[str, Any] = dict(
         architectures=["ViTModel" if encoder_only else "ViTMAEForPreTraining"],
-        model_type=VIT_TYPE if encoder_only else MAE_TYPE, image_size=size, patch_size=cfg.patch_size,
-        num_channels=cfg.in_chans, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth,
-        num_attention_heads=cfg.num_heads, intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), hidden_act="gelu",
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02, layer_norm_eps=1e-6,
-        qkv_bias=True)
+        model_type=VIT_TYPE if encoder_only else MAE_TYPE,
+        image_size=size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.in_chans,
+        hidden_size=cfg.embed_dim,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.02,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+    )
     if not encoder_only:
         if isinstance(size, list):
-            raise CheckpointError(f"Hugging Face ViTMAE takes square images only, the model has img_size={size}: "
-                                  "export the encoder with --encoder-only (a ViT takes any size)")
-        out.update(decoder_hidden_size=cfg.decoder_embed_dim, decoder_num_hidden_layers=cfg.decoder_depth,
-                   decoder_num_attention_heads=cfg.decoder_num_heads,
-                   decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio), mask_ratio=cfg.mask_ratio,
-                   norm_pix_loss=cfg.norm_pix_loss)
+            raise CheckpointError(
+                f"Hugging Face ViTMAE takes square images only, the model has img_size={size}: "
+                "export the encoder with --encoder-only (a ViT takes any size)"
+            )
+        out.update(
+            decoder_hidden_size=cfg.decoder_embed_dim,
+            decoder_num_hidden_layers=cfg.decoder_depth,
+            decoder_num_attention_heads=cfg.decoder_num_heads,
+            decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio),
+            mask_ratio=cfg.mask_ratio,
+            norm_pix_loss=cfg.norm_pix_loss,
+        )
     return out
 
 
@@ -166,20 +200,26 @@ def model_config_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
     """
     mtype = config.get("model_type")
     if mtype not in (MAE_TYPE, VIT_TYPE):
-        raise CheckpointError(f"{source}: model_type={mtype!r} in config.json; maelab reads "
-                              f"{MAE_TYPE!r} (ViTMAE) and {VIT_TYPE!r} (ViT) directories")
+        raise CheckpointError(
+            f"{source}: model_type={mtype!r} in config.json; maelab reads "
+            f"{MAE_TYPE!r} (ViTMAE) and {VIT_TYPE!r} (ViT) directories"
+        )
 
     def refuse(name: str, why: str) -> None:
-        raise CheckpointError(f"{source}: config.json has {name}={config.get(name)!r}, which maelab cannot "
-                              f"represent ({why})")
+        raise CheckpointError(
+            f"{source}: config.json has {name}={config.get(name)!r}, which maelab cannot represent ({why})"
+        )
 
     if config.get("hidden_act", "gelu") != "gelu":
         refuse("hidden_act", "its ViT blocks use the exact GELU, 'gelu'")
     if config.get("qkv_bias", True) is not True:
         refuse("qkv_bias", "its attention has a qkv bias")
     if not 0 < config.get("layer_norm_eps", 1e-12) <= 1e-6:
-        refuse("layer_norm_eps", "its LayerNorms use eps=1e-6, the official value; values down to 1e-12, "
-                                 "transformers' default in the facebook/vit-mae-* configs, give the same outputs")
+        refuse(
+            "layer_norm_eps",
+            "its LayerNorms use eps=1e-6, the official value; values down to 1e-12, "
+            "transformers' default in the facebook/vit-mae-* configs, give the same outputs",
+        )
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         if config.get(name, 0.0) != 0:
             refuse(name, "MAE pre-training uses no dropout")
@@ -193,17 +233,30 @@ def model_config_fields(config: dict[str, Any], source: str) -> dict[str, Any]:
         size = size[0] if len(set(size)) == 1 else tuple(size)
     dim = config.get("hidden_size", 768)
     ratio = config.get("intermediate_size", 3072) / dim
-    fields: dict[str, Any] = dict(img_size=size, patch_size=patch, in_chans=config.get("num_channels", 3),
-                                  embed_dim=dim, depth=config.get("num_hidden_layers", 12),
-                                  num_heads=config.get("num_attention_heads", 12), mlp_ratio=ratio)
+    fields: dict[str, Any] = dict(
+        img_size=size,
+        patch_size=patch,
+        in_chans=config.get("num_channels", 3),
+        embed_dim=dim,
+        depth=config.get("num_hidden_layers", 12),
+        num_heads=config.get("num_attention_heads", 12),
+        mlp_ratio=ratio,
+    )
     if mtype == MAE_TYPE:
         ddim = config.get("decoder_hidden_size", 512)
         if config.get("decoder_intermediate_size", 2048) != int(ddim * ratio):
-            refuse("decoder_intermediate_size", f"its decoder MLP has the encoder's ratio {ratio:g}, "
-                                                f"{int(ddim * ratio)} for decoder_hidden_size={ddim}")
-        fields.update(decoder_embed_dim=ddim, decoder_depth=config.get("decoder_num_hidden_layers", 8),
-                      decoder_num_heads=config.get("decoder_num_attention_heads", 16),
-                      mask_ratio=config.get("mask_ratio", 0.75), norm_pix_loss=bool(config.get("norm_pix_loss", False)))
+            refuse(
+                "decoder_intermediate_size",
+                f"its decoder MLP has the encoder's ratio {ratio:g}, "
+                f"{int(ddim * ratio)} for decoder_hidden_size={ddim}",
+            )
+        fields.update(
+            decoder_embed_dim=ddim,
+            decoder_depth=config.get("decoder_num_hidden_layers", 8),
+            decoder_num_heads=config.get("decoder_num_attention_heads", 16),
+            mask_ratio=config.get("mask_ratio", 0.75),
+            norm_pix_loss=bool(config.get("norm_pix_loss", False)),
+        )
     return fields
 
 
@@ -231,8 +284,11 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     d = Path(path)
     for name in WEIGHT_FILES:
         if (d / name).is_file():
-            shards = (sorted(set(_read_json(d / name).get("weight_map", {}).values()))
-                      if name.endswith(".index.json") else [name])
+            shards = (
+                sorted(set(_read_json(d / name).get("weight_map", {}).values()))
+                if name.endswith(".index.json")
+                else [name]
+            )
             sd: dict[str, torch.Tensor] = {}
             for shard in shards:
                 sd.update(unwrap_state_dict(read_checkpoint(d / shard), str(d / shard)))
@@ -255,8 +311,9 @@ def load_hf(path: str | Path, need_decoder: bool = False, **overrides: Any):  # 
 
     sd, fields = read_hf(path)
     fields.update(overrides)
-    return load_official_checkpoint(sd, img_size=fields.pop("img_size"), source=str(path),
-                                    need_decoder=need_decoder, **fields)
+    return load_official_checkpoint(
+        sd, img_size=fields.pop("img_size"), source=str(path), need_decoder=need_decoder, **fields
+    )
 
 
 def save_hf(model: Any, path: str | Path, encoder_only: bool = False) -> Path:
@@ -273,12 +330,18 @@ def save_hf(model: Any, path: str | Path, encoder_only: bool = False) -> Path:
     cfg = model.cfg
     if not encoder_only and (cfg.mask_token_in_encoder or cfg.target != "pixels"):
         setting = "mask_token_in_encoder=True" if cfg.mask_token_in_encoder else f"target={cfg.target!r}"
-        raise CheckpointError(f"Hugging Face ViTMAE has no {setting} (it encodes the visible patches and "
-                              "regresses pixels): export the encoder with --encoder-only")
+        raise CheckpointError(
+            f"Hugging Face ViTMAE has no {setting} (it encodes the visible patches and "
+            "regresses pixels): export the encoder with --encoder-only"
+        )
     config = hf_config(cfg, encoder_only)
     sd = model.encoder_state_dict() if encoder_only else model.state_dict()
     d = Path(path)
-    atomic_write(d / WEIGHT_FILES[0], save(to_hf_state_dict(sd, encoder_only), metadata={"format": "pt"}),
-                 "the Hugging Face weights", CheckpointError)
+    atomic_write(
+        d / WEIGHT_FILES[0],
+        save(to_hf_state_dict(sd, encoder_only), metadata={"format": "pt"}),
+        "the Hugging Face weights",
+        CheckpointError,
+    )
     write_json(config, d / CONFIG_FILE)
     return d

@@ -109,8 +109,9 @@ class MaskedAutoencoder(nn.Module):
         """[B, L, p*p*C] -> [B, C, H, W]."""
         return unpatchify(x, self.patch_size, self.grid_size, self.in_chans)
 
-    def make_masking(self, batch_size: int, device: torch.device, mask_ratio: float | None = None,
-                     noise: torch.Tensor | None = None) -> Masking:
+    def make_masking(
+        self, batch_size: int, device: torch.device, mask_ratio: float | None = None, noise: torch.Tensor | None = None
+    ) -> Masking:
         """Masking from ``noise`` [B, L] if given, else from fresh noise of ``cfg.mask_type``."""
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         if noise is None:
@@ -170,8 +171,9 @@ class MaskedAutoencoder(nn.Module):
         """Mean over masked patches of the per-patch MSE against the (normalized) pixels."""
         return masked_mse(pred, self.target(imgs), mask)
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None,
-                noise: torch.Tensor | None = None) -> MAEOutput:
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None
+    ) -> MAEOutput:
         """imgs [B, C, H, W]; noise [B, L] optional (same noise -> same mask as the official code)."""
         self._check_input(imgs)
         masking = self.make_masking(imgs.shape[0], imgs.device, mask_ratio, noise)
@@ -193,8 +195,9 @@ class MaskedAutoencoder(nn.Module):
 
     def _check_input(self, imgs: torch.Tensor) -> None:
         if imgs.dim() != 4 or imgs.shape[1] != self.in_chans or tuple(imgs.shape[-2:]) != self.img_hw:
-            raise ValueError(f"expected images [B, {self.in_chans}, {self.img_hw[0]}, {self.img_hw[1]}], "
-                             f"got {tuple(imgs.shape)}")
+            raise ValueError(
+                f"expected images [B, {self.in_chans}, {self.img_hw[0]}, {self.img_hw[1]}], got {tuple(imgs.shape)}"
+            )
 
     @property
     def img_hw(self) -> tuple[int, int]:
@@ -230,15 +233,22 @@ def _drop_encoder_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: 
     """State-dict hook: ``{prefix}encoder.X`` -> ``{prefix}X`` (official key names)."""
     inner = prefix + ENCODER_PREFIX
     for key in [k for k in state_dict if k.startswith(inner)]:
-        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
-    for key in [k for k in state_dict if k.startswith(prefix) and _is_top_level_key(k[len(prefix):])]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+    for key in [k for k in state_dict if k.startswith(prefix) and _is_top_level_key(k[len(prefix) :])]:
         state_dict[key] = state_dict.pop(key)  # official order: encoder keys first, then decoder
 
 
-def _add_encoder_prefix(state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-                        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+def _add_encoder_prefix(
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
     """Load pre-hook: official ``{prefix}X`` -> ``{prefix}encoder.X`` for encoder keys."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if not _is_top_level_key(rest) and not rest.startswith(ENCODER_PREFIX):
             state_dict[prefix + ENCODER_PREFIX + rest] = state_dict.pop(key)

@@ -55,8 +55,13 @@ def masking_from_noise(noise: torch.Tensor, mask_ratio: float) -> Masking:
     return Masking(mask, ids_keep, ids_restore)
 
 
-def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device: torch.device | str = "cpu",
-                   generator: torch.Generator | None = None) -> Masking:
+def random_masking(
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Masking:
     """Uniform random masking without replacement (paper default)."""
     noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
     return masking_from_noise(noise, mask_ratio)
@@ -74,8 +79,9 @@ def grid_noise(batch_size: int, grid_size: tuple[int, int], device: torch.device
     return noise.expand(batch_size, -1).contiguous()
 
 
-def block_mask(grid_size: tuple[int, int], num_masked: int, rng: random.Random,
-               min_block: int = 16, max_aspect: float = 3.0) -> torch.Tensor:
+def block_mask(
+    grid_size: tuple[int, int], num_masked: int, rng: random.Random, min_block: int = 16, max_aspect: float = 3.0
+) -> torch.Tensor:
     """BEiT-style block-wise mask [rows, cols] bool with about ``num_masked`` True entries.
 
     Rectangles of random area (>= ``min_block`` patches) and aspect ratio in
@@ -99,7 +105,7 @@ def block_mask(grid_size: tuple[int, int], num_masked: int, rng: random.Random,
             w = int(round(math.sqrt(area / aspect)))
             if 0 < h <= gh and 0 < w <= gw:
                 top, lft = rng.randint(0, gh - h), rng.randint(0, gw - w)
-                patch = mask[top:top + h, lft:lft + w]
+                patch = mask[top : top + h, lft : lft + w]
                 new = h * w - int(patch.sum())
                 if 0 < new <= left:
                     patch[...] = True
@@ -111,9 +117,14 @@ def block_mask(grid_size: tuple[int, int], num_masked: int, rng: random.Random,
     return torch.from_numpy(mask)
 
 
-def block_noise(batch_size: int, grid_size: tuple[int, int], mask_ratio: float,
-                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                rows: range | None = None) -> torch.Tensor:
+def block_noise(
+    batch_size: int,
+    grid_size: tuple[int, int],
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    rows: range | None = None,
+) -> torch.Tensor:
     """Noise [B, L] whose smallest values lie outside BEiT-style blocks.
 
     Block patches get noise in [1, 2) and the others [0, 1), so ``masking_from_noise``
@@ -128,15 +139,20 @@ def block_noise(batch_size: int, grid_size: tuple[int, int], mask_ratio: float,
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     uniform = torch.rand(batch_size, length, generator=generator)
     rows = range(batch_size) if rows is None else rows
-    blocks = torch.stack([block_mask(grid_size, num_masked, random.Random(seed << 32 | i)).reshape(-1)
-                          for i in rows])
+    blocks = torch.stack([block_mask(grid_size, num_masked, random.Random(seed << 32 | i)).reshape(-1) for i in rows])
     noise = _take(uniform, rows) + blocks.float()
     return noise.to(device, non_blocking=True)  # the host does not wait for the GPU (the source is copied out at once)
 
 
-def make_noise(kind: str, batch_size: int, grid_size: tuple[int, int], mask_ratio: float,
-               device: torch.device | str = "cpu", generator: torch.Generator | None = None,
-               rows: range | None = None) -> torch.Tensor:
+def make_noise(
+    kind: str,
+    batch_size: int,
+    grid_size: tuple[int, int],
+    mask_ratio: float,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    rows: range | None = None,
+) -> torch.Tensor:
     """Noise [B, L] for a masking strategy: random, block or grid; with ``rows`` only those rows of
     it, [len(rows), L] (``generator`` advances as for the whole batch; block masks draw only those rows)."""
     if kind == "block":
@@ -154,4 +170,4 @@ def make_noise(kind: str, batch_size: int, grid_size: tuple[int, int], mask_rati
 
 def _take(noise: torch.Tensor, rows: range) -> torch.Tensor:
     """``noise[rows]`` as a strided view (no index tensor to copy to the device)."""
-    return noise[rows.start:rows.stop:rows.step]
+    return noise[rows.start : rows.stop : rows.step]

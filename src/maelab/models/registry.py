@@ -33,20 +33,35 @@ def _encoder(size: str, **kw: Any) -> dict[str, Any]:
 
 
 for _size, _patch in (("tiny", 16), ("small", 16), ("base", 16), ("large", 16), ("huge", 14)):
-    register(f"mae_vit_{_size}_patch{_patch}",
-             ModelConfig(img_size=224, patch_size=_patch, **_encoder(_size), **_PAPER_DECODER),
-             f"ViT-{_size[0].upper()}/{_patch}, 224 px, paper decoder 512x8")
+    register(
+        f"mae_vit_{_size}_patch{_patch}",
+        ModelConfig(img_size=224, patch_size=_patch, **_encoder(_size), **_PAPER_DECODER),
+        f"ViT-{_size[0].upper()}/{_patch}, 224 px, paper decoder 512x8",
+    )
 
 for _size in ("tiny", "small"):
     for _patch in (2, 4):
-        register(f"mae_vit_{_size}_patch{_patch}_32",
-                 ModelConfig(img_size=32, patch_size=_patch, **_encoder(_size), **_SMALL_IMAGE_DECODER),
-                 f"ViT-{_size[0].upper()}/{_patch} for 32x32 images (CIFAR), decoder 256x4")
+        register(
+            f"mae_vit_{_size}_patch{_patch}_32",
+            ModelConfig(img_size=32, patch_size=_patch, **_encoder(_size), **_SMALL_IMAGE_DECODER),
+            f"ViT-{_size[0].upper()}/{_patch} for 32x32 images (CIFAR), decoder 256x4",
+        )
 
-register("mae_vit_pico_patch4_32",
-         ModelConfig(img_size=32, patch_size=4, timm_name="vit_tiny_patch16_224", embed_dim=96, depth=4,
-                     num_heads=3, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
-         "laptop-sized ViT (96 dims, 4 blocks) for 32x32 images: quick starts and tests")
+register(
+    "mae_vit_pico_patch4_32",
+    ModelConfig(
+        img_size=32,
+        patch_size=4,
+        timm_name="vit_tiny_patch16_224",
+        embed_dim=96,
+        depth=4,
+        num_heads=3,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
+    ),
+    "laptop-sized ViT (96 dims, 4 blocks) for 32x32 images: quick starts and tests",
+)
 
 
 def list_models() -> list[str]:

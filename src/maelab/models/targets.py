@@ -56,8 +56,9 @@ def _gaussian_window(size: int, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hog_target(imgs: torch.Tensor, patch_size: int, nbins: int = HOG_BINS, cell: int = HOG_CELL,
-               gaussian: bool = True) -> torch.Tensor:
+def hog_target(
+    imgs: torch.Tensor, patch_size: int, nbins: int = HOG_BINS, cell: int = HOG_CELL, gaussian: bool = True
+) -> torch.Tensor:
     """MaskFeat-style HOG target. imgs [B, C, H, W] -> [B, L, C * (p/cell)^2 * nbins].
 
     Per channel: Sobel gradients (reflect padding), unsigned orientation in ``nbins`` bins

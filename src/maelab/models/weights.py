@@ -22,8 +22,13 @@ from maelab.errors import CheckpointError, error_summary
 from maelab.io import atomic_write
 from maelab.models.mae import MaskedAutoencoder
 
-_TIMM_BY_DIM = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
-                1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
+_TIMM_BY_DIM = {
+    192: "vit_tiny_patch16_224",
+    384: "vit_small_patch16_224",
+    768: "vit_base_patch16_224",
+    1024: "vit_large_patch16_224",
+    1280: "vit_huge_patch14_224",
+}
 
 
 def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -38,8 +43,9 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
     raise CheckpointError(f"{source}: no model weights found (expected a state dict or a dict with 'model')")
 
 
-def infer_model_config(sd: dict[str, torch.Tensor], img_size: int | tuple[int, int] | None = None,
-                       **overrides: Any) -> ModelConfig:
+def infer_model_config(
+    sd: dict[str, torch.Tensor], img_size: int | tuple[int, int] | None = None, **overrides: Any
+) -> ModelConfig:
     """Architecture from official-layout tensor shapes (encoder-only or full MAE)."""
     try:
         proj = sd["patch_embed.proj.weight"]  # [D, C, p, p]
@@ -56,14 +62,24 @@ def infer_model_config(sd: dict[str, torch.Tensor], img_size: int | tuple[int, i
         if side * side != num_patches:
             raise CheckpointError(f"cannot infer a non-square image size from {num_patches} patches: pass img_size")
         img_size = side * patch
-    cfg: dict[str, Any] = dict(img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim,
-                               depth=depth, num_heads=_default_heads(embed_dim), mlp_ratio=mlp_ratio,
-                               timm_name=_TIMM_BY_DIM.get(embed_dim, "vit_base_patch16_224"))
+    cfg: dict[str, Any] = dict(
+        img_size=img_size,
+        patch_size=patch,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=_default_heads(embed_dim),
+        mlp_ratio=mlp_ratio,
+        timm_name=_TIMM_BY_DIM.get(embed_dim, "vit_base_patch16_224"),
+    )
     if "decoder_embed.weight" in sd:
         d = sd["decoder_embed.weight"].shape[0]
-        cfg.update(decoder_embed_dim=d, decoder_num_heads=16 if d % 16 == 0 else _default_heads(d),
-                   decoder_depth=1 + max((int(m.group(1)) for k in sd
-                                          if (m := re.match(r"decoder_blocks\.(\d+)\.", k))), default=-1))
+        cfg.update(
+            decoder_embed_dim=d,
+            decoder_num_heads=16 if d % 16 == 0 else _default_heads(d),
+            decoder_depth=1
+            + max((int(m.group(1)) for k in sd if (m := re.match(r"decoder_blocks\.(\d+)\.", k))), default=-1),
+        )
     cfg.update(overrides)
     return ModelConfig(**cfg)
 
@@ -93,15 +109,21 @@ def read_checkpoint(path: str | Path) -> Any:
 
 def encoder_only_error(source: str | Path) -> CheckpointError:
     """The error for a decoder asked of a checkpoint that has none."""
-    return CheckpointError(f"{source}: an encoder-only checkpoint (no decoder weights: the released "
-                           "mae_pretrain_vit_*.pth files, exported encoders and ViT directories have none); "
-                           "reconstructions and a full export need a full one (a maelab run, mae_visualize_vit_*.pth, "
-                           "a ViTMAE directory)")
+    return CheckpointError(
+        f"{source}: an encoder-only checkpoint (no decoder weights: the released "
+        "mae_pretrain_vit_*.pth files, exported encoders and ViT directories have none); "
+        "reconstructions and a full export need a full one (a maelab run, mae_visualize_vit_*.pth, "
+        "a ViTMAE directory)"
+    )
 
 
-def load_official_checkpoint(path_or_state: str | Path | dict[str, Any],
-                             img_size: int | tuple[int, int] | None = None, source: str | None = None,
-                             need_decoder: bool = False, **overrides: Any) -> MaskedAutoencoder:
+def load_official_checkpoint(
+    path_or_state: str | Path | dict[str, Any],
+    img_size: int | tuple[int, int] | None = None,
+    source: str | None = None,
+    need_decoder: bool = False,
+    **overrides: Any,
+) -> MaskedAutoencoder:
     """An official facebookresearch/mae checkpoint (or any state dict in its layout) -> MAE.
 
     Encoder-only files (``mae_pretrain_vit_*.pth``) load strictly into the encoder and leave
@@ -128,8 +150,10 @@ def load_official_checkpoint(path_or_state: str | Path | dict[str, Any],
         raise CheckpointError(f"{source}: tensor shapes do not match the inferred model: {details}") from None
     missing = [k for k in result.missing_keys]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"{source}: keys do not match the {'MAE' if full else 'encoder'} layout: "
-                              f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise CheckpointError(
+            f"{source}: keys do not match the {'MAE' if full else 'encoder'} layout: "
+            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
     return model
 
 
@@ -142,8 +166,12 @@ def export_encoder(model: MaskedAutoencoder, path: str | Path) -> Path:
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.encoder_state_dict().items()}
     kwargs = model.cfg.timm_kwargs()
-    meta = {"format": "pt", "maelab_timm_name": model.cfg.timm_name, "maelab_timm_kwargs": json.dumps(kwargs),
-            "maelab_model_config": json.dumps(_jsonable(model.cfg))}
+    meta = {
+        "format": "pt",
+        "maelab_timm_name": model.cfg.timm_name,
+        "maelab_timm_kwargs": json.dumps(kwargs),
+        "maelab_model_config": json.dumps(_jsonable(model.cfg)),
+    }
     return atomic_write(path, save(tensors, metadata=meta), "the encoder", CheckpointError)
 
 
@@ -164,8 +192,11 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     if "maelab_timm_name" not in meta:
         raise CheckpointError(f"{path}: no maelab export metadata (was it written by `maelab export`?)")
-    return {"timm_name": meta["maelab_timm_name"], "timm_kwargs": json.loads(meta["maelab_timm_kwargs"]),
-            "model_config": json.loads(meta.get("maelab_model_config", "{}"))}
+    return {
+        "timm_name": meta["maelab_timm_name"],
+        "timm_kwargs": json.loads(meta["maelab_timm_kwargs"]),
+        "model_config": json.loads(meta.get("maelab_model_config", "{}")),
+    }
 
 
 def load_exported_encoder(path: str | Path, **timm_overrides: Any) -> torch.nn.Module:
@@ -189,15 +220,20 @@ def load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: st
     own = module.state_dict()
     for key, value in own.items():
         if key not in sd:
-            raise CheckpointError(f"{source}: tensor {key!r} (shape {tuple(value.shape)} in the model) is missing "
-                                  "from the checkpoint")
+            raise CheckpointError(
+                f"{source}: tensor {key!r} (shape {tuple(value.shape)} in the model) is missing from the checkpoint"
+            )
         if sd[key].shape != value.shape:
-            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(sd[key].shape)} in the checkpoint "
-                                  f"but {tuple(value.shape)} in the model")
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(sd[key].shape)} in the checkpoint "
+                f"but {tuple(value.shape)} in the model"
+            )
     extra = [k for k in sd if k not in own]
     if extra:
-        raise CheckpointError(f"{source}: tensor {extra[0]!r} (shape {tuple(sd[extra[0]].shape)} in the checkpoint)"
-                              f" is not in the model" + (f", nor are {len(extra) - 1} more" if len(extra) > 1 else ""))
+        raise CheckpointError(
+            f"{source}: tensor {extra[0]!r} (shape {tuple(sd[extra[0]].shape)} in the checkpoint)"
+            f" is not in the model" + (f", nor are {len(extra) - 1} more" if len(extra) > 1 else "")
+        )
     module.load_state_dict(sd, strict=True)
 
 
@@ -223,12 +259,15 @@ def init_from_mae(model: MaskedAutoencoder, source: str | Path) -> None:
     """
     sd, recorded = read_mae_weights(source)
     if not any(k.startswith("decoder_") for k in sd):
-        raise CheckpointError(f"{source}: no decoder weights (an encoder-only checkpoint): start the encoder "
-                              "from it with --init-encoder")
+        raise CheckpointError(
+            f"{source}: no decoder weights (an encoder-only checkpoint): start the encoder from it with --init-encoder"
+        )
     for name in ("num_heads", "decoder_num_heads"):
         if name in recorded and recorded[name] != getattr(model.cfg, name):
-            raise CheckpointError(f"{source}: {name}={recorded[name]} in the checkpoint but "
-                                  f"{getattr(model.cfg, name)} in the model (model_args.{name})")
+            raise CheckpointError(
+                f"{source}: {name}={recorded[name]} in the checkpoint but "
+                f"{getattr(model.cfg, name)} in the model (model_args.{name})"
+            )
     load_strict(model, sd, str(source))
 
 

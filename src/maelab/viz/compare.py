@@ -23,8 +23,9 @@ TAIL_FRACTION = 0.1
 
 
 def _finite(values: Sequence[Any]) -> list[float]:
-    return [float(v) for v in values
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    return [
+        float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -42,21 +43,26 @@ def summarize_run(run: dict[str, Any]) -> dict[str, Any]:
     step_losses = _finite(r.get("loss") for r in run["steps"])
     epoch_losses = _finite(r.get("loss") for r in run["epochs"])
     losses = step_losses or epoch_losses
-    tail = losses[-max(1, math.ceil(TAIL_FRACTION * len(losses))):] if losses else []
+    tail = losses[-max(1, math.ceil(TAIL_FRACTION * len(losses))) :] if losses else []
     knn = _finite(r.get("knn_top1") for r in run["epochs"])
     speed = _finite(r.get("img_per_s") for r in run["epochs"])
     last = run["epochs"][-1] if run["epochs"] else {}
     return {
-        "name": run["name"], "path": run["path"], "epochs": last.get("epoch"), "steps": last.get("step"),
+        "name": run["name"],
+        "path": run["path"],
+        "epochs": last.get("epoch"),
+        "steps": last.get("step"),
         "final_loss": statistics.fmean(tail) if tail else None,
         "final_loss_std": statistics.pstdev(tail) if len(tail) > 1 else None,
-        "knn_top1_last": knn[-1] if knn else None, "knn_top1_best": max(knn) if knn else None,
+        "knn_top1_last": knn[-1] if knn else None,
+        "knn_top1_best": max(knn) if knn else None,
         "img_per_s_median": statistics.median(speed) if speed else None,
     }
 
 
 def format_summary(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of :func:`summarize_run` rows."""
+
     def num(v: Any, fmt: str) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
@@ -64,8 +70,10 @@ def format_summary(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'run':<{width}}  {'epochs':>6}  {'final loss':>16}  {'kNN last':>8}  {'kNN best':>8}  {'img/s':>8}"]
     for r in rows:
         loss = num(r["final_loss"], ".4f") + (f" ±{r['final_loss_std']:.4f}" if r["final_loss_std"] else "")
-        lines.append(f"{r['name']:<{width}}  {num(r['epochs'], 'd'):>6}  {loss:>16}  {num(r['knn_top1_last'], '.2f'):>8}"
-                     f"  {num(r['knn_top1_best'], '.2f'):>8}  {num(r['img_per_s_median'], '.0f'):>8}")
+        lines.append(
+            f"{r['name']:<{width}}  {num(r['epochs'], 'd'):>6}  {loss:>16}  {num(r['knn_top1_last'], '.2f'):>8}"
+            f"  {num(r['knn_top1_best'], '.2f'):>8}  {num(r['img_per_s_median'], '.0f'):>8}"
+        )
     return "\n".join(lines)
 
 
@@ -84,8 +92,7 @@ def save_comparison(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
         records = run["steps"] or run["epochs"]  # epoch records carry their step too: one shared x axis
         pts = [(r[x], r["loss"]) for r in records if _finite([r.get("loss")]) and x in r]
         if pts:
-            ax.plot(*zip(*pts), linewidth=0.9, marker="o" if len(pts) <= 50 else None, markersize=3,
-                    label=run["name"])
+            ax.plot(*zip(*pts), linewidth=0.9, marker="o" if len(pts) <= 50 else None, markersize=3, label=run["name"])
             plotted += [y for _, y in pts]
     ax.set_xlabel(x)
     ax.set_ylabel("loss")

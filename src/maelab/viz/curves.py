@@ -54,8 +54,9 @@ def split_records(records: Sequence[dict[str, Any]], x: str = "epoch") -> tuple[
     return [r for r in records if x in r], [r for r in records if x not in r and "step" in r]
 
 
-def save_loss_curve(records: Sequence[dict[str, Any]], path: str | Path,
-                    keys: Sequence[str] = ("loss",), x: str = "epoch") -> Path:
+def save_loss_curve(
+    records: Sequence[dict[str, Any]], path: str | Path, keys: Sequence[str] = ("loss",), x: str = "epoch"
+) -> Path:
     """Write a PNG of ``keys`` against ``x`` (default: loss vs epoch).
 
     Records without ``x`` but with a ``step`` key are step-level; they are drawn in a second

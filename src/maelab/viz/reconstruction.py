@@ -22,8 +22,9 @@ _KEYS = ("original", "masked", "reconstruction", "pasted")
 HOLE_GRAY = 0.5
 
 
-def reconstruct(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
-                norm_pix_loss: bool) -> dict[str, torch.Tensor]:
+def reconstruct(
+    imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix_loss: bool
+) -> dict[str, torch.Tensor]:
     """Images for a reconstruction figure, all in the normalized model-input space.
 
     Args:
@@ -85,8 +86,9 @@ def default_title(norm_pix_loss: bool, mask_ratio: float, epoch: int | None = No
     return head + "\npixel loss: raw prediction"
 
 
-def _to_display(x: torch.Tensor, mean: Sequence[float] | float | None,
-                std: Sequence[float] | float | None) -> np.ndarray:
+def _to_display(
+    x: torch.Tensor, mean: Sequence[float] | float | None, std: Sequence[float] | float | None
+) -> np.ndarray:
     """[N, C, H, W] normalized -> [N, H, W, 3] or [N, H, W] float in [0, 1] for imshow."""
     c = x.shape[1]
     mean = 0.0 if mean is None else mean
@@ -122,9 +124,14 @@ def _atomic_savefig(fig, path: str | Path, dpi: int = 100) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), "the figure")
 
 
-def save_reconstruction_grid(images: Mapping[str, torch.Tensor], path: str | Path,
-                             mean: Sequence[float] | float | None, std: Sequence[float] | float | None,
-                             title: str | None = None, max_rows: int = 8) -> Path:
+def save_reconstruction_grid(
+    images: Mapping[str, torch.Tensor],
+    path: str | Path,
+    mean: Sequence[float] | float | None,
+    std: Sequence[float] | float | None,
+    title: str | None = None,
+    max_rows: int = 8,
+) -> Path:
     """Write the paper-style PNG: one row per sample, columns original | masked | reconstruction |
     reconstruction + visible.
 

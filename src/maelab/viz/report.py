@@ -134,15 +134,22 @@ def load_run_files(run_dir: str | Path) -> RunFiles:
     """
     path = Path(run_dir)
     if not path.is_dir():
-        raise ConfigError(f"{path} is not a directory: give a pre-training run directory "
-                          "(the --output of maelab pretrain)")
+        raise ConfigError(
+            f"{path} is not a directory: give a pre-training run directory (the --output of maelab pretrain)"
+        )
     if not any((path / name).is_file() for name in RUN_FILES):
         raise ConfigError(f"{path} is not a pre-training run directory: none of {', '.join(RUN_FILES)} is there")
     config_text = _read_text(path / "config.yaml")
-    return RunFiles(path=path, config_text=config_text, config=_read_mapping(config_text),
-                    epochs=read_records(path / "metrics.jsonl"), steps=read_records(path / STEP_LOG),
-                    env=_read_mapping(_read_text(path / ENV_FILE), json_text=True),
-                    reconstructions=reconstruction_grids(path), evals=find_evals(path))
+    return RunFiles(
+        path=path,
+        config_text=config_text,
+        config=_read_mapping(config_text),
+        epochs=read_records(path / "metrics.jsonl"),
+        steps=read_records(path / STEP_LOG),
+        env=_read_mapping(_read_text(path / ENV_FILE), json_text=True),
+        reconstructions=reconstruction_grids(path),
+        evals=find_evals(path),
+    )
 
 
 # ---------------------------------------------------------------------------------- numbers
@@ -171,28 +178,36 @@ def run_status(files: RunFiles) -> tuple[bool, str]:
     if not done:
         return False, f"in progress: no epoch finished yet{step}"
     of = f" of {total}" if isinstance(total, int) else ""
-    return False, (f"in progress: epoch {done}{of} done{step} (still running, or stopped: "
-                   "continue it with maelab pretrain --resume)")
+    return False, (
+        f"in progress: epoch {done}{of} done{step} (still running, or stopped: "
+        "continue it with maelab pretrain --resume)"
+    )
 
 
 def key_numbers(files: RunFiles) -> list[tuple[str, str]]:
     """(name, value) rows of the summary table."""
     cfg = files.config or {}
-    summary = summarize_run({"name": files.path.name, "path": str(files.path), "epochs": files.epochs,
-                             "steps": files.steps})
+    summary = summarize_run(
+        {"name": files.path.name, "path": str(files.path), "epochs": files.epochs, "steps": files.steps}
+    )
     last = files.epochs[-1] if files.epochs else {}
     lrs = _series(files.steps or files.epochs, "step", "lr")[1]
     times = _series(files.epochs, "epoch", "epoch_time_s")[1]
-    rows = [("model", fmt(cfg.get("model"))), ("data", fmt((cfg.get("data") or {}).get("name"))),
-            ("epochs done", f"{fmt(last.get('epoch', 0))} of {fmt(cfg.get('epochs'))}"),
-            ("steps", fmt(max([r.get("step", 0) for r in files.epochs + files.steps] or [0]))),
-            ("final loss (mean of the last 10% of logged losses)",
-             fmt(summary["final_loss"], ".4f") + (f" ± {summary['final_loss_std']:.4f}"
-                                                  if summary["final_loss_std"] else "")),
-            ("last epoch loss", fmt(last.get("loss"), ".4f")),
-            ("peak lr", fmt(max(lrs) if lrs else None, ".3g")),
-            ("throughput (median over epochs)", fmt(summary["img_per_s_median"], ".1f") + " img/s"),
-            ("training time", f"{fmt(sum(times), '.1f')} s" if times else "-")]
+    rows = [
+        ("model", fmt(cfg.get("model"))),
+        ("data", fmt((cfg.get("data") or {}).get("name"))),
+        ("epochs done", f"{fmt(last.get('epoch', 0))} of {fmt(cfg.get('epochs'))}"),
+        ("steps", fmt(max([r.get("step", 0) for r in files.epochs + files.steps] or [0]))),
+        (
+            "final loss (mean of the last 10% of logged losses)",
+            fmt(summary["final_loss"], ".4f")
+            + (f" ± {summary['final_loss_std']:.4f}" if summary["final_loss_std"] else ""),
+        ),
+        ("last epoch loss", fmt(last.get("loss"), ".4f")),
+        ("peak lr", fmt(max(lrs) if lrs else None, ".3g")),
+        ("throughput (median over epochs)", fmt(summary["img_per_s_median"], ".1f") + " img/s"),
+        ("training time", f"{fmt(sum(times), '.1f')} s" if times else "-"),
+    ]
     if summary["knn_top1_last"] is not None:
         rows += [("kNN top-1 last / best", f"{summary['knn_top1_last']:.2f}% / {summary['knn_top1_best']:.2f}%")]
     return rows
@@ -248,25 +263,29 @@ def _ticks(lo: float, hi: float, log: bool, integer: bool = False) -> list[float
     return [float(v) for v in values if lo - 1e-9 * (hi - lo) <= v <= hi + 1e-9 * (hi - lo)]
 
 
-def line_chart(series: Sequence[Series], title: str, xlabel: str, ylabel: str,
-               width: int = 540, height: int = 300) -> str:
+def line_chart(
+    series: Sequence[Series], title: str, xlabel: str, ylabel: str, width: int = 540, height: int = 300
+) -> str:
     """An inline ``<svg class="chart">``: axes with ticks and labels, a grid, one polyline per series,
     a legend, and hover tooltips (``<title>``) on marked points. The y axis is logarithmic when the values
     span more than 10x (:func:`~maelab.viz.curves.wants_log_scale`). Empty series draw "no data yet"."""
     left, right, top, bottom = 72, 16, 46, 46
     pw, ph = width - left - right, height - top - bottom
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-           f'role="img" aria-label="{esc(title)}" font-family="sans-serif" font-size="11">',
-           f"<title>{esc(title)}</title>",
-           f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-size="13" font-weight="bold">'
-           f"{esc(title)}</text>",
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>',
-           f'<text x="{left + pw / 2:.0f}" y="{height - 8}" text-anchor="middle">{esc(xlabel)}</text>',
-           f'<text transform="translate(14 {top + ph / 2:.0f}) rotate(-90)" text-anchor="middle">{esc(ylabel)}</text>']
+    out = [
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+        f'role="img" aria-label="{esc(title)}" font-family="sans-serif" font-size="11">',
+        f"<title>{esc(title)}</title>",
+        f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-size="13" font-weight="bold">{esc(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>',
+        f'<text x="{left + pw / 2:.0f}" y="{height - 8}" text-anchor="middle">{esc(xlabel)}</text>',
+        f'<text transform="translate(14 {top + ph / 2:.0f}) rotate(-90)" text-anchor="middle">{esc(ylabel)}</text>',
+    ]
     series = [_thin(s) for s in series if s.xs]
     if not series:
-        out.append(f'<text x="{left + pw / 2:.0f}" y="{top + ph / 2:.0f}" text-anchor="middle" fill="#888">'
-                   "no data yet</text></svg>")
+        out.append(
+            f'<text x="{left + pw / 2:.0f}" y="{top + ph / 2:.0f}" text-anchor="middle" fill="#888">'
+            "no data yet</text></svg>"
+        )
         return "\n".join(out)
     ys_all = [y for s in series for y in s.ys]
     log = wants_log_scale(ys_all)
@@ -282,22 +301,30 @@ def line_chart(series: Sequence[Series], title: str, xlabel: str, ylabel: str,
 
     whole_x = all(float(x).is_integer() for s in series for x in s.xs)
     for t in _ticks(x0, x1, False, integer=whole_x):
-        out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>'
-                   f'<text x="{px(t):.1f}" y="{top + ph + 15}" text-anchor="middle">{esc(_short(t))}</text>')
+        out.append(
+            f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top}" y2="{top + ph}" stroke="#eee"/>'
+            f'<text x="{px(t):.1f}" y="{top + ph + 15}" text-anchor="middle">{esc(_short(t))}</text>'
+        )
     for t in _ticks(y0, y1, log):
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
-                   f'<text x="{left - 5}" y="{py(t) + 4:.1f}" text-anchor="end">{esc(_short(t))}</text>')
+        out.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
+            f'<text x="{left - 5}" y="{py(t) + 4:.1f}" text-anchor="end">{esc(_short(t))}</text>'
+        )
     for i, s in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(s.xs, s.ys))
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{points}"/>')
         if s.markers or len(s.xs) <= MAX_MARKED:
-            out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>{esc(s.label)}: '
-                    f"{esc(xlabel)} {esc(_short(x))}, {esc(ylabel)} {esc(_short(y))}</title></circle>"
-                    for x, y in zip(s.xs, s.ys)]
+            out += [
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>{esc(s.label)}: '
+                f"{esc(xlabel)} {esc(_short(x))}, {esc(ylabel)} {esc(_short(y))}</title></circle>"
+                for x, y in zip(s.xs, s.ys)
+            ]
         lx = left + 170 * i  # the legend: one row between the title and the plot
-        out.append(f'<line x1="{lx}" x2="{lx + 20}" y1="{top - 12}" y2="{top - 12}" stroke="{color}" '
-                   f'stroke-width="2"/><text x="{lx + 25}" y="{top - 8}">{esc(s.label)}</text>')
+        out.append(
+            f'<line x1="{lx}" x2="{lx + 20}" y1="{top - 12}" y2="{top - 12}" stroke="{color}" '
+            f'stroke-width="2"/><text x="{lx + 25}" y="{top - 8}">{esc(s.label)}</text>'
+        )
     if log:
         out.append(f'<text x="{left + pw}" y="{top - 8}" text-anchor="end" fill="#888">log scale</text>')
     out.append("</svg>")
@@ -369,11 +396,13 @@ def render_page(title: str, header: str, sections: Sequence[Section]) -> str:
     """A whole HTML document: ``title``, a header (HTML), a link bar and the sections; inline CSS and script."""
     nav = "".join(f'<a href="#{esc(s.id)}">{esc(s.heading)}</a>' for s in sections)
     body = "\n".join(f'<section id="{esc(s.id)}"><h2>{esc(s.heading)}</h2>\n{s.body}\n</section>' for s in sections)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n"
-            f"<body><main>\n<header>{header}</header>\n<nav>{nav}</nav>\n{body}\n</main>"
-            f"<script>{_SCRIPT}</script></body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n"
+        f"<body><main>\n<header>{header}</header>\n<nav>{nav}</nav>\n{body}\n</main>"
+        f"<script>{_SCRIPT}</script></body></html>\n"
+    )
 
 
 # ---------------------------------------------------------------------------------- a run's sections
@@ -381,18 +410,46 @@ def curves_section(files: RunFiles) -> Section:
     """Loss, lr and throughput per step (log intervals and epoch means), kNN top-1 per epoch when logged."""
     steps, epochs = files.steps, files.epochs
     charts = [
-        line_chart([series_of(steps, "step", "loss", "every log interval"),
-                    series_of(epochs, "step", "loss", "epoch mean", markers=True)], "training loss", "step", "loss"),
-        line_chart([max(series_of(steps, "step", "lr", "every log interval"),
-                        series_of(epochs, "step", "lr", "end of epoch", markers=True), key=lambda s: len(s.xs))],
-                   "learning rate", "step", "lr"),
-        line_chart([series_of(steps, "step", "img_per_s", "every log interval"),
-                    series_of(epochs, "step", "img_per_s", "epoch mean", markers=True)],
-                   "throughput", "step", "images / s"),
+        line_chart(
+            [
+                series_of(steps, "step", "loss", "every log interval"),
+                series_of(epochs, "step", "loss", "epoch mean", markers=True),
+            ],
+            "training loss",
+            "step",
+            "loss",
+        ),
+        line_chart(
+            [
+                max(
+                    series_of(steps, "step", "lr", "every log interval"),
+                    series_of(epochs, "step", "lr", "end of epoch", markers=True),
+                    key=lambda s: len(s.xs),
+                )
+            ],
+            "learning rate",
+            "step",
+            "lr",
+        ),
+        line_chart(
+            [
+                series_of(steps, "step", "img_per_s", "every log interval"),
+                series_of(epochs, "step", "img_per_s", "epoch mean", markers=True),
+            ],
+            "throughput",
+            "step",
+            "images / s",
+        ),
     ]
     if any("knn_top1" in r for r in epochs):
-        charts.append(line_chart([series_of(epochs, "epoch", "knn_top1", "kNN top-1", markers=True)],
-                                 "kNN top-1 of the encoder", "epoch", "top-1 (%)"))
+        charts.append(
+            line_chart(
+                [series_of(epochs, "epoch", "knn_top1", "kNN top-1", markers=True)],
+                "kNN top-1 of the encoder",
+                "epoch",
+                "top-1 (%)",
+            )
+        )
     return Section("curves", "Training curves", f'<div class="charts">{"".join(charts)}</div>')
 
 
@@ -402,14 +459,25 @@ def reconstructions_section(files: RunFiles) -> Section:
     for epoch, path in files.reconstructions:
         uri = data_uri(path)
         if uri is not None:
-            figures.append(f'<figure><img src="{uri}" alt="reconstructions after epoch {epoch}">'
-                           f"<figcaption>epoch {epoch}</figcaption></figure>")
+            figures.append(
+                f'<figure><img src="{uri}" alt="reconstructions after epoch {epoch}">'
+                f"<figcaption>epoch {epoch}</figcaption></figure>"
+            )
     if not figures:
-        return Section("reconstructions", "Reconstructions", note("no reconstruction grid yet (figures/ is written "
-                                                                       "every vis_every epochs and at the end)"))
-    return Section("reconstructions", "Reconstructions",
-                   note("columns: original | masked | reconstruction | reconstruction + visible patches; "
-                        "the same images and masks every epoch") + f'<div class="grids">{"".join(figures)}</div>')
+        return Section(
+            "reconstructions",
+            "Reconstructions",
+            note("no reconstruction grid yet (figures/ is written every vis_every epochs and at the end)"),
+        )
+    return Section(
+        "reconstructions",
+        "Reconstructions",
+        note(
+            "columns: original | masked | reconstruction | reconstruction + visible patches; "
+            "the same images and masks every epoch"
+        )
+        + f'<div class="grids">{"".join(figures)}</div>',
+    )
 
 
 def _eval_row(run: Path, path: Path, record: dict[str, Any]) -> list[str]:
@@ -417,53 +485,80 @@ def _eval_row(run: Path, path: Path, record: dict[str, Any]) -> list[str]:
     others = ", ".join(f"{k}={fmt(v)}" for k, v in metrics.items() if k not in ("top1", "top5"))
     source = Path(str(record.get("checkpoint"))).expanduser().resolve()
     encoder = "the run directory" if source == run else str(source.relative_to(run))
-    return [fmt(record.get("protocol")), fmt(record.get("dataset")), fmt(metrics.get("top1"), ".2f"),
-            fmt(metrics.get("top5"), ".2f"), others, encoder, str(path.parent.relative_to(run.parent)),
-            fmt(record.get("time"))]
+    return [
+        fmt(record.get("protocol")),
+        fmt(record.get("dataset")),
+        fmt(metrics.get("top1"), ".2f"),
+        fmt(metrics.get("top5"), ".2f"),
+        others,
+        encoder,
+        str(path.parent.relative_to(run.parent)),
+        fmt(record.get("time")),
+    ]
 
 
 def evals_section(files: RunFiles) -> Section:
     """One row per ``eval.json`` that names this run (see :func:`find_evals`)."""
     if not files.evals:
-        return Section("evals", "Evaluations", note(
-            "no evaluation found: maelab knn/linprobe/finetune --checkpoint RUN_DIR --output DIR writes DIR/eval.json; "
-            "reports look in the run directory and its sibling folders, up to 3 levels below the run's parent"))
+        return Section(
+            "evals",
+            "Evaluations",
+            note(
+                "no evaluation found: maelab knn/linprobe/finetune --checkpoint RUN_DIR --output DIR writes DIR/eval.json; "
+                "reports look in the run directory and its sibling folders, up to 3 levels below the run's parent"
+            ),
+        )
     run = files.path.resolve()
     rows = [_eval_row(run, path, record) for path, record in files.evals]
-    return Section("evals", "Evaluations", table(rows, ("protocol", "dataset", "top-1 (%)", "top-5 (%)",
-                                                        "other metrics", "encoder", "folder", "time")))
+    return Section(
+        "evals",
+        "Evaluations",
+        table(rows, ("protocol", "dataset", "top-1 (%)", "top-5 (%)", "other metrics", "encoder", "folder", "time")),
+    )
 
 
 def config_section(files: RunFiles) -> Section:
-    body = (f"<pre>{esc(files.config_text)}</pre>" if files.config_text is not None
-            else note("config.yaml is missing"))
+    body = f"<pre>{esc(files.config_text)}</pre>" if files.config_text is not None else note("config.yaml is missing")
     return Section("config", "Configuration (config.yaml)", body)
 
 
 def environment_section(files: RunFiles) -> Section:
     if files.env is None:
-        return Section("environment", "Environment", note(f"{ENV_FILE} is missing: the run was started by a maelab "
-                                                           "that did not record its environment"))
-    return Section("environment", "Environment",
-                   note(f"{ENV_FILE}: written when the run last (re)started")
-                   + table([(k, fmt(v)) for k, v in files.env.items()]))
+        return Section(
+            "environment",
+            "Environment",
+            note(f"{ENV_FILE} is missing: the run was started by a maelab that did not record its environment"),
+        )
+    return Section(
+        "environment",
+        "Environment",
+        note(f"{ENV_FILE}: written when the run last (re)started") + table([(k, fmt(v)) for k, v in files.env.items()]),
+    )
 
 
 def run_sections(files: RunFiles) -> list[Section]:
     """Summary, curves, reconstructions, evaluations, config and environment of one run."""
     summary = Section("summary", "Summary", table(key_numbers(files)))
-    return [summary, curves_section(files), reconstructions_section(files), evals_section(files),
-            config_section(files), environment_section(files)]
+    return [
+        summary,
+        curves_section(files),
+        reconstructions_section(files),
+        evals_section(files),
+        config_section(files),
+        environment_section(files),
+    ]
 
 
 def run_header(files: RunFiles) -> str:
     from maelab import __version__
 
     finished, status = run_status(files)
-    return (f"<h1>maelab run report: {esc(files.path.name)}</h1>"
-            f'<div class="path">{esc(files.path.resolve())}</div>'
-            f'<div class="status {"finished" if finished else "running"}">{esc(status)}</div>'
-            + note(f"generated {time.strftime('%Y-%m-%d %H:%M:%S')} by maelab {__version__}"))
+    return (
+        f"<h1>maelab run report: {esc(files.path.name)}</h1>"
+        f'<div class="path">{esc(files.path.resolve())}</div>'
+        f'<div class="status {"finished" if finished else "running"}">{esc(status)}</div>'
+        + note(f"generated {time.strftime('%Y-%m-%d %H:%M:%S')} by maelab {__version__}")
+    )
 
 
 def build_report(run_dir: str | Path) -> str:

@@ -14,6 +14,7 @@ from maelab.errors import DataError
 from maelab.models.masking import make_noise
 from maelab.viz.reconstruction import default_title, reconstruct, save_reconstruction_grid
 
+
 def collect_images(inputs: list[str], limit: int) -> list[Path]:
     """Image files from a list of files and folders (folders searched recursively, sorted)."""
     found: list[Path] = []
@@ -31,14 +32,22 @@ def collect_images(inputs: list[str], limit: int) -> list[Path]:
 
 
 @torch.no_grad()
-def visualize_images(checkpoint: str, inputs: list[str], output: str, mask_ratio: float | None = None,
-                     seed: int = 0, device: str = "auto", max_images: int = 8) -> Path:
+def visualize_images(
+    checkpoint: str,
+    inputs: list[str],
+    output: str,
+    mask_ratio: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    max_images: int = 8,
+) -> Path:
     """Write a reconstruction grid for the given images; returns the PNG path."""
     model, run_cfg = load_pretrained_with_config(checkpoint, need_decoder=True)
     cfg = model.cfg
     if cfg.target != "pixels":
-        raise DataError(f"{checkpoint}: the model predicts {cfg.target} features, not pixels: there is no "
-                        "reconstruction to show")
+        raise DataError(
+            f"{checkpoint}: the model predicts {cfg.target} features, not pixels: there is no reconstruction to show"
+        )
     ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
     if not 0.0 <= ratio < 1.0:
         raise DataError(f"invalid --mask-ratio {ratio}: a number in [0, 1)")
