@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +33,9 @@ from maelab.config import ModelConfig, on_off, to_dict
 from maelab.engine.accel import compile_or_eager, convert_to_fp8, resolve_compile, uses_cudagraphs
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import autocast, resolve_device, resolve_precision
-from maelab.engine.step import TrainStep
 from maelab.errors import ConfigError
+from maelab.io import write_json
+from maelab.methods import pretrain_step
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.registry import get_config
 
@@ -109,7 +108,7 @@ def _ours(
     convert_to_fp8(model, variant.fp8, device)
     optimizer = build_adamw(model, LR, fused=variant.fused_adamw)
     forward, compiled, eager_fallback = compile_or_eager(model, variant.compile, device, variant.compile_mode)
-    stepper = TrainStep(
+    stepper = pretrain_step(
         model,
         optimizer,
         device,
@@ -327,8 +326,7 @@ def run_bench(
     if not quiet:
         print(format_table(report))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        write_json(report, json_path)
     return report
 
 
@@ -400,7 +398,7 @@ def run_data_bench(
 ) -> list[dict[str, Any]]:
     """Loader-only and end-to-end (loader + real train step) images/s of a pre-training setup.
 
-    Builds a real :class:`~maelab.engine.pretrain.Pretrainer` (in a temporary run directory)
+    Builds a real :func:`~maelab.engine.pretrain.pretraining_loop` (in a temporary run directory)
     and times ``steps`` batches after ``warmup``; the clock stops after a device sync.
     """
     import tempfile
@@ -408,7 +406,7 @@ def run_data_bench(
 
     from maelab.config import PretrainConfig, build_config
     from maelab.data.jpeg_gpu import resolve_decode
-    from maelab.engine.pretrain import Pretrainer
+    from maelab.engine.pretrain import pretraining_loop
 
     overrides: dict[str, Any] = {
         "model": model,
@@ -429,24 +427,25 @@ def run_data_bench(
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         overrides["output"] = tmp
-        trainer = Pretrainer(build_config(PretrainConfig, None, overrides), progress=False)
+        loop = pretraining_loop(build_config(PretrainConfig, None, overrides), progress=False)
+        data_path, device = loop.p.data, loop.ctx.device
         for mode in ("loader", "end_to_end"):
-            trainer.sampler.set_epoch(0)
-            batches = iter(trainer.loader)
-            needed = min(warmup + steps, len(trainer.loader))
+            data_path.sampler.set_epoch(0)
+            batches = iter(data_path.loader)
+            needed = min(warmup + steps, len(data_path.loader))
             if needed <= warmup:
-                raise ValueError(f"{data}: only {len(trainer.loader)} batches of {batch_size}: too few to time")
+                raise ValueError(f"{data}: only {len(data_path.loader)} batches of {batch_size}: too few to time")
             t0 = 0.0
             for i in range(needed):
                 if i == warmup:
-                    synchronize(trainer.device)
+                    synchronize(device)
                     t0 = time.perf_counter()
                 imgs, _ = next(batches)
                 if mode == "end_to_end":
-                    trainer.train_step([imgs])
+                    loop.train_step([imgs])
                 else:
-                    imgs = imgs.to(trainer.device, non_blocking=True)
-            synchronize(trainer.device)  # trainer.device, not the current one (cuda:N)
+                    imgs = imgs.to(device, non_blocking=True)
+            synchronize(device)  # device, not the current one (cuda:N)
             elapsed = time.perf_counter() - t0
             timed = needed - warmup
             results.append(
@@ -454,11 +453,11 @@ def run_data_bench(
                     "name": f"data:{mode}",
                     "img_per_s": timed * batch_size / elapsed,
                     "step_ms_median": 1e3 * elapsed / timed,
-                    "gpu_resident": trainer.gpu_resident,
-                    "num_workers": trainer.cfg.data.num_workers,
+                    "gpu_resident": data_path.gpu_resident,
+                    "num_workers": loop.cfg.data.num_workers,
                     "data": data,
                     "batch_size": batch_size,
-                    "decode": None if trainer.gpu_resident else resolve_decode(trainer.cfg.data.decode),
+                    "decode": None if data_path.gpu_resident else resolve_decode(loop.cfg.data.decode),
                 }
             )
             del batches

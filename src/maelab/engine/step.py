@@ -1,97 +1,85 @@
-"""One MAE optimizer step, shared by the training loop and ``maelab bench``."""
+"""One optimizer step, for every protocol: the training loop's and ``maelab bench``'s.
+
+A protocol supplies a loss function ``loss_fn(forward, micro_batch) -> scalar loss``; the step runs it under
+autocast for each micro-batch, backpropagates (scaled under fp16), all-reduces gradients once (DDP/FSDP
+``no_sync`` on the other micro-batches), clips, and updates.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from maelab.engine.accel import is_compile_failure, warn_compile_fallback
 from maelab.engine.optim import set_lr
 from maelab.engine.runtime import autocast, rng_state, set_rng_state
-from maelab.models.mae import MAEOutput, MaskedAutoencoder
-from maelab.models.masking import make_noise
+
+LossFn = Callable[[Callable[..., Any], Any], torch.Tensor]
+"""``(forward, micro_batch) -> scalar loss``: what a protocol computes for one micro-batch."""
 
 
 class TrainStep:
     """forward (autocast) + backward over micro-batches, optional clipping, optimizer update.
 
-    ``forward`` is the model, its DDP wrapper or their ``torch.compile``d version. Masking
-    noise comes from ``generator``, which every rank seeds alike: each rank gets its own rows of the
-    global batch's noise (``[rank::world_size]``, the rows of its samples in the sampler's interleaved
-    split; block masks are drawn for those rows only) and the generator advances as for the whole
-    batch. So a run's masks can be saved and resumed, and N processes compute exactly what one
-    process does with the same global batch.
+    ``forward`` is the model, its DDP wrapper or their ``torch.compile``d version; ``loss_fn`` calls it.
+    ``generators``: RNGs that the loss function draws from (masking noise); under ``compile=auto`` a first step
+    whose compilation fails is undone (their states and the global RNGs restored) and repeated eagerly with
+    ``eager_fallback``.
     """
 
     def __init__(
         self,
-        model: MaskedAutoencoder,
+        forward: Callable[..., Any],
+        loss_fn: LossFn,
         optimizer: torch.optim.Optimizer,
         device: torch.device,
         dtype: torch.dtype,
+        *,
+        parameters: Iterable[torch.nn.Parameter] | None = None,
         scaler: torch.amp.GradScaler | None = None,
         grad_clip: float | None = None,
-        generator: torch.Generator | None = None,
-        forward: Callable[..., MAEOutput] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         skip_nonfinite: bool = False,
         all_reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cudagraphs: bool = False,
-        eager_fallback: Callable[..., MAEOutput] | None = None,
+        eager_fallback: Callable[..., Any] | None = None,
+        generators: Sequence[torch.Generator] = (),
     ) -> None:
-        self.model = model
+        self.forward = forward
+        self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.device = device
         self.dtype = dtype
+        self.parameters = (
+            list(parameters) if parameters is not None else [p for g in optimizer.param_groups for p in g["params"]]
+        )
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.grad_clip = grad_clip
-        self.generator = generator
-        self.forward = forward if forward is not None else model
-        self.rank = rank
-        self.world_size = world_size
         self.no_sync = no_sync
         self.skip_nonfinite = skip_nonfinite
         self.all_reduce_min = all_reduce_min
-        self.last_skipped = False
-        self.cudagraphs = (
-            cudagraphs  # forward is compiled with CUDA graphs (compile_mode reduce-overhead / max-autotune)
-        )
+        self.cudagraphs = cudagraphs  # forward is compiled with CUDA graphs (reduce-overhead / max-autotune)
         self.eager_fallback = eager_fallback  # compile=auto: what runs if the first compiled step fails
+        self.generators = list(generators)
+        self.last_skipped = False
         self.fell_back = False
-        cfg = model.cfg
-        self._noise_args = (cfg.mask_type, cfg.grid_size, cfg.mask_ratio)
 
-    def noise(self, batch_size: int) -> torch.Tensor:
-        """This rank's rows of the global batch's noise: [batch_size, L]."""
-        kind, grid, ratio = self._noise_args
-        total = batch_size * self.world_size
-        return make_noise(
-            kind,
-            total,
-            grid,
-            ratio,
-            self.device,
-            generator=self.generator,
-            rows=range(self.rank, total, self.world_size) if self.world_size > 1 else None,
-        )
-
-    def __call__(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
+    def __call__(self, batches: Sequence[Any], lr: float) -> torch.Tensor:
         """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
         if self.eager_fallback is None:
             return self._step(batches, lr)
         return self._first_step_or_eager(batches, lr)
 
-    def _first_step_or_eager(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
+    def _first_step_or_eager(self, batches: Sequence[Any], lr: float) -> torch.Tensor:
         """The first compiled step under compile=auto. If torch.compile fails in it (while compiling the forward
-        or the backward), what the failed try left is undone (accumulated gradients, masking noise drawn from
-        ``generator``, draws from the global RNGs; the optimizer has not stepped yet) and the same step runs
-        eagerly, after one warning; every later step is eager too."""
+        or the backward), what the failed try left is undone (accumulated gradients, draws from ``generators``
+        and from the global RNGs; the optimizer has not stepped yet) and the same step runs eagerly, after one
+        warning; every later step is eager too."""
         eager, self.eager_fallback = self.eager_fallback, None
-        noise_state = self.generator.get_state() if self.generator is not None else None
+        states = [g.get_state() for g in self.generators]
         rngs = rng_state()
         try:
             return self._step(batches, lr)
@@ -100,26 +88,26 @@ class TrainStep:
                 raise
             warn_compile_fallback(e)
         self.optimizer.zero_grad(set_to_none=True)
-        if noise_state is not None:
-            self.generator.set_state(noise_state)  # type: ignore[union-attr]
+        for g, s in zip(self.generators, states):
+            g.set_state(s)
         set_rng_state(rngs)
+        assert eager is not None
         self.forward, self.cudagraphs, self.fell_back = eager, False, True
         return self._step(batches, lr)
 
-    def _step(self, batches: list[torch.Tensor], lr: float) -> torch.Tensor:
+    def _step(self, batches: Sequence[Any], lr: float) -> torch.Tensor:
         """One optimizer step with ``forward``."""
         set_lr(self.optimizer, lr)
         if self.cudagraphs:  # a new iteration: the last step's graph outputs (its gradients) are dead now
             torch.compiler.cudagraph_mark_step_begin()
         total = torch.zeros((), device=self.device)
-        for i, imgs in enumerate(batches):
-            imgs = imgs.to(self.device, non_blocking=True)
+        for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            # DDP: all-reduce gradients once, on the last micro-batch
+            # DDP/FSDP: all-reduce gradients once, on the last micro-batch
             sync = contextlib.nullcontext() if last or self.no_sync is None else self.no_sync()
             with sync:
                 with autocast(self.device, self.dtype):
-                    loss = self.forward(imgs, noise=self.noise(imgs.shape[0])).loss
+                    loss = self.loss_fn(self.forward, batch)
                 self.scaler.scale(loss / len(batches)).backward()
             total += loss.detach().float()
         self.last_skipped = False
@@ -133,7 +121,7 @@ class TrainStep:
                 return total / len(batches)
         if self.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -19,9 +19,10 @@ from maelab.eval.classifier import (
 from maelab.eval.config import EmbedConfig, FinetuneConfig, KnnConfig, LinprobeConfig
 from maelab.eval.embed import embed
 from maelab.eval.features import extract_features, pool_tokens
-from maelab.eval.finetune import evaluate, finetune
+from maelab.eval.finetune import finetune
 from maelab.eval.knn import knn_accuracy, knn_monitor, knn_predict, run_knn
 from maelab.eval.linprobe import LinearProbe, linprobe
+from maelab.eval.metrics import evaluate_classifier
 
 __all__ = [
     "EmbedConfig",
@@ -31,7 +32,7 @@ __all__ = [
     "LinprobeConfig",
     "build_classifier",
     "embed",
-    "evaluate",
+    "evaluate_classifier",
     "extract_features",
     "finetune",
     "knn_accuracy",

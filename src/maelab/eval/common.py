@@ -9,7 +9,7 @@ Under ``torchrun`` (see :mod:`maelab.engine.distributed`) :func:`shard` gives ea
 own slice of an evaluation split (``rank::world_size``, no padding, so nothing is counted
 twice), :func:`maelab.engine.distributed.all_reduce_sum` adds per-rank counts, :func:`all_gather_interleaved` puts
 per-rank rows back into dataset order (:func:`gather_interleaved_to_rank0`: on rank 0 only), and
-:func:`percent_metrics` turns summed counts into percentages.
+:mod:`maelab.eval.metrics` turns summed counts into percentages.
 """
 
 from __future__ import annotations
@@ -236,11 +236,6 @@ def gather_interleaved_to_rank0(
     shards = padded.new_empty((info.world_size, *padded.shape))
     dist.gather(padded, list(shards.unbind(0)), dst=0, group=group)
     return _interleaved(shards, total)
-
-
-def percent_metrics(correct: dict[str, torch.Tensor | float], n: int) -> dict[str, float]:
-    """``{'top1': 100 * correct / n, ...}`` from (summed) correct counts."""
-    return {k: 100.0 * float(v) / n for k, v in correct.items()}
 
 
 def checkpoint_source(cfg: Any) -> str:

@@ -27,17 +27,17 @@ from torch.utils.data import Dataset
 
 from maelab.config import batch_summary, save_yaml
 from maelab.data import dataset_info
-from maelab.engine.distributed import DistInfo, all_reduce_sum, barrier
+from maelab.engine.distributed import barrier
 from maelab.errors import DataError
 from maelab.eval.common import (
     frozen_encoder_setup,
-    percent_metrics,
     plain_loader,
     train_and_test_sets,
     write_eval_json,
 )
 from maelab.eval.config import KnnConfig
 from maelab.eval.features import extract_features, extract_split
+from maelab.eval.metrics import summed_topk, topk_accuracy, topk_correct
 
 log = logging.getLogger(__name__)
 
@@ -70,57 +70,6 @@ def knn_predict(
         votes.scatter_add_(1, labels[top_idx], weights)
         out.append(votes)
     return torch.cat(out)
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracies in percent, for each k < num_classes (top-k of all classes is trivially 100)."""
-    labels = labels.to(scores.device).long()
-    out: dict[str, float] = {}
-    num_classes = scores.shape[1]
-    for k in ks:
-        if k > 1 and k >= num_classes:
-            continue
-        pred = scores.topk(k, dim=1).indices
-        out[f"top{k}"] = (pred == labels[:, None]).any(dim=1).float().mean().item() * 100.0
-    return out
-
-
-def topk_correct(
-    scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5), num_classes: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Numbers of correct top-k predictions (int64 tensors on ``scores.device``), for the same k
-    as :func:`topk_accuracy`; counts of disjoint shards can be summed (``all_reduce``)."""
-    labels = labels.to(scores.device).long()
-    num_classes = scores.shape[1] if num_classes is None else num_classes
-    out: dict[str, torch.Tensor] = {}
-    for k in ks:
-        if k > 1 and k >= num_classes:
-            continue
-        if scores.shape[0] == 0:
-            out[f"top{k}"] = torch.zeros((), dtype=torch.long, device=scores.device)
-            continue
-        pred = scores.topk(k, dim=1).indices
-        out[f"top{k}"] = (pred == labels[:, None]).any(dim=1).sum()
-    return out
-
-
-def summed_topk(
-    correct: dict[str, torch.Tensor], n: int, info: DistInfo, extra: dict[str, float] | None = None
-) -> tuple[dict[str, float], int]:
-    """Percentages from per-rank ``topk_correct`` counts, ``n`` items and optional sums
-    (e.g. a loss sum) added over ranks: ``({'top1': %, ..., **extra sums}, total n)``."""
-    keys = list(correct)
-    extra = extra or {}
-    packed = [float(correct[k]) for k in keys] + [float(v) for v in extra.values()] + [float(n)]
-    if info.enabled:  # one collective for everything, on the backend's device (NCCL: the GPU)
-        device = next(iter(correct.values())).device if correct else torch.device("cpu")
-        packed = all_reduce_sum(torch.tensor(packed, dtype=torch.float64, device=device), info).tolist()
-    total = round(packed[-1])
-    out: dict[str, float] = {}
-    if total > 0:
-        out = percent_metrics(dict(zip(keys, packed[: len(keys)])), total)
-    out.update({k: packed[len(keys) + i] for i, k in enumerate(extra)})
-    return out, total
 
 
 def knn_accuracy(

@@ -32,37 +32,24 @@ Only rank 0 writes checkpoints, metrics and ``eval.json`` and shows progress.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from maelab.config import batch_summary, save_yaml, to_dict
-from maelab.data import pretrain_transform
+from maelab.config import batch_summary, to_dict
+from maelab.data import eval_transform, pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
-from maelab.engine.checkpoint import LAST, atomic_save
-from maelab.engine.distributed import DistInfo, all_reduce_mean, barrier, setup_process
-from maelab.engine.metrics import MetricsLog
-from maelab.engine.optim import set_lr
-from maelab.engine.runtime import (
-    autocast,
-    explain_out_of_memory,
-    seed_everything,
-)
-from maelab.engine.schedule import lr_at
-from maelab.errors import DataError, NonFiniteLossError
+from maelab.engine.loop import Loop, Protocol, RunContext, RunResult, start_run
+from maelab.engine.runtime import seed_everything
+from maelab.engine.step import TrainStep
+from maelab.errors import DataError
 from maelab.eval.classifier import frozen_to_eval, set_trainable_blocks
 from maelab.eval.common import (
-    evaluation_transform,
     load_encoder_model,
     plain_loader,
-    reset_metrics,
     resolve_stats,
     shard,
     train_and_test_sets,
@@ -70,11 +57,9 @@ from maelab.eval.common import (
 )
 from maelab.eval.config import LinprobeConfig
 from maelab.eval.features import encode, extract_split
-from maelab.eval.knn import summed_topk, topk_correct
+from maelab.eval.metrics import evaluate_classifier
 
 log = logging.getLogger(__name__)
-
-BEST = "best.pt"
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -224,29 +209,28 @@ def build_probe_optimizer(model: nn.Module, cfg: LinprobeConfig, lr: float) -> t
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999))
 
 
-@dataclass
-class LinprobeResult:
-    output: Path
-    metrics: dict[str, Any]
-    cached: bool
+class LinearProbing(Protocol):
+    """The linear probe (or partial fine-tune) on the one loop: cached or streamed features, the BN + linear head,
+    LARS / SGD / AdamW; each evaluated epoch gives top-1 / top-5, and ``best.pt`` follows top-1. Checkpoints hold
+    the head and any tuned encoder parameters only (the rest is the pre-trained checkpoint)."""
 
+    kind = "linprobe"
+    best_metric = "top1"
+    resume_keys = {"pool": "cls", "train_blocks": 0}
 
-class LinearProber:
-    """State of one probing run; ``run()`` trains the head and writes ``eval.json``."""
-
-    def __init__(self, cfg: LinprobeConfig, progress: bool = True) -> None:
-        self.cfg = cfg
-        self.progress = progress
-        self.dist, self.device, self.dtype = setup_process(cfg.device, cfg.precision)
-        self.is_main = self.dist.is_main
-        self.world_size = self.dist.world_size
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.cfg = cfg = ctx.cfg
+        self.dist, self.device, self.dtype = ctx.dist, ctx.device, ctx.dtype
+        self.t_start = time.perf_counter()
+        world = self.dist.world_size
         mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)  # type: ignore[arg-type]
         self.model_cfg = mcfg = mae.cfg
         self.mean, self.std = resolve_stats(cfg.data, mcfg.in_chans)
-        test_tf = evaluation_transform(mcfg.img_size, self.mean, self.std, cfg.data.crop_pct)
+        test_tf = eval_transform(mcfg.img_size, self.mean, self.std, cfg.data.crop_pct)
         train_tf = (
             pretrain_transform(
-                mcfg.img_size, self.mean, self.std, min_scale=cfg.crop_min_scale, hflip=cfg.data.hflip, crop=cfg.crop
+                mcfg.img_size, self.mean, self.std, min_scale=cfg.data.min_scale, hflip=cfg.data.hflip, crop=cfg.crop
             )
             if cfg.augment
             else test_tf
@@ -260,10 +244,10 @@ class LinearProber:
             seed=cfg.seed,
             protocol="linprobe",
         )
-        self.global_batch = cfg.batch_size * self.world_size
+        self.global_batch = cfg.batch_size * world
         if len(self.train_ds) < self.global_batch:
             what = (
-                f"batch_size x world_size = {self.global_batch} ({self.world_size} processes)"
+                f"batch_size x world_size = {self.global_batch} ({world} processes)"
                 if self.dist.enabled
                 else f"batch_size={cfg.batch_size}"
             )
@@ -274,53 +258,54 @@ class LinearProber:
         seed_everything(cfg.seed)  # the head's init depends on the seed only (the same on every rank)
         self.model = LinearProbe(mae.encoder, self.num_classes, cfg.pool, cfg.train_blocks).to(self.device)
         self.cached = cfg.uses_cache
-        self.peak_lr = cfg.resolved_lr(self.world_size)
-        self.optimizer = build_probe_optimizer(self.model, cfg, self.peak_lr)
+        self.frozen = cfg.train_blocks == 0
+        self.end_to_end = not self.cached and not self.frozen
+        self.optimizer = build_probe_optimizer(self.model, cfg, cfg.resolved_lr(world))
         # streaming: this rank's interleaved slice of each epoch's permutation; the cache path reads the
         # global order in global batches (the union of the ranks' batches: the same samples)
         self.sampler = ResumableSampler(
-            len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=self.world_size
+            len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=world
         )
         self.global_sampler = ResumableSampler(len(self.train_ds), seed=cfg.seed, shuffle=True)
-        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.batches_per_epoch = len(self.sampler) // cfg.batch_size
         self.criterion = nn.CrossEntropyLoss()
-        self.step = 0
-        self.epoch = 0
-        self.out = Path(cfg.output)
-        self.ckpt_dir = self.out / "checkpoints"
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            reset_metrics(self.metrics.path)
-            save_yaml(cfg, self.out / "config.yaml")
-            log.info(self.summary())
 
         # what a training step calls: the head on features, or the whole probe on images when blocks
         # are tuned while streaming; under torchrun their DDP wrappers (cache: every rank alike, no DDP)
-        self.end_to_end = not self.cached and cfg.train_blocks > 0
-        self.head_forward: nn.Module = self.model.head
-        self.probe_forward: nn.Module = self.model
+        forward: nn.Module = self.model if self.end_to_end else self.model.head
         if self.dist.enabled and not self.cached:
             from torch.nn.parallel import DistributedDataParallel
 
             self.model.head[0] = GlobalBatchNorm1d.from_batchnorm(self.model.head[0])  # type: ignore[arg-type]
             ids = [self.device.index] if self.device.type == "cuda" else None
-            if self.end_to_end:
-                self.probe_forward = DistributedDataParallel(self.model, device_ids=ids)
-            else:
-                self.head_forward = DistributedDataParallel(self.model.head, device_ids=ids)
+            forward = DistributedDataParallel(forward, device_ids=ids)
+        self.step_fn = TrainStep(forward, self._loss, self.optimizer, self.device, self.dtype, grad_clip=cfg.grad_clip)
+
+        self.train_cache = self._extract(self.train_ds, "train features") if self.cached else None
+        self.val_cache = self._extract(self.val_ds, "test features") if self.frozen else None
+        self.val_loader = (
+            None
+            if self.frozen
+            else plain_loader(shard(self.val_ds, self.dist), cfg.batch_size, cfg.data.num_workers, self.device)
+        )
+        self.loader = (
+            None
+            if self.cached
+            else build_loader(
+                self.train_ds, cfg.batch_size, self.sampler, cfg.data.num_workers, pin_memory=self.device.type == "cuda"
+            )
+        )
 
     def summary(self) -> str:
-        """One line: what is probed on what, with which batch, lr and length."""
         cfg = self.cfg
+        world = self.dist.world_size
         what = "linear probe" if cfg.train_blocks == 0 else f"partial fine-tune ({cfg.train_blocks} blocks)"
+        steps = self.batches_per_epoch // cfg.accum_steps * cfg.epochs
         return (
             f"{what} of {cfg.checkpoint} ({cfg.pool} features, {cfg.optimizer}) on {cfg.data.name!r} "
             f"({len(self.train_ds)} images, {self.num_classes} classes{', cached features' if self.cached else ''}"
-            f"); {batch_summary(cfg.batch_size, None, self.world_size, self.peak_lr)}, {cfg.epochs} epochs "
-            f"({cfg.warmup_epochs:g} warmup) = {self.total_steps} steps, {self.device}; output {self.out}"
+            f"); {batch_summary(cfg.batch_size, cfg.accum_steps, world, cfg.resolved_lr(world))}, {cfg.epochs} "
+            f"epochs ({cfg.warmup_epochs:g} warmup) = {steps} steps, {self.device}; output {self.ctx.out}"
         )
 
     # ------------------------------------------------------------------ data
@@ -335,212 +320,112 @@ class LinearProber:
             num_workers=self.cfg.data.num_workers,
             dtype=self.dtype,
             info=self.dist,
-            progress=self.progress,
+            progress=self.ctx.progress,
             desc=desc,
         )
 
-    def _cached_batches(self, feats: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _cached_batches(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The streaming loaders' global batches, read from the cache: same samples, last partial batch dropped."""
+        assert self.train_cache is not None
+        feats, labels = self.train_cache
         order = torch.tensor(self.global_sampler.order(), dtype=torch.long, device=feats.device)
         bs = self.global_batch
-        for i in range(self.steps_per_epoch):
+        for i in range(start_batch, self.batches_per_epoch):
             idx = order[i * bs : (i + 1) * bs]
             yield feats[idx], labels[idx]
 
-    def _streamed_batches(self, loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Images -> (features, labels) with the frozen encoder; (images, labels) when blocks are tuned
-        (the probe then runs end to end in :meth:`train_step`)."""
-        for imgs, labels in loader:
-            imgs = imgs.to(self.device, non_blocking=True)
-            labels = torch.as_tensor(labels).to(self.device, non_blocking=True)  # pinned by the loader
-            if self.end_to_end:
-                yield imgs, labels
-                continue
-            with torch.no_grad(), autocast(self.device, self.dtype):
-                feats = self.model.features(imgs)
-            yield feats.float(), labels
+    def epoch_batches(self, epoch: int, start_batch: int) -> Iterable[Any]:
+        if self.cached:
+            self.global_sampler.set_epoch(epoch)
+            return self._cached_batches(start_batch)
+        self.sampler.set_epoch(epoch, start=start_batch * self.cfg.batch_size)
+        return self.loader  # type: ignore[return-value]
 
-    # ------------------------------------------------------------------ training
-    def lr(self) -> float:
-        return lr_at(
-            self.step,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            peak_lr=self.peak_lr,
-            min_lr=self.cfg.min_lr,
-        )
+    def images_in(self, batch: Any) -> int:
+        return int(batch[0].shape[0]) * (1 if self.cached else self.dist.world_size)
 
-    def train_step(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One step on features (or on images when blocks are tuned while streaming)."""
-        set_lr(self.optimizer, self.lr())
+    # ------------------------------------------------------------------ loop hooks
+    def _loss(self, forward: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of the head on (cached or freshly computed) features, or of the whole probe on images
+        when blocks are tuned; the head always runs in fp32."""
+        inputs, labels = batch
+        inputs = inputs.to(self.device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
         if self.end_to_end:
-            with autocast(self.device, self.dtype):
-                logits = self.probe_forward(feats)  # LinearProbe.forward: the head in fp32
+            logits = forward(inputs)  # LinearProbe.forward: the encoder under autocast, the head in fp32
         else:
-            logits = self.head_forward(feats)  # fp32 head in both paths
-        loss = self.criterion(logits.float(), labels)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return loss.detach()
+            if not self.cached:
+                with torch.no_grad():
+                    inputs = self.model.features(inputs)
+            with torch.autocast(self.device.type, enabled=False):
+                logits = forward(inputs.float())
+        return self.criterion(logits.float(), labels)
 
-    @torch.no_grad()
-    def evaluate(self, val_cache: tuple[torch.Tensor, torch.Tensor] | None, val_loader: Any) -> dict[str, float]:
+    def start_epoch(self, epoch: int) -> None:
+        self.model.train()
+
+    def evaluate(self, epoch: int, final: bool) -> dict[str, float]:
         """Top-1 / top-5 (percent) and loss on the test split, from cached features when the encoder is frozen.
 
-        The cache holds the whole split on every rank; a streamed ``val_loader`` holds this rank's
-        shard, and the counts are summed over ranks. Every rank returns the same metrics."""
+        The cache holds the whole split on every rank; a streamed loader holds this rank's shard, and the
+        counts are summed over ranks. Every rank returns the same metrics."""
+        if not (final or epoch % self.cfg.eval_every == 0):
+            return {}
         self.model.eval()
-        chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
-        reduce_over = DistInfo()
-        if val_cache is not None:
-            feats, labels = val_cache
-            for i in range(0, feats.shape[0], 4096):
-                chunks.append((self.model.head(feats[i : i + 4096]), labels[i : i + 4096]))
-        else:
-            reduce_over = self.dist
-            for imgs, labels in val_loader:
-                imgs = imgs.to(self.device, non_blocking=True)
-                with autocast(self.device, self.dtype):
-                    feats = self.model.features(imgs)
-                chunks.append(
-                    (self.model.head(feats.float()), torch.as_tensor(labels).to(self.device, non_blocking=True))
-                )
-        self.model.train()
-        if chunks:
-            logits = torch.cat([c[0] for c in chunks]).float()
-            labels = torch.cat([c[1] for c in chunks])
-        else:  # an empty shard (fewer test images than ranks) still joins the sums
-            logits = torch.zeros(0, self.num_classes, device=self.device)
-            labels = torch.zeros(0, dtype=torch.long, device=self.device)
-        loss_sum = nn.functional.cross_entropy(logits, labels, reduction="sum").item() if len(labels) else 0.0
-        out, total = summed_topk(
-            topk_correct(logits, labels, num_classes=self.num_classes),
-            len(labels),
-            reduce_over,
-            extra={"val_loss": loss_sum},
-        )
-        if total == 0:
-            raise DataError("the evaluation split is empty")
-        out["val_loss"] /= total
-        return out
+        try:
+            if self.val_cache is not None:
+                feats, labels = self.val_cache
+                chunks = [(feats[i : i + 4096], labels[i : i + 4096]) for i in range(0, feats.shape[0], 4096)]
 
-    def run(self) -> LinprobeResult:
-        cfg = self.cfg
-        t_start = time.perf_counter()
-        frozen = cfg.train_blocks == 0
-        train_cache = self._extract(self.train_ds, "train features") if self.cached else None
-        val_cache = self._extract(self.val_ds, "test features") if frozen else None
-        val_loader = (
-            None
-            if frozen
-            else plain_loader(shard(self.val_ds, self.dist), cfg.batch_size, cfg.data.num_workers, self.device)
-        )
-        loader = (
-            None
-            if self.cached
-            else build_loader(
-                self.train_ds, cfg.batch_size, self.sampler, cfg.data.num_workers, pin_memory=self.device.type == "cuda"
-            )
-        )
-        best: dict[str, Any] = {"top1": -1.0, "epoch": 0}
-        last: dict[str, Any] = {}
-        check_every = 1 if self.device.type == "cpu" else cfg.log_every
-        bar = tqdm(
-            total=self.total_steps,
-            disable=not (self.progress and self.is_main),
-            unit="step",
-            dynamic_ncols=True,
-            smoothing=0.1,
-        )
-        self.model.train()
-        while self.epoch < cfg.epochs:
-            bar.set_description(f"linprobe {self.epoch + 1}/{cfg.epochs}{' (cached)' if self.cached else ''}")
-            self.sampler.set_epoch(self.epoch)
-            self.global_sampler.set_epoch(self.epoch)
-            batches = self._cached_batches(*train_cache) if train_cache is not None else self._streamed_batches(loader)
-            t_epoch, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
-            window, window_steps, t_window = torch.zeros((), device=self.device), 0, time.perf_counter()
-            for done, (feats, labels) in enumerate(batches, start=1):
-                with explain_out_of_memory(cfg, self.device):
-                    loss = self.train_step(feats, labels)
-                seen += feats.shape[0] * (1 if self.cached else self.world_size)
-                window += loss
-                window_steps += 1
-                if self.step % check_every == 0 or self.step % cfg.log_every == 0 or done == self.steps_per_epoch:
-                    value = all_reduce_mean(window, self.dist).item() / window_steps  # the same on every rank
-                    if not math.isfinite(value):
-                        raise NonFiniteLossError(f"non-finite probe loss ({value}) at step {self.step}; try a lower lr")
-                    loss_sum += value * window_steps
-                    loss_n += window_steps
-                    rate = window_steps * self.global_batch / max(time.perf_counter() - t_window, 1e-9)
-                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr():.2e}", img_s=f"{rate:.0f}")
-                    window, window_steps, t_window = torch.zeros((), device=self.device), 0, time.perf_counter()
-                bar.update(1)
-                if done >= self.steps_per_epoch:
-                    break
-            elapsed = time.perf_counter() - t_epoch
-            self.epoch += 1
-            record: dict[str, Any] = {
-                "epoch": self.epoch,
-                "step": self.step,
-                "loss": loss_sum / max(loss_n, 1),
-                "lr": self.lr(),
-                "img_per_s": seen / max(elapsed, 1e-9),
-                "epoch_time_s": elapsed,
-            }
-            final = self.epoch == cfg.epochs
-            if final or self.epoch % cfg.eval_every == 0:
-                last = self.evaluate(val_cache, val_loader)
-                record.update(last)
-                if last["top1"] > best["top1"]:
-                    best = {"top1": last["top1"], "epoch": self.epoch}
-                    if self.is_main:
-                        atomic_save(self._state(), self.ckpt_dir / BEST)
-                record["best_top1"] = best["top1"]
-            record["time"] = time.time()
-            if self.is_main:
-                self.metrics.append(record)
-                atomic_save(self._state(), self.ckpt_dir / LAST)
-        bar.close()
-        metrics = {
-            **last,
-            "best_top1": best["top1"],
-            "best_epoch": best["epoch"],
-            "epochs": self.epoch,
-            "steps": self.step,
-        }
-        if self.is_main:
+                def head(f: torch.Tensor) -> torch.Tensor:
+                    with torch.autocast(self.device.type, enabled=False):
+                        return self.model.head(f.float())
+
+                ev = evaluate_classifier(head, chunks, self.device, num_classes=self.num_classes)
+            else:
+                ev = evaluate_classifier(
+                    self.model,
+                    self.val_loader,
+                    self.device,
+                    self.dtype,
+                    info=self.dist,  # type: ignore[arg-type]
+                    num_classes=self.num_classes,
+                )
+        finally:
+            self.model.train()
+        ev.pop("num_images")
+        return ev
+
+    # ------------------------------------------------------------------ state
+    def model_state(self) -> dict[str, Any]:
+        return self.model.trainable_state_dict()
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state, strict=False)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "encoder_config": to_dict(self.model_cfg)}
+
+    def finish(self, result: RunResult) -> None:
+        if self.ctx.is_main:
             write_eval_json(
-                self.out,
+                self.ctx.out,
                 "linprobe",
-                metrics,
-                cfg,
+                result.metrics,
+                self.cfg,
                 num_classes=self.num_classes,
                 num_train=len(self.train_ds),
                 num_test=len(self.val_ds),
-                pool=cfg.pool,
-                train_blocks=cfg.train_blocks,
+                pool=self.cfg.pool,
+                train_blocks=self.cfg.train_blocks,
                 cached_features=self.cached,
-                seconds=time.perf_counter() - t_start,
-                world_size=self.world_size,
+                seconds=time.perf_counter() - self.t_start,
+                world_size=self.dist.world_size,
             )
-        barrier(self.dist)  # the outputs exist when any rank returns
-        return LinprobeResult(self.out, metrics, self.cached)
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "kind": "linprobe",
-            "probe": self.model.trainable_state_dict(),
-            "num_classes": self.num_classes,
-            "encoder_config": to_dict(self.model_cfg),
-            "config": to_dict(self.cfg),
-            "epoch": self.epoch,
-            "step": self.step,
-        }
 
 
-def linprobe(cfg: LinprobeConfig, progress: bool = True) -> LinprobeResult:
-    """Linear probe (or partial fine-tune) as described by ``cfg``; see :class:`LinearProber`."""
-    return LinearProber(cfg, progress=progress).run()
+def linprobe(cfg: LinprobeConfig, resume: bool = False, progress: bool = True) -> RunResult:
+    """Linear probe (or partial fine-tune) as described by ``cfg`` on the one loop; see :class:`LinearProbing`.
+    A new run replaces an earlier one in the same output; ``resume`` continues it instead."""
+    ctx = start_run(cfg, LinearProbing.kind, resume=resume, progress=progress, overwrite=True)
+    return Loop(LinearProbing(ctx)).run()
