@@ -33,7 +33,6 @@ from maelab.engine.runtime import autocast
 from maelab.errors import CheckpointError, ConfigError
 from maelab.eval.common import resolve_stats
 from maelab.methods import get_method, pretrain_step
-from maelab.models.masking import make_noise
 from maelab.models.registry import get_config
 from maelab.models.weights import init_from_mae, init_from_timm
 
@@ -90,8 +89,7 @@ class Pretraining(Protocol):
             cfg.betas,
             decay_tokens=cfg.weight_decay_tokens,
         )
-        # block masks are drawn on the CPU (rectangles, one sample at a time): their generator lives there
-        gen_device = "cpu" if self.model_cfg.mask_type == "block" else self.device
+        gen_device = "cpu" if getattr(self.model, "noise_on_cpu", False) else self.device
         self.mask_gen = torch.Generator(device=gen_device).manual_seed(cfg.seed)
         self.step_fn = pretrain_step(
             self.model,
@@ -176,9 +174,7 @@ class Pretraining(Protocol):
             NUM_VIS_SAMPLES, self.model_cfg.img_size, self.mean, self.std, self.cfg.data.crop_pct
         )
         gen = torch.Generator().manual_seed(self.cfg.seed + 12345)
-        m = self.model_cfg
-        noise = make_noise(m.mask_type, imgs.shape[0], m.grid_size, m.mask_ratio, "cpu", generator=gen)
-        return imgs, noise
+        return imgs, self.model.draw_noise(imgs.shape[0], "cpu", gen)  # type: ignore[operator]
 
     def _knn_sets(self) -> tuple[Any, Any] | None:
         """(memory bank, queries) with the evaluation transform, for the online kNN check."""

@@ -132,13 +132,6 @@ def train_and_test_sets(
     return train_ds, test_ds, n_train
 
 
-def evaluation_transform(
-    img_size: int | tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float | str
-) -> Callable[[Any], Any]:
-    """The deterministic evaluation transform (resize, center crop, normalize): no augmentation."""
-    return eval_transform(img_size, mean, std, crop_pct=crop_pct)
-
-
 def frozen_encoder_setup(
     cfg: Any,
 ) -> tuple[DistInfo, torch.device, torch.dtype, MaskedAutoencoder, Callable[[Any], Any]]:
@@ -153,7 +146,7 @@ def frozen_encoder_setup(
     seed_everything(cfg.seed)
     mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)
     mean, std = resolve_stats(cfg.data, mae.cfg.in_chans)
-    return info, device, dtype, mae, evaluation_transform(mae.cfg.img_size, mean, std, cfg.data.crop_pct)
+    return info, device, dtype, mae, eval_transform(mae.cfg.img_size, mean, std, crop_pct=cfg.data.crop_pct)
 
 
 def plain_loader(

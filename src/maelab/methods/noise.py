@@ -13,23 +13,22 @@ from typing import Any
 
 import torch
 
-from maelab.config import ModelConfig
 from maelab.engine.step import LossFn, TrainStep
-from maelab.models.masking import make_noise
 
 
 class MaskingNoise:
-    """This rank's rows of each global batch's masking noise, drawn from one generator."""
+    """This rank's rows of each global batch's masking noise, drawn from one generator by the model's own
+    masking (``model.draw_noise(batch_size, device, generator, rows)``)."""
 
     def __init__(
         self,
-        cfg: ModelConfig,
+        model: torch.nn.Module,
         device: torch.device,
         generator: torch.Generator | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.kind, self.grid, self.ratio = cfg.mask_type, cfg.grid_size, cfg.mask_ratio
+        self.draw: Callable[..., torch.Tensor] = model.draw_noise  # type: ignore[assignment]
         self.device = device
         self.generator = generator
         self.rank = rank
@@ -39,7 +38,7 @@ class MaskingNoise:
         """Noise [batch_size, L] for this rank's ``batch_size`` images of a global batch."""
         total = batch_size * self.world_size
         rows = range(self.rank, total, self.world_size) if self.world_size > 1 else None
-        return make_noise(self.kind, total, self.grid, self.ratio, self.device, generator=self.generator, rows=rows)
+        return self.draw(total, self.device, self.generator, rows)
 
 
 def masked_image_loss(noise: MaskingNoise) -> LossFn:
@@ -66,7 +65,7 @@ def pretrain_step(
 ) -> TrainStep:
     """The training step of a masked-image model (``model.cfg`` gives the masking): a :class:`TrainStep` whose
     loss draws this rank's masking noise from ``generator``. ``step_options``: TrainStep's keyword options."""
-    noise = MaskingNoise(model.cfg, device, generator, rank, world_size)  # type: ignore[arg-type]
+    noise = MaskingNoise(model, device, generator, rank, world_size)
     return TrainStep(
         forward if forward is not None else model,
         masked_image_loss(noise),
