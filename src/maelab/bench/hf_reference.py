@@ -9,10 +9,15 @@ random masking and square images; ``mask_type`` is ignored.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from maelab.config import ModelConfig
 from maelab.models.hf import hf_config
+
+if TYPE_CHECKING:
+    from transformers import ViTMAEForPreTraining
 
 
 def hf_available() -> bool:
@@ -37,7 +42,8 @@ def build_hf_mae(cfg: ModelConfig, attn_implementation: str = "sdpa") -> torch.n
     size = cfg.img_size
     if isinstance(size, (tuple, list)) and size[0] != size[1]:
         raise ValueError(f"Hugging Face ViTMAE supports square images only, got img_size={tuple(size)}")
-    hf_cfg = ViTMAEConfig(**hf_config(cfg), attn_implementation=attn_implementation)
+    # PreTrainedConfig takes attn_implementation as an extra keyword its dataclass signature does not list
+    hf_cfg = ViTMAEConfig(**hf_config(cfg), attn_implementation=attn_implementation)  # type: ignore[call-arg]
     model = ViTMAEForPreTraining(hf_cfg)
     _init_like_official(model, cfg)
     if cfg.grad_checkpointing:
@@ -46,7 +52,7 @@ def build_hf_mae(cfg: ModelConfig, attn_implementation: str = "sdpa") -> torch.n
 
 
 @torch.no_grad()
-def _init_like_official(model: torch.nn.Module, cfg: ModelConfig) -> None:
+def _init_like_official(model: ViTMAEForPreTraining, cfg: ModelConfig) -> None:
     """Fixed sin-cos position embeddings and a N(0, 0.02) mask token, as the official MAE.
 
     transformers 5.x leaves ``position_embeddings``, ``decoder_pos_embed`` and ``mask_token``

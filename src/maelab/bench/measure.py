@@ -28,7 +28,7 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def time_steps(step_fn: Callable[[], None], warmup: int, iters: int, device: torch.device | str) -> list[float]:
+def time_steps(step_fn: Callable[[], object], warmup: int, iters: int, device: torch.device | str) -> list[float]:
     """Run ``step_fn`` ``warmup`` times untimed, then ``iters`` times timed; per-step milliseconds.
 
     CUDA: one pair of events per step, recorded on ``device``'s current stream (``cuda:N`` with

@@ -93,7 +93,7 @@ def find_image_classes(root: str | Path) -> list[str]:
 
 
 def _has_image(directory: Path) -> bool:
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    for _dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames[:] = [d for d in dirnames if _visible(d)]
         if any(_is_image_name(f) for f in filenames):
             return True

@@ -141,16 +141,15 @@ def load_image(
         DataError: the file is missing, unreadable, truncated, not an image, or larger than
             :data:`MAX_PIXELS`.
     """
-    encoded = isinstance(path, bytes)
-    where = name or ("<image bytes>" if encoded else path)
+    where: str | Path = name or ("<image bytes>" if isinstance(path, bytes) else path)
     if channels not in (1, 3):
         raise DataError(f"cannot read image {where}: image files give 1 or 3 channels, not channels={channels}")
     mode = "RGB" if channels == 3 else "L"
     try:
-        if encoded and not path:
+        if isinstance(path, bytes) and not path:
             raise DataError(f"cannot read image {where}: empty file (0 bytes)")
         with pixel_limit_lifted():
-            img = Image.open(io.BytesIO(path) if encoded else path)
+            img = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
         with img:
             w, h = img.size
             if w * h > MAX_PIXELS:
@@ -179,5 +178,6 @@ def load_image(
         elif isinstance(e, IsADirectoryError):
             reason = "is a directory"
         elif isinstance(e, UnidentifiedImageError):
-            reason = "empty file (0 bytes)" if not encoded and _is_empty(path) else "not a recognised image format"
+            empty = not isinstance(path, bytes) and _is_empty(path)
+            reason = "empty file (0 bytes)" if empty else "not a recognised image format"
         raise DataError(f"cannot read image {where}: {reason}") from e

@@ -237,7 +237,8 @@ class ShardStream(IterableDataset):
         self.samples_per_rank = self.num_samples // world_size
         self.batch_size, self.num_workers = 1, 0
         self.epoch, self.start = 0, 0
-        self.num_skipped, self._bad = 0, set()
+        self.num_skipped = 0
+        self._bad: set[str] = set()
 
     def __len__(self) -> int:
         return self.num_samples
@@ -372,7 +373,8 @@ class ShardSamples(ImageFolderDataset):
         self.transform, self.channels, self.strict, self.target_size = transform, channels, strict, target_size
         self.num_skipped, self._bad = 0, set()
         self.classes, self.labeled = classes, bool(classes)
-        self.samples, self._where = [], []  # _where[i]: (shard, byte offset, size) of sample i's image
+        self.samples: list[tuple[str, int]] = []
+        self._where: list[tuple[str, int, int]] = []  # _where[i]: (shard, byte offset, size) of sample i's image
         for url in urls:
             self._list(url)
         self.targets = [t for _, t in self.samples]
@@ -383,7 +385,9 @@ class ShardSamples(ImageFolderDataset):
             with tarfile.open(url) as tar:
                 groups: dict[str, dict[str, tarfile.TarInfo]] = {}
                 for m in tar.getmembers():
-                    key, ext = base_plus_ext(m.name) if m.isfile() else (None, None)
+                    if not m.isfile():
+                        continue
+                    key, ext = base_plus_ext(m.name)
                     if key is not None:
                         groups.setdefault(key, {})[ext.lower()] = m
                 for key, fields in groups.items():

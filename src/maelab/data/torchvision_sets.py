@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "~/.cache/maelab/data"
 """Where torchvision datasets live unless ``data.root`` says otherwise."""
 
-TORCHVISION_SETS: dict[str, type[Dataset]] = {
+TORCHVISION_SETS: dict[str, Callable[..., Dataset]] = {  # torchvision dataset classes
     "cifar10": datasets.CIFAR10,
     "cifar100": datasets.CIFAR100,
     "stl10": datasets.STL10,

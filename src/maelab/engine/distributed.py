@@ -11,11 +11,17 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
 
 from maelab.engine.launch import adopt_slurm_launch, job_env
+
+if TYPE_CHECKING:
+    from typing import TypeGuard
+
+    from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
     return device
 
 
-def _all_reduce(value: torch.Tensor, info: DistInfo, op: dist.ReduceOp) -> torch.Tensor:
+def _all_reduce(value: torch.Tensor, info: DistInfo, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     """A reduced copy of ``value`` over ranks (``value`` itself for a single process)."""
     if not info.enabled:
         return value
@@ -104,7 +110,10 @@ def barrier(info: DistInfo) -> None:
 def cpu_group() -> dist.ProcessGroup | None:
     """A group of all ranks for collectives on CPU tensors: the default group (None) under gloo, else (NCCL)
     a new gloo group. A collective: every rank calls it."""
-    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    if dist.get_backend() == "gloo":
+        return None
+    # every rank is a member, so this is never GroupMember.NON_GROUP_MEMBER
+    return cast(dist.ProcessGroup, dist.new_group(backend="gloo"))
 
 
 def is_main_process() -> bool:
@@ -133,7 +142,7 @@ def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> torch.
     return model
 
 
-def _is_dtensor(value: object) -> bool:
+def _is_dtensor(value: object) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(value, DTensor)
@@ -148,7 +157,8 @@ def full_state_on_rank0(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     cpu_offload=True`` does the same, but cannot map the official key names of MaskedAutoencoder's
     state-dict hooks back to its modules.)"""
     keep = dist.get_rank() == 0
-    model_sd, optim_sd = _gather(model.state_dict(), keep), _gather(optimizer.state_dict(), keep)
+    model_sd = cast(dict, _gather(model.state_dict(), keep))
+    optim_sd = cast(dict, _gather(optimizer.state_dict(), keep))
     return (model_sd, optim_sd) if keep else ({}, {})
 
 
@@ -156,7 +166,7 @@ def _gather(tree: object, keep: bool) -> object:
     """``tree`` (nested dicts/lists) with every tensor full and on the CPU where ``keep``, else None;
     each DTensor is all-gathered on every rank (a collective) and dropped right away where not kept."""
     if torch.is_tensor(tree):
-        full = tree.full_tensor() if _is_dtensor(tree) else tree  # type: ignore[attr-defined]
+        full = tree.full_tensor() if _is_dtensor(tree) else tree
         return full.cpu() if keep else None
     if isinstance(tree, dict):
         return {k: _gather(v, keep) for k, v in tree.items()}
@@ -169,7 +179,7 @@ def shard_like(full: dict[str, torch.Tensor], sharded: dict[str, torch.Tensor]) 
     """Cut full tensors into this rank's shards, laid out like ``sharded`` (same keys)."""
     from torch.distributed.tensor import distribute_tensor
 
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in full.items():
         ref = sharded.get(key)
         if ref is not None and _is_dtensor(ref):

@@ -145,10 +145,13 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], source: str = "state dict
             raise CheckpointError(f"{source}: weight {key!r} is not part of a Hugging Face ViT / ViTMAE")
         ours, j, n = found
         parts.setdefault(ours, [None] * n)[j] = value
+    whole: dict[str, list[torch.Tensor]] = {}
     for ours, chunks in parts.items():
-        if any(c is None for c in chunks):
+        present = [c for c in chunks if c is not None]
+        if len(present) < len(chunks):
             raise CheckpointError(f"{source}: {hf_names(ours)} are not all there (query, key and value)")
-    return {k: torch.cat(c, dim=0) if len(c) > 1 else c[0] for k, c in parts.items()}  # type: ignore[misc]
+        whole[ours] = present
+    return {k: torch.cat(c, dim=0) if len(c) > 1 else c[0] for k, c in whole.items()}
 
 
 # ---------------------------------------------------------------------------------- config.json

@@ -12,7 +12,7 @@ loading, by two state-dict hooks registered in ``__init__`` (the only place that
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import timm
 import torch
@@ -48,6 +48,14 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def encoder_tokens(enc: VisionTransformer) -> tuple[nn.Parameter, nn.Parameter]:
+    """The encoder's cls token [1, 1, D] and position embedding [1, 1 + L, D].
+
+    MAE's timm ViT always has both (timm types them Optional for ViTs built without)."""
+    assert enc.cls_token is not None and enc.pos_embed is not None
+    return enc.cls_token, enc.pos_embed
+
+
 class MaskedAutoencoder(nn.Module):
     """MAE with a timm ``VisionTransformer`` encoder (``self.encoder``) and a ViT decoder."""
 
@@ -62,17 +70,23 @@ class MaskedAutoencoder(nn.Module):
         self.norm_pix_loss = cfg.norm_pix_loss
         self.grad_checkpointing = cfg.grad_checkpointing
 
-        self.encoder: VisionTransformer = timm.create_model(cfg.timm_name, pretrained=False, **cfg.timm_kwargs())
+        self.encoder = cast(VisionTransformer, timm.create_model(cfg.timm_name, pretrained=False, **cfg.timm_kwargs()))
         if tuple(self.encoder.patch_embed.grid_size) != self.grid_size:  # pragma: no cover - defensive
             raise ValueError(f"timm grid {self.encoder.patch_embed.grid_size} != {self.grid_size}")
-        self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos, as the paper
+        encoder_tokens(self.encoder)[1].requires_grad_(False)  # fixed sin-cos, as the paper
 
         d = cfg.decoder_embed_dim
         self.decoder_embed = nn.Linear(cfg.embed_dim, d, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, d), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(d, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            Block(
+                d,
+                cfg.decoder_num_heads,
+                cfg.mlp_ratio,
+                qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]  # timm: any module factory
+            )
             for _ in range(cfg.decoder_depth)
         )
         self.decoder_norm = layer_norm(d)
@@ -89,12 +103,13 @@ class MaskedAutoencoder(nn.Module):
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
         """Official init: sin-cos pos embeds, xavier-uniform linears and patch embed, N(0, .02) tokens."""
+        cls_token, pos_embed = encoder_tokens(self.encoder)
         with torch.no_grad():
-            self.encoder.pos_embed.copy_(sincos_2d(self.cfg.embed_dim, self.grid_size, cls_token=True)[None])
+            pos_embed.copy_(sincos_2d(self.cfg.embed_dim, self.grid_size, cls_token=True)[None])
             self.decoder_pos_embed.copy_(sincos_2d(self.cfg.decoder_embed_dim, self.grid_size, cls_token=True)[None])
             w = self.encoder.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.normal_(self.encoder.cls_token, std=0.02)
+            nn.init.normal_(cls_token, std=0.02)
             nn.init.normal_(self.mask_token, std=0.02)
             if self.cfg.mask_token_in_encoder:
                 nn.init.normal_(self.encoder_mask_token, std=0.02)
@@ -129,10 +144,11 @@ class MaskedAutoencoder(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W], ids_keep [B, K] -> latent [B, 1 + K, D] (cls first, normed)."""
         enc = self.encoder
+        cls_token, pos_embed = encoder_tokens(enc)
         x = enc.patch_embed(imgs)  # [B, L, D]
-        x = x + enc.pos_embed[:, 1:, :]
+        x = x + pos_embed[:, 1:, :]
         x = gather_tokens(x, ids_keep)
-        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        cls = (cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         x = self._run_blocks(enc.blocks, x)
         return enc.norm(x)
@@ -142,10 +158,11 @@ class MaskedAutoencoder(nn.Module):
 
         imgs [B, C, H, W], mask [B, L] bool -> latent [B, 1 + L, D] (cls first, normed)."""
         enc = self.encoder
+        cls_token, pos_embed = encoder_tokens(enc)
         x = enc.patch_embed(imgs)  # [B, L, D]
         x = torch.where(mask.unsqueeze(-1), self.encoder_mask_token.to(x.dtype), x)
-        x = x + enc.pos_embed[:, 1:, :]
-        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = x + pos_embed[:, 1:, :]
+        cls = (cls_token + pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = self._run_blocks(enc.blocks, torch.cat([cls, x], dim=1))
         return enc.norm(x)
 

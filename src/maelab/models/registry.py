@@ -7,8 +7,8 @@ from typing import Any
 from maelab.config import ModelConfig, from_dict, to_dict
 from maelab.errors import ConfigError
 
-_PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-_SMALL_IMAGE_DECODER = dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
+_PAPER_DECODER: dict[str, Any] = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+_SMALL_IMAGE_DECODER: dict[str, Any] = dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8)
 
 _ENCODERS = {  # name: (timm name, embed_dim, depth, heads)
     "tiny": ("vit_tiny_patch16_224", 192, 12, 3),

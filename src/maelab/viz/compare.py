@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ TAIL_FRACTION = 0.1
 """The final loss is the mean of the last 10% of logged values (one value is noise)."""
 
 
-def _finite(values: Sequence[Any]) -> list[float]:
+def _finite(values: Iterable[Any]) -> list[float]:
     return [
         float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     ]

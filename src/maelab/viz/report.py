@@ -113,11 +113,13 @@ def find_evals(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     ``checkpoint`` is the run directory or a file inside it (``checkpoints/last.pt``, ``epoch_NNNN.pt``).
     """
     run = Path(run_dir).resolve()
-    found = []
+    found: list[tuple[Path, dict[str, Any]]] = []
     for depth in range(1, EVAL_SEARCH_DEPTH + 1):
         for p in sorted(run.parent.glob("*/" * depth + EVAL_FILE)):
             record = _read_mapping(_read_text(p), json_text=True)
-            source = (record or {}).get("checkpoint")
+            if record is None:
+                continue
+            source = record.get("checkpoint")
             if not isinstance(source, str) or source == "scratch":
                 continue
             target = Path(source).expanduser().resolve()
@@ -481,7 +483,9 @@ def reconstructions_section(files: RunFiles) -> Section:
 
 
 def _eval_row(run: Path, path: Path, record: dict[str, Any]) -> list[str]:
-    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else {}
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict):
+        metrics = {}
     others = ", ".join(f"{k}={fmt(v)}" for k, v in metrics.items() if k not in ("top1", "top5"))
     source = Path(str(record.get("checkpoint"))).expanduser().resolve()
     encoder = "the run directory" if source == run else str(source.relative_to(run))
@@ -504,7 +508,8 @@ def evals_section(files: RunFiles) -> Section:
             "evals",
             "Evaluations",
             note(
-                "no evaluation found: maelab knn/linprobe/finetune --checkpoint RUN_DIR --output DIR writes DIR/eval.json; "
+                "no evaluation found: maelab knn/linprobe/finetune --checkpoint RUN_DIR --output DIR "
+                "writes DIR/eval.json; "
                 "reports look in the run directory and its sibling folders, up to 3 levels below the run's parent"
             ),
         )
