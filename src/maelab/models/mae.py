@@ -24,7 +24,7 @@ from maelab.config import ModelConfig
 from maelab.models.masking import Masking, make_noise, masking_from_noise
 from maelab.models.patches import patchify, unpatchify
 from maelab.models.pos_embed import sincos_2d
-from maelab.models.targets import hog_dim, hog_target, masked_mse, pixel_target
+from maelab.models.targets import TARGETS, masked_mse
 
 ENCODER_PREFIX = "encoder."
 TOP_LEVEL_KEYS = ("mask_token", "decoder_", "encoder_mask_token")
@@ -90,7 +90,7 @@ class MaskedAutoencoder(nn.Module):
             for _ in range(cfg.decoder_depth)
         )
         self.decoder_norm = layer_norm(d)
-        out_dim = cfg.patch_size**2 * cfg.in_chans if cfg.target == "pixels" else hog_dim(cfg.patch_size, cfg.in_chans)
+        out_dim = TARGETS[cfg.target].dim(cfg.patch_size, cfg.in_chans)
         self.decoder_pred = nn.Linear(d, out_dim, bias=True)
         if cfg.mask_token_in_encoder:
             self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
@@ -180,9 +180,7 @@ class MaskedAutoencoder(nn.Module):
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W] -> regression target [B, L, D] (D = p*p*C for pixels)."""
-        if self.cfg.target == "hog":
-            return hog_target(imgs, self.patch_size)
-        return pixel_target(self.patchify(imgs), self.norm_pix_loss)
+        return TARGETS[self.cfg.target].compute(imgs, self.patch_size, self.norm_pix_loss)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean over masked patches of the per-patch MSE against the (normalized) pixels."""
@@ -220,6 +218,25 @@ class MaskedAutoencoder(nn.Module):
     def img_hw(self) -> tuple[int, int]:
         s = self.cfg.img_size
         return s if isinstance(s, tuple) else (s, s)
+
+    def draw_noise(
+        self,
+        batch_size: int,
+        device: torch.device | str,
+        generator: torch.Generator | None = None,
+        rows: range | None = None,
+    ) -> torch.Tensor:
+        """Masking noise [batch_size, L] (or its ``rows``) for this model's ``mask_type`` and ``mask_ratio``."""
+        return make_noise(self.cfg.mask_type, batch_size, self.grid_size, self.cfg.mask_ratio, device, generator, rows)
+
+    @property
+    def noise_on_cpu(self) -> bool:
+        """Block masks are drawn on the CPU (rectangles, one sample at a time): their generator lives there."""
+        return self.cfg.mask_type == "block"
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one: the encoder's, then the decoder's."""
+        return [*self.encoder.blocks, *self.decoder_blocks]
 
     # ------------------------------------------------------------------ parameter groups
     def no_weight_decay(self) -> set[str]:

@@ -7,6 +7,8 @@ Targets: pixels, per-patch normalized pixels (MAE ``norm_pix_loss``), and HOG fe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +101,25 @@ def _hog(imgs: torch.Tensor, patch_size: int, nbins: int, cell: int, gaussian: b
     # -> [B, gh, gw, k (cell row), k (cell col), C, nbins]
     hist = hist.permute(0, 3, 5, 4, 6, 1, 2)
     return hist.reshape(b, gh * gw, k * k * c * nbins)
+
+
+class Target(NamedTuple):
+    """A reconstruction target: what the decoder regresses for each patch."""
+
+    compute: Callable[[torch.Tensor, int, bool], torch.Tensor]
+    """(imgs [B, C, H, W], patch size p, norm_pix) -> target [B, L, D]."""
+    dim: Callable[[int, int], int]
+    """(patch size p, channels C) -> D."""
+
+
+def _pixels(imgs: torch.Tensor, patch_size: int, norm_pix: bool) -> torch.Tensor:
+    from maelab.models.patches import patchify
+
+    return pixel_target(patchify(imgs, patch_size), norm_pix)
+
+
+TARGETS: dict[str, Target] = {
+    "pixels": Target(_pixels, lambda p, c: p * p * c),
+    "hog": Target(lambda imgs, p, norm_pix: hog_target(imgs, p), hog_dim),
+}
+"""The targets by name (``model_args.target``; ``maelab.config.TARGETS`` lists the same names)."""
