@@ -1,4 +1,4 @@
-"""GPU-resident data path (maelab.data.gpu), tested on CPU: crop parameters against
+"""GPU-resident data path (maelab.data.gpu_crop, .loaders, .resident), tested on CPU: crop parameters against
 torchvision's RandomResizedCrop, resampling against torchvision's resized_crop, and the
 batch loader's coverage, determinism and exact mid-epoch resume."""
 
@@ -16,16 +16,10 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from maelab.data import pretrain_transform
-from maelab.data.gpu import (
-    GPUBatchLoader,
-    batched_resized_crop,
-    fits_in_memory,
-    load_uint8_tensor,
-    random_resized_crop_params,
-    uint8_transform,
-    use_gpu_resident,
-)
+from maelab.data.gpu_crop import batched_resized_crop, random_resized_crop_params
 from maelab.data.loader import ResumableSampler
+from maelab.data.loaders import GPUBatchLoader
+from maelab.data.resident import Uint8Image, fits_in_memory, load_uint8_tensor, plan_gpu_resident
 from maelab.data.synthetic import SyntheticShapes
 
 BICUBIC = InterpolationMode.BICUBIC
@@ -358,7 +352,7 @@ class _PILSet(Dataset):
 
 
 def test_load_uint8_tensor_synthetic_native_size():
-    ds = SyntheticShapes(10, (12, 16), 3, transform=uint8_transform())
+    ds = SyntheticShapes(10, (12, 16), 3, transform=Uint8Image())
     images, labels = load_uint8_tensor(ds, batch_size=4, progress=False)
     assert images.dtype == torch.uint8 and images.shape == (10, 3, 12, 16)
     assert labels.dtype == torch.int64 and labels.tolist() == [ds.raw(i)[1] for i in range(10)]
@@ -366,28 +360,32 @@ def test_load_uint8_tensor_synthetic_native_size():
 
 
 def test_load_uint8_tensor_resizes_to_a_fixed_size():
-    images, labels = load_uint8_tensor(_PILSet(uint8_transform(16)), batch_size=2, progress=False)
+    images, labels = load_uint8_tensor(_PILSet(Uint8Image(16)), batch_size=2, progress=False)
     assert images.shape == (5, 3, 16, 16) and labels.tolist() == [0, 1, 2, 3, 4]
     assert (images[:, 0, 8, 8] == torch.tensor([0, 40, 80, 120, 160], dtype=torch.uint8)).all()
-    with pytest.raises(ValueError, match="uint8_transform"):
+    with pytest.raises(ValueError, match="Uint8Image"):
         load_uint8_tensor(_PILSet(pretrain_transform(16, (0.5,) * 3, (0.5,) * 3)), progress=False)
 
 
-def test_uint8_transform_passes_same_size_through():
+def test_uint8_image_passes_same_size_through():
     img = _images(1, 3, 16, 16)[0]
-    out = uint8_transform(16)(img)
+    out = Uint8Image(16)(img)
     assert type(out) is torch.Tensor and torch.equal(out, img)
 
 
 def test_memory_checks(monkeypatch):
     assert fits_in_memory(50000, 3, 32, 32, "cpu")
     assert not fits_in_memory(3 * 1024, 1024, 1024, 1, "cpu")
-    assert use_gpu_resident("on", "cpu", 10, (3, 512, 512))
-    assert not use_gpu_resident("off", "cuda", 10, (3, 32, 32))
-    assert not use_gpu_resident("auto", "cpu", 10, (3, 32, 32))
+
+    def plan(mode: str, device: str, n: int, side: int) -> tuple[int, int] | None:
+        return plan_gpu_resident(mode, device, n, 3, [(side, side)], side, host_free_bytes=1 << 40, procs_on_node=1)
+
+    assert plan("on", "cpu", 10, 512) == (512, 512)
+    assert plan("off", "cuda", 10, 32) is None
+    assert plan("auto", "cpu", 10, 32) is None
     with pytest.raises(ValueError):
-        use_gpu_resident("yes", "cpu", 10, (3, 32, 32))
+        plan("yes", "cpu", 10, 32)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 1 << 34))  # 1 GiB free
-    assert use_gpu_resident("auto", "cuda", 50000, (3, 32, 32))  # 150 MB <= 256 MiB
-    assert not use_gpu_resident("auto", "cuda", 100000, (3, 32, 32))  # 300 MB > 256 MiB
-    assert not use_gpu_resident("auto", "cuda", 1000, (3, 96, 96))  # images too large for auto
+    assert plan("auto", "cuda", 50000, 32) == (32, 32)  # 150 MB <= 256 MiB
+    assert plan("auto", "cuda", 100000, 32) is None  # 300 MB > 256 MiB
+    assert plan("auto", "cuda", 1000, 96) is None  # images too large for auto

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maelab.data.gpu import AUTO_MAX_SIDE, fits_in_memory, peek_image_sizes, plan_gpu_resident, resident_size
+from maelab.data.resident import AUTO_MAX_SIDE, fits_in_memory, peek_image_sizes, plan_gpu_resident, resident_size
 
 GiB = 1 << 30
 

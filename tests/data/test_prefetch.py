@@ -121,3 +121,8 @@ def test_cuda_prefetch_does_not_synchronize_per_batch():
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(out, expected, strict=True):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-6)
+
+
+def test_device_batches_check_mean_std():
+    with pytest.raises(ValueError, match="mean/std need as many values, got 3 and 1"):
+        DeviceBatches([], "cpu", IMAGENET_MEAN, (0.5,))

@@ -3,7 +3,9 @@
 ``build_dataset(cfg.data, img_size=..., in_chans=..., train=..., transform=...)`` gives a
 dataset of ``(float tensor [C, H, W], int label)`` items (label -1: unlabeled) from the
 built-in synthetic shapes, CIFAR-10/100, STL-10, or an image folder; ``dataset_info``
-says how many classes it has and whether it is labeled.
+says how many classes it has and whether it is labeled. Pre-training's data path (the set,
+its sampler and a batch loader on the device) comes from
+:func:`maelab.data.pipeline.build_training_data`.
 """
 
 from maelab.data.build import build_dataset, dataset_info

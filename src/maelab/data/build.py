@@ -25,6 +25,7 @@ from maelab.data.hf_datasets import HFImageDataset, is_hf_dataset_dir, load_hf_t
 from maelab.data.shards import ShardSamples, ShardStream, is_shard_spec
 from maelab.data.synthetic import SyntheticShapes
 from maelab.data.torchvision_sets import TORCHVISION_SETS, build_torchvision_dataset
+from maelab.data.transforms import pair_size
 from maelab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -48,17 +49,13 @@ class _ToChannels:
         return self.transform(img) if self.transform is not None else img
 
 
-def _max_side(img_size: int | tuple[int, int]) -> int:
-    return img_size if isinstance(img_size, int) else max(img_size)
-
-
 def decode_size(img_size: int | tuple[int, int], min_scale: float) -> int:
     """Smallest short side an image may be decoded at without losing crop detail.
 
     The smallest RandomResizedCrop (area ``min_scale``, aspect 3/4) of an image whose
     short side is this still has sides >= ``img_size``, so it is never upsampled.
     """
-    return math.ceil(_max_side(img_size) / math.sqrt(min_scale * 0.75))
+    return math.ceil(max(pair_size(img_size)) / math.sqrt(min_scale * 0.75))
 
 
 def _has_split_dirs(root: Path) -> bool:
@@ -136,7 +133,7 @@ def build_dataset(
     name = cfg.name
     key = name.lower()
     if key == "synthetic":
-        size = img_size if isinstance(img_size, int) else tuple(img_size)
+        size = img_size if isinstance(img_size, int) else pair_size(img_size)
         if train:
             return SyntheticShapes(cfg.num_samples, size, in_chans, cfg.num_classes, seed, transform)
         return SyntheticShapes(

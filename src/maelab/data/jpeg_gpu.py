@@ -50,18 +50,17 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from maelab.config import DECODE_MODES
 from maelab.data.folders import ImageFolderDataset
-from maelab.data.gpu import antialiased_resized_crop
+from maelab.data.gpu_crop import DEFAULT_RATIO, antialiased_resized_crop
 from maelab.data.loader import ResumableSampler, SignalSafeDataLoader
+from maelab.data.loaders import check_loader_args
 from maelab.data.prefetch import normalize_uint8, stats_tensors
+from maelab.data.transforms import Size, pair_size
 from maelab.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Size = int | tuple[int, int]
-
-DECODE_MODES = ("auto", "cpu", "gpu")
-"""Values of ``data.decode``."""
 GPU_DECODE_MAX_PIXELS = 64_000_000
 """JPEGs larger than this (width * height) are decoded by Pillow in the worker (at the CPU path's reduced size)."""
 EOI_SEARCH = 1024
@@ -70,7 +69,6 @@ _SOI = b"\xff\xd8\xff"
 _EOI = b"\xff\xd9"
 
 __all__ = [
-    "DECODE_MODES",
     "EncodedImageFolder",
     "JPEGDecodeLoader",
     "collate_encoded",
@@ -127,13 +125,6 @@ def resolve_decode(mode: str) -> str:
     if mode not in DECODE_MODES:
         raise ValueError(f"decode must be auto, cpu or gpu, not {mode!r}")
     return "cpu" if mode == "auto" else mode
-
-
-def _hw(size: Size | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 def device_decodable(data: bytes) -> bool:
@@ -203,7 +194,7 @@ def collate_encoded(items: list[tuple[torch.Tensor, int, int, int]]) -> EncodedB
 class JPEGDecodeLoader:
     """One epoch of augmented batches ``(imgs float32 [B, C, h, w], labels int64 [B])`` on ``device``.
 
-    A drop-in for the pre-training DataLoader (``for imgs, labels in loader``; ``len``; the
+    A :class:`~maelab.data.loaders.BatchLoader` (``for imgs, labels in loader``; ``len``; the
     order is ``sampler``'s from ``sampler.start``, so call ``sampler.set_epoch(epoch, start)``
     before iterating). DataLoader workers read the files (:class:`EncodedImageFolder`), the
     main process decodes each batch on ``device`` with one ``decode_jpeg`` call and augments
@@ -234,21 +225,17 @@ class JPEGDecodeLoader:
         num_workers: int = 0,
         min_scale: float = 0.2,
         hflip: bool = True,
-        ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        ratio: tuple[float, float] = DEFAULT_RATIO,
     ) -> None:
         if not isinstance(folder, ImageFolderDataset):
             raise ValueError(f"JPEGDecodeLoader needs an ImageFolderDataset, got {type(folder).__name__}")
-        if sampler.n != len(folder):
-            raise ValueError(f"the sampler covers {sampler.n} samples, the folder has {len(folder)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        c = folder.channels
-        if len(mean) != c or len(std) != c:
-            raise ValueError(f"mean/std need {c} values each, got {len(mean)} and {len(std)}")
+        check_loader_args(
+            mean, std, channels=folder.channels, batch_size=batch_size, sampler=sampler, num_items=len(folder)
+        )
         self.folder = folder
         self.batch_size = batch_size
         self.sampler = sampler
-        self.img_size = _hw(img_size)
+        self.img_size = pair_size(img_size)
         self.device = torch.device(device)
         self.mean = list(mean)
         self.std = list(std)
@@ -383,7 +370,7 @@ class JPEGDecodeLoader:
 
         ``batched=False``: one torchvision ``resized_crop`` per image (on CPU its uint8 kernel, bit for bit the
         CPU path's). ``batched=True`` (CUDA): the images of each size at once, by torchvision's weights as
-        two batched matmuls (:func:`~maelab.data.gpu.antialiased_resized_crop`), clamped and rounded to
+        two batched matmuls (:func:`~maelab.data.gpu_crop.antialiased_resized_crop`), clamped and rounded to
         uint8 as torchvision's float resize on CUDA does.
         """
         if not batched:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from maelab.data.loaders import check_loader_args
+
 
 def normalize_uint8(
     images: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
@@ -32,7 +34,7 @@ def normalize_uint8(
         mean = list(mean)
     if not isinstance(std, torch.Tensor):
         std = list(std)
-    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), mean=mean, std=std)  # type: ignore[arg-type]
+    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), mean=mean, std=std)
 
 
 def stats_tensors(
@@ -50,8 +52,9 @@ def stats_tensors(
 
 class DeviceBatches:
     """Wrap a loader of (uint8 images [B, C, H, W], labels [B]); yield (float32 normalized images on
-    ``device``, labels). On CUDA the next batch is copied on a side stream while the current one is
-    used; elsewhere batches are converted in place of use. Labels stay where the loader put them."""
+    ``device``, labels): a :class:`~maelab.data.loaders.BatchLoader`. On CUDA the next batch is copied
+    on a side stream while the current one is used; elsewhere batches are converted in place of use.
+    Labels stay where the loader put them; ``len`` is the wrapped loader's."""
 
     def __init__(
         self,
@@ -60,6 +63,7 @@ class DeviceBatches:
         mean: Sequence[float],
         std: Sequence[float],
     ) -> None:
+        check_loader_args(mean, std)
         self.loader = loader
         self.device = torch.device(device)
         self.mean = tuple(float(m) for m in mean)
@@ -109,4 +113,5 @@ class DeviceBatches:
         return normalize_uint8(staged, *self._device_stats()), labels
 
     def __repr__(self) -> str:
-        return f"DeviceBatches(uint8 batches -> {self.device}, prefetch={'1 batch' if self.device.type == 'cuda' else 'none'})"
+        prefetch = "1 batch" if self.device.type == "cuda" else "none"
+        return f"DeviceBatches(uint8 batches -> {self.device}, prefetch={prefetch})"

@@ -31,10 +31,11 @@ def default_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (0.5,) * in_chans, (0.5,) * in_chans
 
 
-def _hw(img_size: Size | Sequence[int]) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return img_size, img_size
-    h, w = img_size
+def pair_size(size: Size | Sequence[int]) -> tuple[int, int]:
+    """An image size as (height, width): an int ``s`` is ``(s, s)``."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
     return int(h), int(w)
 
 
@@ -94,7 +95,7 @@ def pretrain_transform(
     ops: list[v2.Transform] = [
         v2.ToImage(),
         RESIZED_CROPS[crop](
-            _hw(img_size), scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
+            pair_size(img_size), scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True
         ),
     ]
     if hflip:
@@ -108,7 +109,7 @@ def resolve_crop_pct(crop_pct: float | str, img_size: Size | Sequence[int]) -> f
     """``crop_pct`` as a number; ``auto`` is the official rule (facebookresearch/mae ``util/datasets.py``,
     ``build_transform``): 224 / 256 for inputs up to 224 px, 1.0 above (the longer side of (h, w) decides)."""
     if crop_pct == "auto":
-        return 224 / 256 if max(_hw(img_size)) <= 224 else 1.0
+        return 224 / 256 if max(pair_size(img_size)) <= 224 else 1.0
     return float(crop_pct)
 
 
@@ -127,7 +128,7 @@ def eval_transform(
     crop_pct = resolve_crop_pct(crop_pct, img_size)
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    h, w = _hw(img_size)
+    h, w = pair_size(img_size)
     resize_to = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
     ops: list[v2.Transform] = [
         v2.ToImage(),
