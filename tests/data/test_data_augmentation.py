@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from maelab.data import eval_transform, pretrain_transform
-from maelab.data.gpu import GPUBatchLoader
+from maelab.data.loaders import GPUBatchLoader
 from maelab.data.loader import ResumableSampler
 
 SIDE = 128
