@@ -14,7 +14,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import torch
 
@@ -222,7 +223,7 @@ def _measure_batch(
         if resolved in measured and not measured[resolved].get("oom"):  # the same path: not timed twice
             rows.append({**measured[resolved], "name": name, "same_as": measured[resolved]["name"]})
             continue
-        rows.append(_guarded(name, bs, dev, lambda n=name, v=variant: ours(n, v)))
+        rows.append(_guarded(name, bs, dev, partial(ours, name, variant)))
         measured[resolved] = rows[-1]
     if reference:
 
@@ -406,7 +407,7 @@ def run_data_bench(
 
     from maelab.config import PretrainConfig, build_config
     from maelab.data.jpeg_gpu import resolve_decode
-    from maelab.engine.pretrain import pretraining_loop
+    from maelab.engine.pretrain import Pretraining, pretraining_loop
 
     overrides: dict[str, Any] = {
         "model": model,
@@ -428,7 +429,7 @@ def run_data_bench(
     with tempfile.TemporaryDirectory() as tmp:
         overrides["output"] = tmp
         loop = pretraining_loop(build_config(PretrainConfig, None, overrides), progress=False)
-        data_path, device = loop.p.data, loop.ctx.device
+        data_path, run_device = cast(Pretraining, loop.p).data, loop.ctx.device
         for mode in ("loader", "end_to_end"):
             data_path.sampler.set_epoch(0)
             batches = iter(data_path.loader)
@@ -438,14 +439,14 @@ def run_data_bench(
             t0 = 0.0
             for i in range(needed):
                 if i == warmup:
-                    synchronize(device)
+                    synchronize(run_device)
                     t0 = time.perf_counter()
                 imgs, _ = next(batches)
                 if mode == "end_to_end":
                     loop.train_step([imgs])
                 else:
-                    imgs = imgs.to(device, non_blocking=True)
-            synchronize(device)  # device, not the current one (cuda:N)
+                    imgs = imgs.to(run_device, non_blocking=True)
+            synchronize(run_device)  # device, not the current one (cuda:N)
             elapsed = time.perf_counter() - t0
             timed = needed - warmup
             results.append(

@@ -252,13 +252,14 @@ class Loop:
     def state_dict(self, batch_in_epoch: int, with_optimizer: bool = True) -> dict[str, Any]:
         """Everything needed to resume; unsharded (under FSDP a collective, and only rank 0's holds the weights).
         Every rank calls it under torchrun (the ranks' RNG states are gathered)."""
+        optim_sd: dict[str, Any] | None
         if self.p.fsdp:  # gathered onto rank 0's CPU; the other ranks get empty dicts
             model_sd, optim_sd = full_state_on_rank0(self.p.model, self.p.optimizer)
         else:
             model_sd = self.p.model_state()
             optim_sd = self.p.optimizer.state_dict() if with_optimizer else None
         rngs = rng_state()
-        rng_ranks = [rngs]
+        rng_ranks: list[dict[str, Any] | None] = [rngs]
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -341,9 +342,8 @@ class Loop:
             best = {"value": best.get(self.p.best_metric or "", -math.inf), "epoch": best.get("epoch", 0)}
         self.best = best
         self.last_eval = state.get("last_eval", {})
-        ranks = state.get("rng_ranks")
-        same_world = ranks is not None and len(ranks) == self.dist.world_size
-        set_rng_state(ranks[self.dist.rank] if same_world else state["rng"])
+        ranks = state.get("rng_ranks") or []
+        set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world_size else state["rng"])
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
 
     # ------------------------------------------------------------------ training

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -31,8 +31,9 @@ from maelab.engine.loop import Loop, Protocol, RunContext, RunResult, start_run
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import autocast
 from maelab.errors import CheckpointError, ConfigError
-from maelab.eval.common import resolve_stats
+from maelab.eval.common import dataset_len, resolve_stats
 from maelab.methods import get_method, pretrain_step
+from maelab.models.mae import MaskedAutoencoder
 from maelab.models.registry import get_config
 from maelab.models.weights import init_from_mae, init_from_timm
 
@@ -143,14 +144,15 @@ class Pretraining(Protocol):
         them from its checkpoint), wrapped for DDP or sharded with FSDP; returns the no-sync context."""
         cfg = self.cfg
         self.model = self.method.build(self.model_cfg).to(self.device)
+        # every method's model has the MaskedAutoencoder's ``cfg`` and ``encoder``, all these functions read
         if init and cfg.init:
-            init_from_mae(self.model, cfg.init)
+            init_from_mae(cast(MaskedAutoencoder, self.model), cfg.init)
         elif init and cfg.init_encoder:
-            init_from_timm(self.model, cfg.init_encoder)
+            init_from_timm(cast(MaskedAutoencoder, self.model), cfg.init_encoder)
         self.fp8_layers = convert_to_fp8(self.model, cfg.fp8, self.device)
         wrapped: torch.nn.Module = self.model
         self.fsdp = cfg.fsdp and self.dist.enabled
-        no_sync = None
+        no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
         if cfg.fsdp and not self.dist.enabled:
             log.warning("fsdp=true needs torchrun with more than one process: training unsharded")
         if self.fsdp:
@@ -207,8 +209,8 @@ class Pretraining(Protocol):
                 f"knn_every={cfg.knn_every} needs labeled data: {cfg.data.name!r} "
                 "(or knn_data) has no labels; set knn_every=0"
             )
-        if len(train) > cfg.knn_max_train:
-            step = len(train) / cfg.knn_max_train
+        if dataset_len(train) > cfg.knn_max_train:
+            step = dataset_len(train) / cfg.knn_max_train
             train = Subset(train, [int(i * step) for i in range(cfg.knn_max_train)])
         return train, val
 

@@ -12,7 +12,7 @@ layer-decay parameter groups (:func:`layer_decay_param_groups`: timm's implement
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -73,14 +73,14 @@ def build_classifier(
         raise ValueError("build_classifier needs a MaskedAutoencoder or a model_cfg")
     if pool not in ("avg", "cls"):
         raise ConfigError(f"invalid pool={pool!r}: one of avg, cls")
-    model: VisionTransformer = timm.create_model(
-        model_cfg.timm_name, pretrained=False, **classifier_kwargs(model_cfg, num_classes, pool, drop_path, img_size)
-    )
+    kwargs = classifier_kwargs(model_cfg, num_classes, pool, drop_path, img_size)
+    model = cast(VisionTransformer, timm.create_model(model_cfg.timm_name, pretrained=False, **kwargs))
     if mae is not None:
         load_encoder_weights(model, mae.encoder_state_dict(), source=source)
+        head = cast(nn.Linear, model.head)  # num_classes > 0
         with torch.no_grad():
-            nn.init.trunc_normal_(model.head.weight, std=head_init_std)
-            nn.init.zeros_(model.head.bias)
+            nn.init.trunc_normal_(head.weight, std=head_init_std)
+            nn.init.zeros_(head.bias)
     return model
 
 
@@ -95,8 +95,8 @@ def load_encoder_weights(
     if uses_fc_norm:
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
-    pos = sd.get("pos_embed")
-    if pos is not None and pos.shape != model.pos_embed.shape and pos.shape[-1] == model.pos_embed.shape[-1]:
+    pos, own_pos = sd.get("pos_embed"), model.pos_embed
+    if pos is not None and own_pos is not None and pos.shape != own_pos.shape and pos.shape[-1] == own_pos.shape[-1]:
         sd["pos_embed"] = resample_abs_pos_embed(
             pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens
         )
@@ -194,14 +194,15 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
 
     from timm.optim import param_groups_layer_decay
 
-    nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    no_weight_decay = getattr(model, "no_weight_decay", None)
+    nwd = no_weight_decay() if callable(no_weight_decay) else set()
     # the model as timm sees it, with the official layer ids in place of timm's ViT matcher
     official = SimpleNamespace(
         named_parameters=model.named_parameters, group_matcher=lambda coarse=False: OFFICIAL_LAYERS
     )
     return param_groups_layer_decay(
-        official,
-        weight_decay=weight_decay,  # type: ignore[arg-type]
+        official,  # type: ignore[arg-type]  # duck-typed: timm reads only named_parameters and group_matcher
+        weight_decay=weight_decay,
         no_weight_decay_list=nwd,
         layer_decay=layer_decay,
     )

@@ -15,9 +15,9 @@ per-rank rows back into dataset order (:func:`gather_interleaved_to_rank0`: on r
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -79,6 +79,11 @@ def resolve_stats(data: DataConfig, in_chans: int) -> tuple[tuple[float, ...], t
     return mean, std
 
 
+def dataset_len(ds: Dataset) -> int:
+    """Number of items of a map-style dataset (torch's ``Dataset`` type declares no ``__len__``)."""
+    return len(cast(Sized, ds))
+
+
 def labeled_dataset(
     data: DataConfig,
     *,
@@ -102,7 +107,7 @@ def labeled_dataset(
             f"dataset {data.name!r} ({split} split) has no labels: {protocol} needs a labeled dataset "
             "(an image folder with one subfolder per class, synthetic, cifar10, cifar100, stl10)"
         )
-    if len(ds) == 0:  # pragma: no cover - build_dataset already refuses empty folders
+    if dataset_len(ds) == 0:  # pragma: no cover - build_dataset already refuses empty folders
         raise DataError(f"dataset {data.name!r} ({split} split) is empty")
     return ds, num_classes
 
@@ -177,7 +182,7 @@ def shard(ds: Dataset, info: DistInfo) -> Dataset:
     every item exactly once, so summed counts are exact. A single process gets ``ds`` itself."""
     if not info.enabled:
         return ds
-    return Subset(ds, range(info.rank, len(ds), info.world_size))  # type: ignore[arg-type]
+    return Subset(ds, range(info.rank, dataset_len(ds), info.world_size))
 
 
 def _padded_shard(local: torch.Tensor, total: int, world: int) -> torch.Tensor:

@@ -37,7 +37,14 @@ from maelab.data.folders import ImageFolderDataset
 from maelab.data.torchvision_sets import TORCHVISION_SETS
 from maelab.engine.distributed import DistInfo, barrier, cpu_group
 from maelab.errors import DataError
-from maelab.eval.common import checkpoint_source, frozen_encoder_setup, gather_interleaved_to_rank0, plain_loader, shard
+from maelab.eval.common import (
+    checkpoint_source,
+    dataset_len,
+    frozen_encoder_setup,
+    gather_interleaved_to_rank0,
+    plain_loader,
+    shard,
+)
 from maelab.eval.config import EmbedConfig
 from maelab.eval.features import extract_features, feature_dim
 from maelab.io import atomic_write
@@ -114,10 +121,10 @@ def embed_rows(
     )
     # this rank's rows: dataset items rank, rank + W, ... (shard), unreadable ones left zero
     rows = ((index - info.rank) // info.world_size).cpu()
-    local = torch.zeros(len(part), feature_dim(encoder))  # type: ignore[arg-type]
+    local = torch.zeros(dataset_len(part), feature_dim(encoder))
     local[rows] = feats.cpu()
     del feats
-    ok = torch.zeros(len(part), dtype=torch.long)  # type: ignore[arg-type]
+    ok = torch.zeros(dataset_len(part), dtype=torch.long)
     ok[rows] = 1
     total, group = len(items), cpu_group() if info.enabled else None
     all_feats = gather_interleaved_to_rank0(local, total, info, group)

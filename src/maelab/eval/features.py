@@ -15,6 +15,8 @@ of a split and the shards are all-gathered back into dataset order (or kept loca
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 
 from maelab.engine.distributed import DistInfo
 from maelab.engine.runtime import autocast
-from maelab.eval.common import all_gather_interleaved, plain_loader, shard
+from maelab.eval.common import all_gather_interleaved, dataset_len, plain_loader, shard
 
 POOLS = ("cls", "avg")
 
@@ -44,7 +46,9 @@ def feature_dim(encoder: nn.Module) -> int:
 
 def encode(encoder: nn.Module, imgs: torch.Tensor, pool: str) -> torch.Tensor:
     """imgs [B, C, H, W] -> pooled features [B, D] (grad and mode are the caller's business)."""
-    tokens = encoder.forward_features(imgs)
+    # a timm model's method (nn.Module.__getattr__ would type it Tensor | Module)
+    forward_features = cast(Callable[[torch.Tensor], torch.Tensor], encoder.forward_features)
+    tokens = forward_features(imgs)
     return pool_tokens(tokens, pool, getattr(encoder, "num_prefix_tokens", 1))
 
 
@@ -70,7 +74,7 @@ def extract_features(
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
-    n_total = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None  # type: ignore[arg-type]
+    n_total = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
     bar = tqdm(total=n_total, disable=not progress, desc=desc, unit="img", dynamic_ncols=True, leave=False)
     t0 = time.perf_counter()
     try:
@@ -122,7 +126,7 @@ def extract_split(
         encoder, loader, pool, device, dtype, progress=progress and info.is_main, desc=desc
     )
     if gather and info.enabled:
-        total = len(ds)  # type: ignore[arg-type]
+        total = dataset_len(ds)
         feats = all_gather_interleaved(feats, total, info)
         labels = all_gather_interleaved(labels, total, info)
     return feats, labels

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from maelab.config import ModelConfig, batch_summary, from_dict, to_dict
@@ -52,6 +53,7 @@ from maelab.eval.classifier import (
     set_trainable_blocks,
 )
 from maelab.eval.common import (
+    dataset_len,
     load_encoder_model,
     plain_loader,
     resolve_stats,
@@ -107,7 +109,8 @@ def finetune_train_transform(
     synthetic data) get RandomResizedCrop + flip + random erasing, since RandAugment works
     on PIL images.
     """
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    size = (h, w)
     if in_chans in (1, 3):
         from timm.data import create_transform
 
@@ -116,7 +119,7 @@ def finetune_train_transform(
             is_training=True,
             scale=(cfg.data.min_scale, 1.0),
             hflip=0.5 if cfg.data.hflip else 0.0,
-            color_jitter=cfg.color_jitter,
+            color_jitter=cfg.color_jitter,  # type: ignore[arg-type]  # timm takes None: no color jitter
             auto_augment=cfg.auto_augment,
             interpolation="bicubic",
             mean=mean,
@@ -187,7 +190,7 @@ class Finetuning(Protocol):
             self.model_cfg = get_config(cfg.model or DEFAULT_SCRATCH_MODEL, **cfg.model_args)
             self.source = "scratch"
         else:
-            mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)  # type: ignore[arg-type]
+            mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)
             self.model_cfg = mae.cfg
             self.source = str(cfg.checkpoint)
         saved_size = state["config"].get("img_size") if state is not None else None
@@ -207,10 +210,10 @@ class Finetuning(Protocol):
             seed=cfg.seed,
             protocol="finetune",
         )
-        if len(self.train_ds) < cfg.effective_batch(world):
+        if dataset_len(self.train_ds) < cfg.effective_batch(world):
             ranks = f" x world_size ({world} processes)" if self.dist.enabled else ""
             raise DataError(
-                f"dataset {cfg.data.name!r} has {len(self.train_ds)} training images, fewer than "
+                f"dataset {cfg.data.name!r} has {dataset_len(self.train_ds)} training images, fewer than "
                 f"batch_size x accum_steps{ranks} = {cfg.effective_batch(world)}: lower --batch-size"
             )
         if state is not None and state.get("num_classes") != self.num_classes:
@@ -221,7 +224,7 @@ class Finetuning(Protocol):
             )
 
         # model, optimizer, Mixup/CutMix, EMA
-        self.model = build_classifier(
+        self.model: VisionTransformer = build_classifier(
             mae,
             self.num_classes,
             model_cfg=self.model_cfg,
@@ -247,7 +250,7 @@ class Finetuning(Protocol):
 
         # loaders: an interleaved slice of each epoch's permutation per rank; a disjoint shard of the test split
         self.sampler = ResumableSampler(
-            len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=world
+            dataset_len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=world
         )
         pin = self.device.type == "cuda"
         self.loader = build_loader(self.train_ds, cfg.batch_size, self.sampler, cfg.data.num_workers, pin_memory=pin)
@@ -280,7 +283,7 @@ class Finetuning(Protocol):
         steps = self.batches_per_epoch // cfg.accum_steps * cfg.epochs
         return (
             f"fine-tuning {self.source} ({params / 1e6:.1f}M trainable params) on {cfg.data.name!r} "
-            f"({len(self.train_ds)} images, {self.num_classes} classes); "
+            f"({dataset_len(self.train_ds)} images, {self.num_classes} classes); "
             f"{batch_summary(cfg.batch_size, cfg.accum_steps, world, cfg.resolved_lr(world))}, {cfg.epochs} epochs "
             f"({cfg.warmup_epochs:g} warmup) = {steps} steps, {self.device} "
             f"{str(self.dtype).removeprefix('torch.')}; output {self.ctx.out}"
@@ -403,8 +406,8 @@ class Finetuning(Protocol):
                 result.metrics,
                 self.cfg,
                 num_classes=self.num_classes,
-                num_train=len(self.train_ds),
-                num_test=len(self.val_ds),
+                num_train=dataset_len(self.train_ds),
+                num_test=dataset_len(self.val_ds),
                 pool=self.cfg.pool,
                 train_blocks=self.cfg.train_blocks,
                 trainable_params=sum(p.numel() for p in self.trainable),

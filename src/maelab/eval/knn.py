@@ -30,6 +30,7 @@ from maelab.data import dataset_info
 from maelab.engine.distributed import barrier
 from maelab.errors import DataError
 from maelab.eval.common import (
+    dataset_len,
     frozen_encoder_setup,
     plain_loader,
     train_and_test_sets,
@@ -152,8 +153,8 @@ def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
         save_yaml(cfg, out / "config.yaml")
         log.info(
             f"kNN (k={cfg.k}, T={cfg.temperature}, {cfg.pool} features) of {cfg.checkpoint} on {cfg.data.name!r} "
-            f"({len(train_ds)} train / {len(test_ds)} test images, {num_classes} classes); feature extraction "
-            f"{batch_summary(cfg.batch_size, None, info.world_size)}, {device}; output {out}"
+            f"({dataset_len(train_ds)} train / {dataset_len(test_ds)} test images, {num_classes} classes); "
+            f"feature extraction {batch_summary(cfg.batch_size, None, info.world_size)}, {device}; output {out}"
         )
     encoder = mae.encoder.to(device)
     t0 = time.perf_counter()
@@ -180,8 +181,8 @@ def run_knn(cfg: KnnConfig, progress: bool = True) -> KnnResult:
             metrics,
             cfg,
             num_classes=num_classes,
-            num_train=len(train_ds),  # type: ignore[arg-type]
-            num_test=len(test_ds),
+            num_train=dataset_len(train_ds),
+            num_test=dataset_len(test_ds),
             pool=cfg.pool,
             seconds=time.perf_counter() - t0,
             world_size=info.world_size,

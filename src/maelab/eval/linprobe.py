@@ -37,6 +37,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from maelab.config import batch_summary, to_dict
@@ -48,6 +49,7 @@ from maelab.engine.step import TrainStep
 from maelab.errors import DataError
 from maelab.eval.classifier import frozen_to_eval, set_trainable_blocks
 from maelab.eval.common import (
+    dataset_len,
     load_encoder_model,
     plain_loader,
     resolve_stats,
@@ -67,7 +69,7 @@ class _AllReduceSum(torch.autograd.Function):
     the ranks' gradients (the same rule as ``SyncBatchNorm``'s backward)."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         out = tensor.clone(memory_format=torch.contiguous_format)
@@ -75,7 +77,7 @@ class _AllReduceSum(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         out = grad.clone(memory_format=torch.contiguous_format)
@@ -108,16 +110,14 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if self.affine:
             out = out * self.weight + self.bias
         if self.track_running_stats and self.running_mean is not None:
+            # registered together with running_mean (track_running_stats)
+            assert self.running_var is not None and self.num_batches_tracked is not None
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-                m = (
-                    1.0 / float(self.num_batches_tracked)
-                    if self.momentum is None  # type: ignore[arg-type]
-                    else self.momentum
-                )
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 unbiased = var.detach() * n / torch.clamp(n - 1, min=1)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)  # type: ignore[union-attr]
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
         return out
 
     @classmethod
@@ -127,7 +127,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             bn.num_features,
             eps=bn.eps,
             momentum=bn.momentum,
-            affine=bn.affine,  # type: ignore[arg-type]
+            affine=bn.affine,
             track_running_stats=bn.track_running_stats,
         )
         state = bn.state_dict()
@@ -143,7 +143,7 @@ class LinearProbe(nn.Module):
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: VisionTransformer,
         num_classes: int,
         pool: str = "cls",
         train_blocks: int = 0,
@@ -154,9 +154,10 @@ class LinearProbe(nn.Module):
         self.pool = pool
         self.train_blocks = train_blocks
         dim = encoder.embed_dim
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-        nn.init.trunc_normal_(self.head[1].weight, std=head_init_std)
-        nn.init.zeros_(self.head[1].bias)
+        norm, linear = nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=head_init_std)
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(norm, linear)
         set_trainable_blocks(self.encoder, train_blocks)
 
     def train(self, mode: bool = True) -> LinearProbe:
@@ -224,7 +225,7 @@ class LinearProbing(Protocol):
         self.dist, self.device, self.dtype = ctx.dist, ctx.device, ctx.dtype
         self.t_start = time.perf_counter()
         world = self.dist.world_size
-        mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)  # type: ignore[arg-type]
+        mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)
         self.model_cfg = mcfg = mae.cfg
         self.mean, self.std = resolve_stats(cfg.data, mcfg.in_chans)
         test_tf = eval_transform(mcfg.img_size, self.mean, self.std, cfg.data.crop_pct)
@@ -245,18 +246,18 @@ class LinearProbing(Protocol):
             protocol="linprobe",
         )
         self.global_batch = cfg.batch_size * world
-        if len(self.train_ds) < self.global_batch:
+        if dataset_len(self.train_ds) < self.global_batch:
             what = (
                 f"batch_size x world_size = {self.global_batch} ({world} processes)"
                 if self.dist.enabled
                 else f"batch_size={cfg.batch_size}"
             )
             raise DataError(
-                f"dataset {cfg.data.name!r} has {len(self.train_ds)} training images, fewer than "
+                f"dataset {cfg.data.name!r} has {dataset_len(self.train_ds)} training images, fewer than "
                 f"{what}: lower --batch-size"
             )
         seed_everything(cfg.seed)  # the head's init depends on the seed only (the same on every rank)
-        self.model = LinearProbe(mae.encoder, self.num_classes, cfg.pool, cfg.train_blocks).to(self.device)
+        self.model: LinearProbe = LinearProbe(mae.encoder, self.num_classes, cfg.pool, cfg.train_blocks).to(self.device)
         self.cached = cfg.uses_cache
         self.frozen = cfg.train_blocks == 0
         self.end_to_end = not self.cached and not self.frozen
@@ -264,9 +265,9 @@ class LinearProbing(Protocol):
         # streaming: this rank's interleaved slice of each epoch's permutation; the cache path reads the
         # global order in global batches (the union of the ranks' batches: the same samples)
         self.sampler = ResumableSampler(
-            len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=world
+            dataset_len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=world
         )
-        self.global_sampler = ResumableSampler(len(self.train_ds), seed=cfg.seed, shuffle=True)
+        self.global_sampler = ResumableSampler(dataset_len(self.train_ds), seed=cfg.seed, shuffle=True)
         self.batches_per_epoch = len(self.sampler) // cfg.batch_size
         self.criterion = nn.CrossEntropyLoss()
 
@@ -303,8 +304,9 @@ class LinearProbing(Protocol):
         steps = self.batches_per_epoch // cfg.accum_steps * cfg.epochs
         return (
             f"{what} of {cfg.checkpoint} ({cfg.pool} features, {cfg.optimizer}) on {cfg.data.name!r} "
-            f"({len(self.train_ds)} images, {self.num_classes} classes{', cached features' if self.cached else ''}"
-            f"); {batch_summary(cfg.batch_size, cfg.accum_steps, world, cfg.resolved_lr(world))}, {cfg.epochs} "
+            f"({dataset_len(self.train_ds)} images, {self.num_classes} classes"
+            f"{', cached features' if self.cached else ''}); "
+            f"{batch_summary(cfg.batch_size, cfg.accum_steps, world, cfg.resolved_lr(world))}, {cfg.epochs} "
             f"epochs ({cfg.warmup_epochs:g} warmup) = {steps} steps, {self.device}; output {self.ctx.out}"
         )
 
@@ -339,7 +341,8 @@ class LinearProbing(Protocol):
             self.global_sampler.set_epoch(epoch)
             return self._cached_batches(start_batch)
         self.sampler.set_epoch(epoch, start=start_batch * self.cfg.batch_size)
-        return self.loader  # type: ignore[return-value]
+        assert self.loader is not None
+        return self.loader
 
     def images_in(self, batch: Any) -> int:
         return int(batch[0].shape[0]) * (1 if self.cached else self.dist.world_size)
@@ -383,12 +386,13 @@ class LinearProbing(Protocol):
 
                 ev = evaluate_classifier(head, chunks, self.device, num_classes=self.num_classes)
             else:
+                assert self.val_loader is not None
                 ev = evaluate_classifier(
                     self.model,
                     self.val_loader,
                     self.device,
                     self.dtype,
-                    info=self.dist,  # type: ignore[arg-type]
+                    info=self.dist,
                     num_classes=self.num_classes,
                 )
         finally:
@@ -414,8 +418,8 @@ class LinearProbing(Protocol):
                 result.metrics,
                 self.cfg,
                 num_classes=self.num_classes,
-                num_train=len(self.train_ds),
-                num_test=len(self.val_ds),
+                num_train=dataset_len(self.train_ds),
+                num_test=dataset_len(self.val_ds),
                 pool=self.cfg.pool,
                 train_blocks=self.cfg.train_blocks,
                 cached_features=self.cached,
