@@ -96,7 +96,7 @@ def evaluate_classifier(
         batches, disable=not (progress and info.is_main), desc="eval", leave=False, dynamic_ncols=True
     ):
         inputs = inputs.to(device, non_blocking=True)
-        target = torch.as_tensor(target).to(device)
+        target = torch.as_tensor(target).to(device, non_blocking=True)
         with autocast(device, dtype):
             logits = logits_of(inputs)
         logits = logits.float()
