@@ -1,20 +1,30 @@
-"""Typed, validated configuration.
+"""Typed, validated configuration: one engine for every command.
 
-Configs are frozen dataclasses. Each field has a short doc comment; each class checks its
-values in ``__post_init__`` and raises :class:`~maelab.errors.ConfigError` naming the
-field and what is allowed. A config can be read from YAML, changed with ``key=value``
-overrides (dotted keys reach nested sections: ``data.num_workers=4``) and written back.
+Configs are frozen dataclasses. Each field has a doc string (the string literal under it, read by
+:func:`field_docs` for the command line's ``--help``); each class checks its values in ``__post_init__`` and
+raises :class:`~maelab.errors.ConfigError` naming the field, the value and what is allowed. A config is read
+from YAML, changed with ``key=value`` overrides (dotted keys reach nested sections: ``data.num_workers=4``)
+and written back (:func:`build_config`, :func:`save_yaml`).
+
+Every protocol's config derives from :class:`RunConfig` (model, data, batch, device, precision, seed,
+output); the training protocols (pre-training, fine-tuning, linear probing) from :class:`TrainConfig`, which
+holds every field of the training loop. A subclass only re-declares a field's default.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import logging
 import math
 import os
+import sys
+import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -24,14 +34,39 @@ from maelab.errors import ConfigError
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-MASK_TYPES = ("random", "block", "grid")
+# ------------------------------------------------------------------------------------------ enumerations
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+"""``precision``: auto is bf16 on CUDA, fp32 elsewhere."""
 SWITCHES = ("auto", "on", "off")
 """Values of the auto/on/off fields (``compile``, ``data.gpu_resident``)."""
-BUILTIN_DATASETS = ("synthetic", "cifar10", "cifar100", "stl10")
-"""``data.name`` values that are not folders (each has one stored image size)."""
+DECODE_MODES = ("auto", "cpu", "gpu")
+"""``data.decode``: where the JPEGs of an image folder are decoded."""
+POOLS = ("avg", "cls")
+"""Feature pooling of the evaluations: mean of the patch tokens, or the class token."""
+MASK_TYPES = ("random", "block", "grid")
+TARGETS = ("pixels", "hog")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FP8_RECIPES = ("off", "tensorwise", "rowwise")
-TARGETS = ("pixels", "hog")
+PROBE_OPTIMIZERS = ("lars", "sgd", "adamw")
+MIXUP_MODES = ("batch", "pair", "elem")
+ERASE_MODES = ("const", "rand", "pixel")
+"""Random erasing's fill (timm ``RandomErasing(mode=...)``)."""
+BUILTIN_DATASETS = ("synthetic", "cifar10", "cifar100", "stl10")
+"""``data.name`` values that are not folders (each has one stored image size)."""
+
+RENAMED_KEYS: dict[str, str] = {"crop_min_scale": "data.min_scale"}
+"""Old dotted config key -> its new name. A recipe, a run's config.yaml, a checkpoint's config or a ``key=value``
+with the old key still loads, with one warning (:func:`migrate_keys`)."""
+
+
+def one_of(allowed: tuple[str, ...], default: str) -> Any:
+    """A field whose value is one of ``allowed``: checked by :func:`check_choices`, listed by the CLI flag."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+def listing(allowed: tuple[str, ...]) -> str:
+    """``('auto', 'cpu', 'gpu')`` -> ``'auto, cpu or gpu'``."""
+    return ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
 
 
 def on_off(value: Any) -> Any:
@@ -58,12 +93,7 @@ def processes_in_job() -> int:
         return 1
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid {name}={value!r}: {allowed}")
-
-
-def clamp_warmup(cfg: Any) -> None:
+def clamp_warmup(cfg: TrainConfig) -> None:
     """A ``warmup_epochs`` longer than the run (a recipe's warmup with a shorter ``--epochs``) becomes the run's
     length, with one warning (on rank 0); a negative one is an error. For every protocol's config."""
     _check(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, "0 or more")
@@ -118,37 +148,48 @@ def warn_poor_split(global_batch: int, cap: int, world: int, batch: int, accum: 
     )
 
 
-def apply_global_batch(cfg: Any) -> None:
+def apply_global_batch(cfg: TrainConfig) -> None:
     """``global_batch`` set: derive ``batch_size`` (at most the given one) and ``accum_steps`` for this job's
-    world size (:func:`split_global_batch`), so config.yaml records what each process runs. A config without
-    ``accum_steps`` (the linear probe: its BatchNorm needs the batch whole) must fit its share in one batch."""
+    world size (:func:`split_global_batch`), so config.yaml records what each process runs."""
     if not cfg.global_batch:
         return
     _check(cfg.global_batch >= 1, "global_batch", cfg.global_batch, "a positive int, or 0 (unset)")
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "a positive int")
     world = processes_in_job()
     batch, accum = split_global_batch(cfg.global_batch, cfg.batch_size, world)
-    if hasattr(cfg, "accum_steps"):
-        warn_poor_split(cfg.global_batch, cfg.batch_size, world, batch, accum)
-        object.__setattr__(cfg, "accum_steps", accum)
-    else:
-        _check(
-            accum == 1,
-            "batch_size",
-            cfg.batch_size,
-            f"global_batch={cfg.global_batch} over {world} processes needs {cfg.global_batch // world} images per "
-            "process in one batch (no gradient accumulation here); raise batch_size, run more processes, or set "
-            "global_batch=0 to train with batch_size x processes",
-        )
+    warn_poor_split(cfg.global_batch, cfg.batch_size, world, batch, accum)
+    object.__setattr__(cfg, "accum_steps", accum)
     object.__setattr__(cfg, "batch_size", batch)
 
 
 def batch_summary(batch_size: int, accum_steps: int | None, world_size: int, lr: float | None = None) -> str:
     """``batch 64 x 8 accum x 8 procs = 4096, peak lr 0.0024``: the start line's part on batch and lr.
-    ``accum_steps`` None (a protocol that never accumulates: kNN, embed, linear probe): ``batch 64 x 8 procs = 512``."""
+    ``accum_steps`` None (a command that does not train: kNN, embed): ``batch 64 x 8 procs = 512``."""
     accum = "" if accum_steps is None else f" x {accum_steps} accum"
     text = f"batch {batch_size}{accum} x {world_size} procs = {batch_size * (accum_steps or 1) * world_size}"
     return text if lr is None else f"{text}, peak lr {lr:.3g}"
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {name}={value!r}: {allowed}")
+
+
+def check_choices(cfg: Any, prefix: str = "") -> None:
+    """Check every :func:`one_of` field of ``cfg``; a YAML bool becomes 'on' / 'off' where those are allowed."""
+    for f in fields(cfg):
+        allowed = f.metadata.get("choices")
+        if allowed is None:
+            continue
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool) and on_off(value) in allowed:
+            value = on_off(value)
+            object.__setattr__(cfg, f.name, value)
+        _check(value in allowed, prefix + f.name, value, listing(allowed))
+
+
+def check_betas(betas: tuple[float, float]) -> None:
+    _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "betas", betas, "two numbers in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -158,21 +199,30 @@ class ModelConfig:
     img_size: int | tuple[int, int] = 224
     """Input size in pixels; an int or (height, width). Must be divisible by patch_size."""
     patch_size: int = 16
+    """Side of a square patch in pixels."""
     in_chans: int = 3
+    """Input image channels."""
     embed_dim: int = 768
+    """Encoder width."""
     depth: int = 12
+    """Encoder blocks."""
     num_heads: int = 12
+    """Encoder attention heads."""
     mlp_ratio: float = 4.0
+    """MLP hidden width / embedding width, encoder and decoder."""
     decoder_embed_dim: int = 512
+    """Decoder width."""
     decoder_depth: int = 8
+    """Decoder blocks (0: a linear prediction head on the encoder's tokens)."""
     decoder_num_heads: int = 16
+    """Decoder attention heads."""
     mask_ratio: float = 0.75
     """Fraction of patches hidden from the encoder, in [0, 1)."""
-    mask_type: str = "random"
+    mask_type: str = one_of(MASK_TYPES, "random")
     """random (paper), block (BEiT-style) or grid (keep one patch of every 2x2)."""
     norm_pix_loss: bool = False
     """Regress per-patch normalized pixels (paper's better-representation setting)."""
-    target: str = "pixels"
+    target: str = one_of(TARGETS, "pixels")
     """What the decoder predicts: pixels (MAE; see norm_pix_loss) or hog (MaskFeat's HOG features)."""
     mask_token_in_encoder: bool = False
     """Paper ablation (Table 1c, SimMIM-style): the encoder sees all patches, masked ones replaced by a
@@ -180,6 +230,7 @@ class ModelConfig:
     timm_name: str = "vit_base_patch16_224"
     """timm model name the encoder is created from (weights load into it with these kwargs)."""
     grad_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them (less memory, more time)."""
 
     def __post_init__(self) -> None:
         size = self.img_size
@@ -202,35 +253,15 @@ class ModelConfig:
                 f"must be divisible by patch_size={self.patch_size}",
             )
         _check(self.in_chans > 0, "model_args.in_chans", self.in_chans, "a positive int")
-        _check(
-            self.embed_dim % self.num_heads == 0,
-            "model_args.embed_dim",
-            self.embed_dim,
-            f"must be divisible by num_heads={self.num_heads}",
-        )
-        _check(
-            self.embed_dim % 4 == 0,
-            "model_args.embed_dim",
-            self.embed_dim,
-            "must be divisible by 4 (2-D sin-cos position embedding)",
-        )
-        _check(
-            self.decoder_embed_dim % self.decoder_num_heads == 0,
-            "model_args.decoder_embed_dim",
-            self.decoder_embed_dim,
-            f"must be divisible by decoder_num_heads={self.decoder_num_heads}",
-        )
-        _check(
-            self.decoder_embed_dim % 4 == 0,
-            "model_args.decoder_embed_dim",
-            self.decoder_embed_dim,
-            "must be divisible by 4 (2-D sin-cos position embedding)",
-        )
+        for prefix in ("", "decoder_"):
+            dim, heads = getattr(self, f"{prefix}embed_dim"), getattr(self, f"{prefix}num_heads")
+            name = f"model_args.{prefix}embed_dim"
+            _check(dim % heads == 0, name, dim, f"must be divisible by {prefix}num_heads={heads}")
+            _check(dim % 4 == 0, name, dim, "must be divisible by 4 (2-D sin-cos position embedding)")
         _check(self.depth >= 1, "model_args.depth", self.depth, "at least 1")
         _check(self.decoder_depth >= 0, "model_args.decoder_depth", self.decoder_depth, "0 or more")
         _check(0.0 <= self.mask_ratio < 1.0, "model_args.mask_ratio", self.mask_ratio, "a number in [0, 1)")
-        _check(self.mask_type in MASK_TYPES, "model_args.mask_type", self.mask_type, f"one of {MASK_TYPES}")
-        _check(self.target in TARGETS, "model_args.target", self.target, f"one of {TARGETS}")
+        check_choices(self, "model_args.")
         if self.target == "hog":
             cell = min(8, self.patch_size)
             _check(
@@ -310,28 +341,30 @@ class DataConfig:
     mean: tuple[float, ...] | None = None
     """Per-channel normalization mean (default: ImageNet for 3 channels, 0.5 otherwise)."""
     std: tuple[float, ...] | None = None
+    """Per-channel normalization standard deviation (default: ImageNet for 3 channels, 0.5 otherwise)."""
     min_scale: float = 0.2
-    """RandomResizedCrop lower scale bound (paper: 0.2)."""
+    """RandomResizedCrop lower scale bound of the training images (pre-training paper: 0.2; fine-tuning and linear
+    probing default to 0.08)."""
     hflip: bool = True
+    """Random horizontal flip of the training images."""
     strict: bool = False
     """Fail on the first unreadable image instead of skipping it."""
     image_column: str | None = None
     """Hugging Face datasets on disk: the column holding the images (default: the first Image feature)."""
-    gpu_resident: str | bool = "auto"
+    gpu_resident: str | bool = one_of(SWITCHES, "auto")
     """Pre-training: keep the decoded training set on the device as uint8 and crop/flip/normalize whole batches
     there (maelab.data.gpu). auto: on for CUDA when the images have at most 64 px on their longer side
     (synthetic/cifar10/cifar100/stl10 by their known size; folders by the headers of 32 evenly spaced files, read
-    before anything is decoded), the set fits in a quarter of the free GPU memory and the node's ranks' decoded copies in
-    half of the available host memory; on: always; off: the
-    per-sample CPU DataLoader. Images are stored at their common size, or at the model's input size when the
-    sizes differ (or the common size is above 64 px). Off with decode=gpu unless set to on."""
-    decode: str = "auto"
+    before anything is decoded), the set fits in a quarter of the free GPU memory and the node's ranks' decoded
+    copies in half of the available host memory; on: always; off: the per-sample CPU DataLoader. Images are
+    stored at their common size, or at the model's input size when the sizes differ (or the common size is above
+    64 px). Off with decode=gpu unless set to on."""
+    decode: str = one_of(DECODE_MODES, "auto")
     """Pre-training on an image folder: where JPEGs are decoded. cpu: Pillow in the DataLoader workers, one
     sample at a time; gpu: the workers only read the files, the training device decodes each batch (TorchCodec's
     decode_jpeg if installed, else torchvision's; nvJPEG on CUDA) and crops/flips/normalizes it
     (maelab.data.jpeg_gpu; the same crops and flips as cpu, and on CPU the same pixels); auto: cpu for now (gpu is
     the option to measure on a GPU before it becomes a default)."""
-    DECODE_MODES = ("auto", "cpu", "gpu")
     MAX_AUTO_WORKERS = 16
 
     @classmethod
@@ -356,8 +389,9 @@ class DataConfig:
         _check(self.num_classes >= 2, "data.num_classes", self.num_classes, "at least 2")
         if self.num_workers == "auto":
             object.__setattr__(self, "num_workers", self.auto_num_workers())
-        workers_ok = isinstance(self.num_workers, int) and not isinstance(self.num_workers, bool)
-        _check(workers_ok and self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more, or auto")
+        workers = self.num_workers
+        workers_ok = isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0
+        _check(workers_ok, "data.num_workers", workers, "0 or more, or auto")
         _check(0.0 < self.min_scale <= 1.0, "data.min_scale", self.min_scale, "a number in (0, 1]")
         _check(
             self.crop_pct == "auto" or (not isinstance(self.crop_pct, str) and 0.0 < self.crop_pct <= 1.0),
@@ -366,9 +400,7 @@ class DataConfig:
             "a number in (0, 1], or auto",
         )
         _check(bool(self.split), "data.split", self.split, "a split name such as train")
-        object.__setattr__(self, "gpu_resident", on_off(self.gpu_resident))
-        _check(self.gpu_resident in SWITCHES, "data.gpu_resident", self.gpu_resident, "auto, on or off")
-        _check(self.decode in self.DECODE_MODES, "data.decode", self.decode, "auto, cpu or gpu")
+        check_choices(self, "data.")
         _check(
             self.decode != "gpu" or self.name.lower() not in BUILTIN_DATASETS,
             "data.decode",
@@ -385,24 +417,67 @@ class DataConfig:
             _check(all(s > 0 for s in self.std), "data.std", self.std, "positive numbers")
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Everything a pre-training run needs. Written to ``config.yaml`` in the run directory."""
+def data_defaults(**defaults: Any) -> Any:
+    """The ``data`` field of a protocol whose DataConfig defaults differ (e.g. ``min_scale=0.08``): they hold for
+    ``DataConfig()`` and for every partial ``data:`` mapping of a recipe or override."""
+    return field(default_factory=functools.partial(DataConfig, **defaults))
 
-    model: str = "mae_vit_tiny_patch4_32"
-    """Preset name (``maelab models`` lists them)."""
+
+def _section(owner: type, name: str, value: Any, prefix: str) -> Any:
+    """A nested config section (``data``) from a mapping, over the owner's defaults of that section."""
+    if not isinstance(value, dict):
+        return value
+    factory = next(f.default_factory for f in fields(owner) if f.name == name)
+    defaults = factory.keywords if isinstance(factory, functools.partial) else {}
+    return from_dict(field_types(owner)[name], {**defaults, **value}, prefix=f"{prefix}{name}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What every command's config has: the model, the data, the batch, where it runs and where results go."""
+
+    model: str | None = None
+    """Preset name (maelab models lists them); evaluation: checked against the checkpoint's architecture, or the
+    architecture of a from_scratch run."""
     model_args: dict[str, Any] = field(default_factory=dict)
     """Overrides of the preset's ModelConfig fields, e.g. {norm_pix_loss: true}."""
-    init: str | None = None
-    """Start from these MAE weights, decoder included (a Hugging Face ViTMAE directory, an official full .pth,
-    a maelab .pt or run directory): a new run with a fresh optimizer and schedule, not a resume."""
-    init_encoder: str | None = None
-    """Start the encoder from a timm ViT state dict (.safetensors or .pth) of the same architecture (head ignored);
-    the decoder starts fresh. For continued pre-training on your own domain."""
     data: DataConfig = field(default_factory=DataConfig)
-    epochs: int = 10
+    """Where images come from and how they are loaded: data.name, data.num_workers, data.min_scale, ..."""
     batch_size: int = 64
-    """Per-device batch size (with global_batch: the most images a process takes per forward)."""
+    """Images per batch in each process; training: per forward, and with global_batch the most a process takes
+    per forward."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    precision: str = one_of(PRECISIONS, "auto")
+    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32."""
+    seed: int = 0
+    """Seed of python's, numpy's and torch's random number generators."""
+    output: str | None = None
+    """Run directory: config.yaml, metrics.jsonl and checkpoints/ of a training run, eval.json of an evaluation."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", _section(type(self), "data", self.data, ""))
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "a positive int")
+        check_choices(self)
+        _check(
+            self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda"),
+            "device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+        )
+        if not isinstance(self.model_args, dict):
+            raise ConfigError(f"invalid model_args={self.model_args!r}: a mapping of ModelConfig fields")
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = sorted(set(self.model_args) - known, key=str)
+        _check(not unknown, "model_args", unknown, f"unknown field(s); allowed: {sorted(known)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(RunConfig):
+    """Every field of the training loop (pre-training, fine-tuning, linear probing), declared once."""
+
+    epochs: int = 10
+    """Passes over the training set."""
     accum_steps: int = 1
     """Gradient accumulation: optimizer steps every accum_steps batches (derived when global_batch is set: then
     accum_steps on the command line is an error)."""
@@ -412,49 +487,89 @@ class PretrainConfig:
     step in the fewest equal micro-batches of at most batch_size (accum_steps); batch_size and accum_steps are
     rewritten to those values (config.yaml records them). Error when WORLD_SIZE does not divide it."""
     base_lr: float = 1.5e-4
-    """lr = base_lr * effective_batch / 256 (paper)."""
+    """lr = base_lr * effective_batch / 256 (paper), effective_batch = batch_size x accum_steps x processes."""
     lr: float | None = None
-    """Absolute lr; overrides base_lr when set."""
+    """Absolute peak lr; overrides base_lr when set."""
     min_lr: float = 0.0
+    """Floor of the cosine lr schedule."""
     weight_decay: float = 0.05
-    weight_decay_tokens: bool = True
-    """Weight decay on cls_token / mask_token, as the official pre-training (timm 0.3.2's add_weight_decay exempts
-    only 1-D params and biases); false exempts them too (the position embeddings are fixed either way)."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    """Decoupled weight decay (AdamW; LARS / SGD of the linear probe)."""
     warmup_epochs: float = 1.0
+    """Linear lr warmup from 0, in epochs (may be fractional); a longer one than the run becomes the run."""
     grad_clip: float | None = None
+    """Clip the gradient norm to this value; null: no clipping."""
     max_bad_steps: int = 0
     """Skip up to this many steps with a non-finite loss (checked every step) before stopping.
     0: stop at the first one (checked at each log interval on CUDA, every step on CPU)."""
-    device: str = "auto"
-    """auto, cpu, cuda, cuda:N."""
-    precision: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32."""
-    compile: str | bool = "auto"
-    """torch.compile the model: auto (on for CUDA, off elsewhere), on, off. Same math, fused kernels."""
-    compile_mode: str = "default"
-    """torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs."""
-    fp8: str | bool = "off"
-    """Opt-in float8 training of the transformer blocks' Linear layers (torchao; Ada/Hopper GPUs):
-    off, tensorwise or rowwise. Changes the arithmetic: see BENCHMARKS.md for the evidence."""
-    fsdp: bool = False
-    """Shard parameters, gradients and optimizer state over ranks (torch fully_shard) instead of DDP:
-    for ViT-L/H and larger under torchrun. Checkpoints are saved unsharded, so they reload at any world size."""
-    seed: int = 0
-    deterministic: bool = False
-    """torch.use_deterministic_algorithms: bit-identical reruns (slower on GPU)."""
-    output: str = "runs/pretrain"
     log_every: int = 10
     """Optimizer steps between progress/loss updates (and non-finite checks on CUDA)."""
-    vis_every: int = 5
-    """Epochs between reconstruction figures (one is always written at the end)."""
     save_every: int = 1
-    """Epochs between checkpoints."""
+    """Epochs between periodic checkpoints."""
     save_every_steps: int = 0
     """Also checkpoint every N optimizer steps (0 = off)."""
     keep_last: int = 3
     """Periodic checkpoints kept besides last.pt."""
     tensorboard: bool = False
+    """Also write the logged metrics as TensorBoard events into the run directory."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.epochs >= 1, "epochs", self.epochs, "a positive int")
+        _check(self.accum_steps >= 1, "accum_steps", self.accum_steps, "a positive int")
+        apply_global_batch(self)
+        _check(self.base_lr > 0, "base_lr", self.base_lr, "a positive number")
+        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number or null")
+        _check(self.min_lr >= 0, "min_lr", self.min_lr, "0 or more")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
+        clamp_warmup(self)
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "a positive number or null")
+        _check(self.max_bad_steps >= 0, "max_bad_steps", self.max_bad_steps, "0 or more")
+        for name in ("log_every", "save_every"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "a positive int")
+        _check(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "0 or more")
+        _check(self.keep_last >= 0, "keep_last", self.keep_last, "0 or more")
+
+    def effective_batch(self, world_size: int = 1) -> int:
+        """Images per optimizer step over ``world_size`` processes."""
+        return self.batch_size * self.accum_steps * world_size
+
+    def resolved_lr(self, world_size: int = 1) -> float:
+        """Peak lr: ``lr`` if set, else ``base_lr * effective_batch / 256``."""
+        return self.lr if self.lr is not None else self.base_lr * self.effective_batch(world_size) / 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(TrainConfig):
+    """Everything a pre-training run needs. Written to ``config.yaml`` in the run directory."""
+
+    model: str = "mae_vit_tiny_patch4_32"
+    """Preset name (maelab models lists them)."""
+    output: str = "runs/pretrain"
+    init: str | None = None
+    """Start from these MAE weights, decoder included (a Hugging Face ViTMAE directory, an official full .pth,
+    a maelab .pt or run directory): a new run with a fresh optimizer and schedule, not a resume."""
+    init_encoder: str | None = None
+    """Start the encoder from a timm ViT state dict (.safetensors or .pth) of the same architecture (head ignored);
+    the decoder starts fresh. For continued pre-training on your own domain."""
+    weight_decay_tokens: bool = True
+    """Weight decay on cls_token / mask_token, as the official pre-training (timm 0.3.2's add_weight_decay exempts
+    only 1-D params and biases); false exempts them too (the position embeddings are fixed either way)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (paper: 0.9, 0.95)."""
+    compile: str | bool = one_of(SWITCHES, "auto")
+    """torch.compile the model: auto (on for CUDA, off elsewhere), on, off. Same math, fused kernels."""
+    compile_mode: str = one_of(COMPILE_MODES, "default")
+    """torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs."""
+    fp8: str | bool = one_of(FP8_RECIPES, "off")
+    """Opt-in float8 training of the transformer blocks' Linear layers (torchao; Ada/Hopper GPUs):
+    off, tensorwise or rowwise. Changes the arithmetic: see BENCHMARKS.md for the evidence."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over ranks (torch fully_shard) instead of DDP:
+    for ViT-L/H and larger under torchrun. Checkpoints are saved unsharded, so they reload at any world size."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: bit-identical reruns (slower on GPU)."""
+    vis_every: int = 5
+    """Epochs between reconstruction figures (one is always written at the end)."""
     knn_every: int = 0
     """Epochs between kNN accuracy checks of the encoder (0 = off), logged as knn_top1 in metrics.jsonl."""
     knn_data: str | None = None
@@ -462,37 +577,15 @@ class PretrainConfig:
     knn_max_train: int = 10000
     """At most this many training images form the kNN memory bank (an evenly spaced subset)."""
     knn_k: int = 20
+    """Neighbours voting in the kNN check."""
     knn_temperature: float = 0.07
+    """Vote weight exp(similarity / T) of the kNN check."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, dict):
-            object.__setattr__(self, "data", from_dict(DataConfig, self.data, prefix="data."))
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
-        _check(self.epochs >= 1, "epochs", self.epochs, "a positive int")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "a positive int")
-        _check(self.accum_steps >= 1, "accum_steps", self.accum_steps, "a positive int")
-        apply_global_batch(self)
-        _check(self.base_lr > 0, "base_lr", self.base_lr, "a positive number")
-        _check(self.lr is None or self.lr > 0, "lr", self.lr, "a positive number or null")
-        _check(self.min_lr >= 0, "min_lr", self.min_lr, "0 or more")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more")
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)"
-        )
-        clamp_warmup(self)
-        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "a positive number or null")
-        _check(
-            self.precision in ("auto", "bf16", "fp16", "fp32"),
-            "precision",
-            self.precision,
-            "one of auto, bf16, fp16, fp32",
-        )
-        object.__setattr__(self, "compile", on_off(self.compile))
-        _check(self.compile in SWITCHES, "compile", self.compile, "auto, on or off")
-        _check(
-            self.compile_mode in COMPILE_MODES, "compile_mode", self.compile_mode, "one of " + ", ".join(COMPILE_MODES)
-        )
+        super().__post_init__()
+        check_betas(self.betas)
         _check(
             self.accum_steps == 1 or self.compile_mode not in ("reduce-overhead", "max-autotune"),
             "compile_mode",
@@ -500,26 +593,13 @@ class PretrainConfig:
             "default or max-autotune-no-cudagraphs with accum_steps > 1: CUDA graphs give wrong "
             "gradients under gradient accumulation in torch (pytorch/pytorch#96693, #169545)",
         )
-        if self.fp8 is False:  # YAML reads a bare off as false
-            object.__setattr__(self, "fp8", "off")
-        _check(self.fp8 in FP8_RECIPES, "fp8", self.fp8, "one of " + ", ".join(FP8_RECIPES))
         _check(
             self.fp8 == "off" or self.precision in ("auto", "bf16", "fp32"),
             "fp8",
             self.fp8,
             "off with precision=fp16 (float8 training runs under bf16 autocast)",
         )
-        _check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps",
-            "device",
-            self.device,
-            "auto, cpu, cuda or cuda:N",
-        )
-        for name in ("log_every", "vis_every", "save_every"):
-            _check(getattr(self, name) >= 1, name, getattr(self, name), "a positive int")
-        _check(self.save_every_steps >= 0, "save_every_steps", self.save_every_steps, "0 or more")
-        _check(self.keep_last >= 0, "keep_last", self.keep_last, "0 or more")
-        _check(self.max_bad_steps >= 0, "max_bad_steps", self.max_bad_steps, "0 or more")
+        _check(self.vis_every >= 1, "vis_every", self.vis_every, "a positive int")
         _check(self.knn_every >= 0, "knn_every", self.knn_every, "0 (off) or a positive number of epochs")
         _check(self.knn_max_train >= 1, "knn_max_train", self.knn_max_train, "a positive int")
         _check(self.knn_k >= 1, "knn_k", self.knn_k, "a positive int")
@@ -530,102 +610,161 @@ class PretrainConfig:
             self.init_encoder,
             f"null when init is set (init={self.init!r} already holds the encoder)",
         )
-        if not isinstance(self.model_args, dict):
-            raise ConfigError(f"invalid model_args={self.model_args!r}: a mapping of ModelConfig fields")
-        known = {f.name for f in fields(ModelConfig)}
-        unknown = sorted(set(self.model_args) - known)
-        _check(not unknown, "model_args", unknown, f"unknown field(s); allowed: {sorted(known)}")
-
-    def effective_batch(self, world_size: int = 1) -> int:
-        return self.batch_size * self.accum_steps * world_size
-
-    def resolved_lr(self, world_size: int = 1) -> float:
-        """Peak lr: ``lr`` if set, else ``base_lr * effective_batch / 256``."""
-        if self.lr is not None:
-            return self.lr
-        return self.base_lr * self.effective_batch(world_size) / 256
 
 
 # ----------------------------------------------------------------------------------------
 # dict / YAML conversion
 
 
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type annotations of config class ``cls`` (``typing.get_type_hints``, cached)."""
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = get_type_hints(cls)
+    return _FIELD_TYPES[cls]
+
+
+@functools.cache
+def _class_docs(module: str) -> dict[str, dict[str, str]]:
+    """{class: {field: doc string, on one line}} of the top-level classes of ``module``, from its source."""
+    out: dict[str, dict[str, str]] = {}
+    for cls in ast.parse(inspect.getsource(sys.modules[module])).body:
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        docs = out[cls.name] = {}
+        for node, after in zip(cls.body, cls.body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return out
+
+
+@functools.cache
+def field_docs(cls: Any) -> dict[str, str]:
+    """Each field's doc string: the string literal under it in the class body (a subclass's wins), on one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if hasattr(klass, "__dataclass_fields__"):
+            docs.update(_class_docs(klass.__module__).get(klass.__qualname__, {}))
+    return docs
+
+
+_SCALARS: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _describe(annotation: Any) -> str:
+    """What a value of ``annotation`` must be, in words: ``a finite number or null``."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return listing(tuple(_describe(a) for a in get_args(annotation)))
+    if annotation is type(None):
+        return "null"
+    if dataclasses.is_dataclass(annotation) or dict in (annotation, get_origin(annotation)):
+        return "a mapping"
+    if tuple in (annotation, get_origin(annotation)) or list in (annotation, get_origin(annotation)):
+        return "a list"
+    return _SCALARS.get(annotation, str(annotation))
+
+
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
-    """Coerce a YAML / command-line value to a field's annotated type."""
-    origin = get_origin(annotation)
-    args = get_args(annotation)
-    if value is None:
-        if annotation is type(None) or type(None) in args:
-            return None
-        raise ConfigError(f"invalid {name}=None: a value is required")
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"invalid {name}={value!r}: a mapping is required")
-        return from_dict(annotation, value, prefix=f"{name}.")
-    if origin is not None and type(None) in args:  # Optional[X] / X | None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
+    """A YAML / command-line ``value`` as ``annotation``; ConfigError naming ``name`` and what is allowed."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        for option in args:
             try:
-                return _coerce(value, a, name)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin in (tuple, list) or annotation in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"invalid {name}={value!r}: a list is required")
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, name) for v in value)
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"invalid {name}={value!r}: a mapping is required")
-        return dict(value)
-    if origin is not None and args:  # a Union such as int | tuple[int, int]
-        for a in args:
-            try:
-                return _coerce(value, a, name)
+                return _coerce(value, option, name)
             except ConfigError:
                 pass
-        raise ConfigError(f"invalid {name}={value!r}: expected {annotation}")
-    if annotation is bool:
-        if isinstance(value, bool):
+    elif annotation is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):  # type: ignore[arg-type]
             return value
-        raise ConfigError(f"invalid {name}={value!r}: true or false")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"invalid {name}={value!r}: an integer")
+        if isinstance(value, dict):
+            return from_dict(annotation, value, prefix=f"{name}.")  # type: ignore[arg-type]
+    elif tuple in (annotation, origin) or list in (annotation, origin):
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, args[0] if args else Any, name) for v in value)
+    elif dict in (annotation, origin):
+        if isinstance(value, dict):
+            return dict(value)
+    elif annotation is Any:
         return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"invalid {name}={value!r}: a number")
-        if not math.isfinite(value):
-            raise ConfigError(f"invalid {name}={value!r}: a finite number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"invalid {name}={value!r}: a string")
-        return str(value)
-    return value
+    elif isinstance(value, bool):
+        if annotation is bool:
+            return value
+    elif annotation is int:
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, (str, int, float)):
+            return str(value)
+    raise ConfigError(f"invalid {name}={value!r}: {_describe(annotation)}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build config ``cls`` from a mapping, rejecting unknown keys and coercing types."""
+    """Config ``cls`` from a mapping: renamed keys moved (:data:`RENAMED_KEYS`, at the top level), unknown keys
+    refused, values coerced to the fields' types, nested sections over the class's defaults of them."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid {prefix.rstrip('.') or cls.__name__}: a mapping is required")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - known)
+    if not prefix and issubclass(cls, RunConfig):
+        data = migrate_keys(data)
+    hints = field_types(cls)
+    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]}: allowed keys are {sorted(known)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - defensive
-        raise ConfigError(f"invalid {cls.__name__}: {e}") from e
+    kwargs = {
+        k: _coerce(_section(cls, k, v, prefix) if k == "data" else v, hints[k], prefix + k) for k, v in data.items()
+    }
+    return cls(**kwargs)
+
+
+_MISSING = object()
+
+
+def _take(data: dict[str, Any], key: str) -> tuple[dict[str, Any], Any]:
+    """(``data`` without the dotted ``key``, its value or _MISSING); ``data`` itself is not changed."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        if head not in data:
+            return data, _MISSING
+        out = dict(data)
+        return out, out.pop(head)
+    child = data.get(head)
+    if not isinstance(child, dict):
+        return data, _MISSING
+    child, value = _take(child, rest)
+    return {**data, head: child}, value
+
+
+def migrate_keys(data: dict[str, Any], dotted: bool = False) -> dict[str, Any]:
+    """``data`` with each old key of :data:`RENAMED_KEYS` under its new name, one warning (rank 0) per key moved.
+    ``data``: a nested mapping (recipe, config.yaml, a checkpoint's config) or, with ``dotted``, flat ``key=value``
+    overrides. The old key wins over the new one in the same mapping: a config saved before the rename holds both,
+    and its old key is the setting that was used (evaluation ignored data.min_scale)."""
+    for old, new in RENAMED_KEYS.items():
+        if dotted:
+            value = data.get(old, _MISSING)
+            rest = {k: v for k, v in data.items() if k != old}
+        else:
+            rest, value = _take(data, old)
+        if value is _MISSING:
+            continue
+        if int(os.environ.get("RANK", "0")) == 0:
+            log.warning("config key %s is now %s: read %s=%r as %s; rename it", old, new, old, value, new)
+        data = {**rest, new: value} if dotted else apply_overrides(rest, {new: value})
+    return data
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -660,21 +799,17 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys in a nested dict (a copy). ``model_args.x`` and ``data.y`` nest."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    out = dict(data)
     for key, value in overrides.items():
-        parts = key.split(".")
+        *parents, leaf = key.split(".")
         node = out
-        for p in parts[:-1]:
+        for p in parents:
             child = node.get(p)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
+            if child is not None and not isinstance(child, dict):
                 raise ConfigError(f"invalid override {key}: {p} is not a section")
-            else:
-                child = dict(child)
-            node[p] = child
-            node = child
-        node[parts[-1]] = value
+            node[p] = dict(child or {})
+            node = node[p]
+        node[leaf] = value
     return out
 
 
@@ -709,8 +844,7 @@ def refuse_accum_with_global_batch(
     """ConfigError when ``accum_steps`` is given on the command line (flag or key=value) while ``data`` (file +
     overrides) sets a ``global_batch``, which derives accum_steps. Only the overrides count: a run's own
     config.yaml records both (the derived accum_steps) and must reload at any world size."""
-    has_accum = any(f.name == "accum_steps" for f in fields(cls))  # type: ignore[arg-type]
-    if has_accum and "accum_steps" in overrides and data.get("global_batch"):
+    if issubclass(cls, TrainConfig) and "accum_steps" in overrides and data.get("global_batch"):
         source = "" if "global_batch" in overrides or not file else f" (in {file})"
         raise ConfigError(
             f"accum_steps={overrides['accum_steps']!r} and global_batch={data['global_batch']!r}{source} "
@@ -721,10 +855,11 @@ def refuse_accum_with_global_batch(
 
 
 def build_config(cls: type[T], file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Config from an optional YAML file, then dotted overrides; errors name file and key."""
-    data = load_yaml(file) if file else {}
-    data = apply_overrides(data, overrides or {})
-    refuse_accum_with_global_batch(cls, data, overrides or {}, file)
+    """Config from an optional YAML file, then dotted overrides (old key names moved to their new ones, see
+    :data:`RENAMED_KEYS`); errors name file and key."""
+    flags = migrate_keys(overrides or {}, dotted=True)
+    data = apply_overrides(migrate_keys(load_yaml(file)) if file else {}, flags)
+    refuse_accum_with_global_batch(cls, data, flags, file)
     try:
         return from_dict(cls, data)
     except ConfigError as e:

@@ -206,14 +206,9 @@ def _backward_out_of_memory(*args: object, **kwargs: object) -> None:
             "accumulation steps (now accum_steps=2)",
         ),
         ("finetune", ["--accum-steps", "2"], "e.g. --batch-size 4 --accum-steps 4"),
-        ("linprobe", [], "lower --batch-size or run more processes (the linear probe does not accumulate gradients"),
-        # a lower --batch-size alone would fail: global_batch's share must fit in one batch
-        (
-            "linprobe",
-            ["global_batch=8"],
-            ": run more processes, or set global_batch=0 and lower --batch-size "
-            "(global_batch=8 puts each process's whole share in one batch",
-        ),
+        # the linear probe accumulates like the other training protocols (accum_steps, derived from global_batch)
+        ("linprobe", [], "e.g. --batch-size 4 --accum-steps 2"),
+        ("linprobe", ["global_batch=8"], "lower --batch-size, e.g. --batch-size 4: global_batch=8 then takes more"),
     ],
     ids=["pretrain", "pretrain-global-batch", "finetune", "linprobe", "linprobe-global-batch"],
 )

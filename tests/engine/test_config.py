@@ -232,6 +232,13 @@ def test_global_batch_that_does_not_divide_is_an_error_naming_the_values(monkeyp
     for cls, extra in [(PretrainConfig, {}), (FinetuneConfig, EVAL_SOURCE), (LinprobeConfig, EVAL_SOURCE)]:
         with pytest.raises(ConfigError, match=r"global_batch=4096: it does not divide among 3 processes"):
             build_config(cls, None, {**extra, "global_batch": 4096})
-    monkeypatch.setenv("WORLD_SIZE", "2")  # the probe cannot accumulate: its share must fit in batch_size
-    with pytest.raises(ConfigError, match=r"batch_size=1024: global_batch=16384 over 2 processes needs 8192"):
-        build_config(LinprobeConfig, None, {**EVAL_SOURCE, "global_batch": 16384, "batch_size": 1024})
+
+
+def test_global_batch_splits_the_same_way_in_every_training_protocol(monkeypatch):
+    """The linear probe has the training loop's accum_steps too (1 by default): a share above batch_size is split
+    into micro-batches as in pre-training and fine-tuning."""
+    assert LinprobeConfig(checkpoint="x").accum_steps == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for cls, extra in [(PretrainConfig, {}), (FinetuneConfig, EVAL_SOURCE), (LinprobeConfig, EVAL_SOURCE)]:
+        cfg = build_config(cls, None, {**extra, "global_batch": 16384, "batch_size": 1024})
+        assert (cfg.batch_size, cfg.accum_steps, cfg.effective_batch(2)) == (1024, 8, 16384), cls.__name__
