@@ -1,4 +1,9 @@
-"""``maelab <command>``: pretrain, shard, finetune, linprobe, knn, embed, visualize, compare, report, export, models, bench.
+"""``maelab <command>``: pretrain, shard, finetune, linprobe, knn, embed, visualize, compare, report, export,
+models, bench.
+
+The protocol commands' flags are generated from their config dataclasses (:func:`add_config_flags`):
+``--field-name`` for each top-level field, with the field's doc string as help, a few aliases for nested keys
+(``--data`` -> ``data.name``) and ``key=value`` for any key.
 
 Every user mistake ends with one line on stderr (``maelab: error: ...``) and exit code 2;
 internal bugs keep their traceback.
@@ -9,103 +14,139 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import types
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, TypeVar, Union, get_args, get_origin
 
+from maelab.config import (
+    DECODE_MODES,
+    SWITCHES,
+    ModelConfig,
+    PretrainConfig,
+    build_config,
+    field_docs,
+    field_types,
+    parse_override,
+)
 from maelab.engine.launch import adopt_slurm_launch
 from maelab.errors import MaelabError
 
 EXIT_USER_ERROR = 2
+C = TypeVar("C")
+R = TypeVar("R")
 
 
-# ---------------------------------------------------------------------------------- helpers
-def _common_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Map explicit command-line flags onto dotted config keys (flags beat the YAML file)."""
-    from maelab.config import parse_override
+# ---------------------------------------------------------------------------------- config flags
+@dataclass(frozen=True)
+class Alias:
+    """A flag for a nested config key (``--data`` -> ``data.name``), or a switch setting a key to ``value``."""
 
-    mapping = {
-        "data": "data.name",
-        "data_root": "data.root",
-        "model": "model",
-        "epochs": "epochs",
-        "batch_size": "batch_size",
-        "output": "output",
-        "device": "device",
-        "seed": "seed",
-        "num_workers": "data.num_workers",
-        "lr": "lr",
-        "base_lr": "base_lr",
-        "accum_steps": "accum_steps",
-        "mask_ratio": "model_args.mask_ratio",
-        "precision": "precision",
-        "compile": "compile",
-        "compile_mode": "compile_mode",
-        "fp8": "fp8",
-        "init": "init",
-        "init_encoder": "init_encoder",
-    }
-    out: dict[str, Any] = {}
-    for attr, key in mapping.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            out[key] = value
-    if getattr(args, "download", False):
-        out["data.download"] = True
-    if getattr(args, "strict_data", False):
-        out["data.strict"] = True
-    if getattr(args, "norm_pix_loss", False):
-        out["model_args.norm_pix_loss"] = True
-    for text in getattr(args, "overrides", []) or []:
+    flag: str
+    key: str
+    value: Any = None
+
+
+DATA_FLAGS = (
+    Alias("--data", "data.name"),
+    Alias("--data-root", "data.root"),
+    Alias("--num-workers", "data.num_workers"),
+    Alias("--download", "data.download", True),
+    Alias("--strict-data", "data.strict", True),
+)
+"""The nested flags of every protocol."""
+PRETRAIN_FLAGS = (
+    *DATA_FLAGS,
+    Alias("--mask-ratio", "model_args.mask_ratio"),
+    Alias("--norm-pix-loss", "model_args.norm_pix_loss", True),
+)
+
+
+def _yaml_value(text: str) -> Any:
+    """A flag's value parsed as in ``key=value`` (``--num-workers auto``, ``--img-size [224,192]``)."""
+    return parse_override(f"flag={text}")[1]
+
+
+def _field(cls: type, key: str) -> tuple[Any, str, tuple[str, ...] | None]:
+    """(type annotation, doc string, allowed values) of the dotted config ``key`` of ``cls``."""
+    *sections, name = key.split(".")
+    for section in sections:
+        cls = ModelConfig if section == "model_args" else field_types(cls)[section]
+    f = next(f for f in fields(cls) if f.name == name)
+    return field_types(cls)[name], field_docs(cls).get(name, ""), f.metadata.get("choices")
+
+
+def add_field_flag(p: argparse.ArgumentParser, cls: type, key: str, alias: Alias | None = None) -> str:
+    """Add the flag of config ``key`` of ``cls`` (``--field-name``, or ``alias``) with the field's doc string as
+    help; returns its dest (the dotted key). Booleans get ``--x/--no-x``, auto/on/off fields ``--x/--no-x`` for
+    on/off, enumerations their choices, numbers and strings their type; other values parse as YAML."""
+    annotation, doc, choices = _field(cls, key)
+    doc = doc.replace("%", "%%")
+    if alias is not None and alias.value is not None:
+        help_text = f"{key}={str(alias.value).lower()}: {doc}"
+        p.add_argument(alias.flag, dest=key, action="store_const", const=alias.value, default=None, help=help_text)
+        return key
+    flag = alias.flag if alias else "--" + key.replace("_", "-")
+    help_text = f"{key}: {doc}" if alias else doc
+    options = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) not in (Union, types.UnionType):
+        options = [annotation]
+    if choices == SWITCHES:
+        p.add_argument(flag, dest=key, action="store_const", const="on", default=None, help=help_text)
+        off = "--no-" + flag.removeprefix("--")
+        p.add_argument(off, dest=key, action="store_const", const="off", help=f"{key}=off")
+    elif options == [bool]:
+        p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    elif choices:
+        p.add_argument(flag, dest=key, choices=choices, help=help_text)
+    else:
+        kind = options[0] if len(options) == 1 and options[0] in (int, float, str) else _yaml_value
+        p.add_argument(flag, dest=key, type=kind, metavar=key.rsplit(".", 1)[-1].upper(), help=help_text)
+    return key
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type, aliases: tuple[Alias, ...] = DATA_FLAGS) -> None:
+    """Flags generated from config ``cls``: ``--field-name`` for each top-level field but the nested sections
+    (data, model_args), the ``aliases`` for nested keys, and ``key=value`` overrides for every key.
+    :func:`config_overrides` reads them back."""
+    hints = field_types(cls)
+    keys = [f.name for f in fields(cls) if not (is_dataclass(hints[f.name]) or get_origin(hints[f.name]) is dict)]
+    dests = {add_field_flag(p, cls, key) for key in keys}
+    dests |= {add_field_flag(p, cls, a.key, a) for a in aliases}
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides of any key, e.g. warmup_epochs=5 data.num_workers=8 model_args.norm_pix_loss=true",
+    )
+    p.set_defaults(config_keys=tuple(sorted(dests)))
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config flags given on the command line, then the ``key=value`` overrides, as dotted config keys (both
+    beat the YAML recipe; a key=value beats a flag)."""
+    out = {key: getattr(args, key) for key in args.config_keys if getattr(args, key) is not None}
+    for text in args.overrides or []:
         key, value = parse_override(text)
         out[key] = value
     return out
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe (see recipes/)")
-    p.add_argument("--data", help="synthetic, cifar10, cifar100, stl10, or an image folder")
-    p.add_argument("--data-root", help="local root for torchvision datasets")
-    p.add_argument("--download", action="store_true", help="allow torchvision datasets to download")
-    p.add_argument("--strict-data", action="store_true", help="fail on the first unreadable image")
-    p.add_argument("--model", help="preset name (maelab models)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per-device batch size")
-    p.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, help="absolute peak lr (overrides base_lr)")
-    p.add_argument("--base-lr", type=float, help="lr = base_lr * effective_batch / 256")
-    p.add_argument("--output", help="run directory")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="config overrides, e.g. model_args.norm_pix_loss=true data.num_workers=8",
-    )
+def run_command(args: argparse.Namespace, cls: type[C], run: Callable[[C], R], summary: Callable[[C, R], str]) -> int:
+    """The shape of every protocol command: build ``cls`` from ``--config``, the flags and ``key=value``; run it on
+    every process (under torchrun); close the process group; the main process prints ``summary``."""
+    from maelab.engine.distributed import close_process_group, is_main_process
 
-
-def _add_speed_flags(p: argparse.ArgumentParser) -> None:
-    from maelab.config import COMPILE_MODES, FP8_RECIPES
-
-    p.add_argument(
-        "--compile",
-        dest="compile",
-        action="store_const",
-        const="on",
-        default=None,
-        help="torch.compile the model (default: on for CUDA, off on CPU)",
-    )
-    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="run eagerly")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode (reduce-overhead: CUDA graphs)")
-    p.add_argument("--fp8", choices=FP8_RECIPES, help="opt-in float8 Linear layers via torchao (Ada/Hopper GPUs)")
+    cfg = build_config(cls, args.config, config_overrides(args))
+    result = run(cfg)
+    close_process_group()
+    if is_main_process():
+        print(summary(cfg, result))
+    return 0
 
 
 # ---------------------------------------------------------------------------------- commands
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from maelab.config import PretrainConfig, build_config
-    from maelab.engine.distributed import close_process_group, is_main_process
     from maelab.engine.pretrain import pretrain
 
     if args.resume and (args.init or args.init_encoder):
@@ -115,16 +156,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{flag} starts a new run from weights, --resume continues the run in --output: pass one of them"
         )
-    cfg = build_config(PretrainConfig, args.config, _common_overrides(args))
-    result = pretrain(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps)
-    close_process_group()
-    state = "stopped (resume with --resume)" if result.stopped_early else "finished"
-    if is_main_process():
-        print(
+
+    def summary(cfg: PretrainConfig, result: Any) -> str:
+        state = "stopped (resume with --resume)" if result.stopped_early else "finished"
+        return (
             f"{state}: epoch {result.epoch}/{cfg.epochs}, step {result.step}, loss {result.final_loss:.4f}; "
             f"outputs in {result.output}"
         )
-    return 0
+
+    return run_command(
+        args,
+        PretrainConfig,
+        lambda cfg: pretrain(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps),
+        summary,
+    )
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
@@ -265,8 +310,6 @@ def _split(text: str | None) -> list[str]:
 
 
 def _model_args(texts: list[str] | None) -> dict[str, Any]:
-    from maelab.config import parse_override
-
     out = {}
     for text in texts or []:
         key, value = parse_override(text)
@@ -281,21 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     p = sub.add_parser("pretrain", help="MAE pre-training (built-in synthetic data by default)")
-    _add_common(p)
+    p.add_argument("--config", help="YAML recipe (see recipes/)")
+    add_config_flags(p, PretrainConfig, PRETRAIN_FLAGS)
     p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
-    p.add_argument(
-        "--init",
-        help="start from these MAE weights, decoder included (Hugging Face directory, "
-        "official full .pth, maelab .pt or run directory); a new run, not a resume",
-    )
-    p.add_argument(
-        "--init-encoder",
-        help="start the encoder from a timm ViT state dict (.safetensors or .pth) "
-        "of the same architecture; the decoder starts fresh",
-    )
-    p.add_argument("--mask-ratio", type=float)
-    p.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalized pixel target")
-    _add_speed_flags(p)
     p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
@@ -372,9 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", help="comma list: measure each (OOM is reported, not fatal), e.g. 256,512,1024")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--device")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
-    _add_speed_flags(p)
+    for key in ("device", "precision", "compile", "compile_mode", "fp8"):
+        add_field_flag(p, PretrainConfig, key)
     p.add_argument(
         "--variants",
         help="comma list of ablations to time besides the default path: "
@@ -385,10 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write results to this JSON file")
     p.add_argument("--data", help="also time the data loader and the end-to-end loop on this dataset")
     p.add_argument("--num-workers", type=int, help="DataLoader workers for --data")
-    p.add_argument(
-        "--gpu-resident", choices=["auto", "on", "off"], default="auto", help="GPU-resident data path for --data"
-    )
-    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], help="JPEG decoding for --data folders")
+    p.add_argument("--gpu-resident", choices=SWITCHES, default="auto", help="GPU-resident data path for --data")
+    p.add_argument("--decode", choices=DECODE_MODES, help="JPEG decoding for --data folders")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="model overrides, e.g. mask_ratio=0.9")
     p.set_defaults(func=cmd_bench)
 

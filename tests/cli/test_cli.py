@@ -284,8 +284,8 @@ def test_pretrain_survives_a_dirty_folder(tmp_path, capsys, caplog):
     ],
 )
 def test_speed_flags_become_config_overrides(argv, expected):
-    from maelab.cli import _common_overrides, build_parser
+    from maelab.cli import build_parser, config_overrides
 
     args = build_parser().parse_args(["pretrain", *argv])
-    got = _common_overrides(args)
+    got = config_overrides(args)
     assert {k: v for k, v in got.items() if k in ("compile", "compile_mode", "fp8")} == expected
