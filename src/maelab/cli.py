@@ -200,7 +200,6 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    import json
 
     from maelab.viz.compare import format_summary, load_run, save_comparison, summarize_run
 
@@ -220,9 +219,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     path = save_comparison(runs, args.output)
     print(f"wrote {path}")
     if args.json:
-        from pathlib import Path
+        from maelab.io import write_json
 
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        write_json(rows, args.json)
     return 0
 
 

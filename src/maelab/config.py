@@ -835,7 +835,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """``cfg`` as YAML at ``path``, atomically (:func:`maelab.io.atomic_write`)."""
+    from maelab.io import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
 
 
 def refuse_accum_with_global_batch(

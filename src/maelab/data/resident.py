@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from maelab.config import processes_on_node
+from maelab.config import SWITCHES, processes_on_node
 from maelab.data.loader import SignalSafeDataLoader
 from maelab.data.transforms import Size, pair_size
 
@@ -236,7 +236,7 @@ def plan_gpu_resident(
     the same time fit in half of the available host memory (8 ranks x 15.7 GB for ImageNet at
     64 px would not). ``'on'`` stores at :func:`resident_size`.
     """
-    if mode not in ("auto", "on", "off"):
+    if mode not in SWITCHES:
         raise ValueError(f"gpu_resident must be auto, on or off, not {mode!r}")
     if mode == "off":
         return None

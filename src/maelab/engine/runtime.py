@@ -40,22 +40,10 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def out_of_memory_advice(batch_size: int, accum_steps: int | None, global_batch: int = 0) -> str:
-    """What to change when a training step at ``batch_size`` images per process does not fit in memory
-    (``accum_steps`` None: a protocol without gradient accumulation, the linear probe)."""
+def out_of_memory_advice(batch_size: int, accum_steps: int, global_batch: int = 0) -> str:
+    """What to change when a training step at ``batch_size`` images per process does not fit in memory."""
     if batch_size < 2:
         return "use a smaller model or input size"
-    if accum_steps is None and global_batch:
-        return (
-            f"run more processes, or set global_batch=0 and lower --batch-size (global_batch={global_batch} "
-            "puts each process's whole share in one batch: the linear probe does not accumulate gradients, "
-            "its BatchNorm needs the whole batch)"
-        )
-    if accum_steps is None:
-        return (
-            "lower --batch-size or run more processes (the linear probe does not accumulate gradients: "
-            "its BatchNorm needs the whole batch)"
-        )
     if global_batch:
         return (
             f"lower --batch-size, e.g. --batch-size {batch_size // 2}: global_batch={global_batch} then takes "
@@ -74,9 +62,7 @@ def explain_out_of_memory(cfg: Any, device: torch.device) -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError as e:
-        advice = out_of_memory_advice(
-            cfg.batch_size, getattr(cfg, "accum_steps", None), getattr(cfg, "global_batch", 0)
-        )
+        advice = out_of_memory_advice(cfg.batch_size, cfg.accum_steps, cfg.global_batch)
         raise DeviceMemoryError(
             f"out of memory on {device} in a training step at batch_size={cfg.batch_size} per process: {advice}"
         ) from e

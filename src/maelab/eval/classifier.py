@@ -20,7 +20,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from maelab.config import ModelConfig
+from maelab.config import POOLS, ModelConfig
 from maelab.errors import CheckpointError, ConfigError
 
 HEAD_PREFIXES = ("head.", "fc_norm.")
@@ -71,8 +71,8 @@ def build_classifier(
         model_cfg = mae.cfg
     if model_cfg is None:
         raise ValueError("build_classifier needs a MaskedAutoencoder or a model_cfg")
-    if pool not in ("avg", "cls"):
-        raise ConfigError(f"invalid pool={pool!r}: one of avg, cls")
+    if pool not in POOLS:
+        raise ConfigError(f"invalid pool={pool!r}: one of {', '.join(POOLS)}")
     kwargs = classifier_kwargs(model_cfg, num_classes, pool, drop_path, img_size)
     model = cast(VisionTransformer, timm.create_model(model_cfg.timm_name, pretrained=False, **kwargs))
     if mae is not None:

@@ -48,11 +48,13 @@ def cmd_linprobe(args: argparse.Namespace) -> int:
         m = result.metrics
         what = "linear probe" if cfg.train_blocks == 0 else f"partial fine-tune ({cfg.train_blocks} blocks)"
         return (
-            f"{what} finished{' on cached features' if result.cached else ''}: top-1 {m['top1']:.2f}{_top5(m)} "
+            f"{what} finished{' on cached features' if cfg.uses_cache else ''}: top-1 {m['top1']:.2f}{_top5(m)} "
             f"(best {m['best_top1']:.2f} at epoch {m['best_epoch']}); eval.json in {result.output}"
         )
 
-    return run_command(args, LinprobeConfig, lambda cfg: linprobe(cfg, progress=not args.no_progress), summary)
+    return run_command(
+        args, LinprobeConfig, lambda cfg: linprobe(cfg, resume=args.resume, progress=not args.no_progress), summary
+    )
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
@@ -102,7 +104,7 @@ def add_eval_commands(sub: Any) -> None:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="YAML recipe (see recipes/)")
         add_config_flags(p, cls, (*DATA_FLAGS, *extra))
-        if name == "finetune":
+        if name in ("finetune", "linprobe"):
             p.add_argument(
                 "--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt"
             )

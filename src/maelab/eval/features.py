@@ -23,11 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from maelab.config import POOLS
 from maelab.engine.distributed import DistInfo
 from maelab.engine.runtime import autocast
 from maelab.eval.common import all_gather_interleaved, dataset_len, plain_loader, shard
-
-POOLS = ("cls", "avg")
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> torch.Tensor:
