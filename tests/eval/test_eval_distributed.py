@@ -168,7 +168,7 @@ def test_linprobe_streaming_two_processes_match_one(ckpt, tmp_path, train_blocks
     assert two["cached_features"] is False and two["config"]["augment"] is True
     assert two["metrics"]["steps"] == one["metrics"]["steps"] == 8
     assert_same_metrics(one["metrics"], two["metrics"], ("top1", "best_top1"))
-    a, b = last_state(tmp_path / "one")["probe"], last_state(tmp_path / "two")["probe"]
+    a, b = last_state(tmp_path / "one")["model"], last_state(tmp_path / "two")["model"]
     assert any(k.startswith("encoder.blocks.1.") for k in a) == (train_blocks > 0)
     assert_weights_close(a, b)  # the head (BatchNorm running statistics included) and any tuned block
 
@@ -182,10 +182,10 @@ def test_linprobe_cached_two_processes_match_one(ckpt, tmp_path):
     one, two = read_eval(tmp_path / "one"), read_eval(tmp_path / "two")
     assert two["cached_features"] is True
     assert_same_metrics(one["metrics"], two["metrics"], ("top1",))
-    assert_weights_close(last_state(tmp_path / "one")["probe"], last_state(tmp_path / "two")["probe"])
+    assert_weights_close(last_state(tmp_path / "one")["model"], last_state(tmp_path / "two")["model"])
 
 
-@pytest.mark.slow  # 9 s; default suite: test_embed_two_processes_write_the_one_process_output_once (same sharded extraction)
+@pytest.mark.slow  # 9 s; default suite: test_embed_two_processes_write_the_one_process_output_once (same extraction)
 # ---------------------------------------------------------------------------------- kNN
 def test_knn_two_processes_match_one(ckpt, tmp_path):
     common = ["knn", "--checkpoint", str(ckpt), "--batch-size", "32", *synth()]

@@ -24,10 +24,11 @@ from maelab import cli
 from maelab.config import DataConfig
 from maelab.data import eval_transform
 from maelab.engine.checkpoint import atomic_save, load_pretrained
+from maelab.engine.loop import Loop, start_run
 from maelab.eval.config import FinetuneConfig, LinprobeConfig
-from maelab.eval.finetune import Finetuner, evaluate
+from maelab.eval.finetune import Finetuning
 from maelab.eval.knn import knn_monitor
-from maelab.eval.linprobe import LinearProber
+from maelab.eval.linprobe import LinearProbing
 from maelab.models.weights import export_encoder
 
 TINY = {
@@ -65,6 +66,16 @@ def read_eval(out: Path) -> dict:
 
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def finetune_loop(cfg: FinetuneConfig) -> Loop:
+    """A fine-tune built on the one loop, not run yet (``loop.p``: the :class:`Finetuning` protocol)."""
+    return Loop(Finetuning(start_run(cfg, "finetune", progress=False)))
+
+
+def probe_loop(cfg: LinprobeConfig) -> Loop:
+    """A linear probe built on the one loop, not run yet (``loop.p``: the :class:`LinearProbing` protocol)."""
+    return Loop(LinearProbing(start_run(cfg, "linprobe", overwrite=True, progress=False)))
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +173,12 @@ def test_cached_and_streaming_probes_give_the_same_head(ckpts, tmp_path):
     original = load_pretrained(ckpts["pt"]).encoder.state_dict()
     heads = {}
     for cache in (True, False):
-        prober = LinearProber(_probe_cfg(ckpts["pt"], tmp_path / str(cache), cache_features=cache), progress=False)
-        result = prober.run()
-        assert result.cached is cache
-        heads[cache] = prober.model.head.state_dict()
+        loop = probe_loop(_probe_cfg(ckpts["pt"], tmp_path / str(cache), cache_features=cache))
+        loop.run()
+        assert loop.p.cached is cache and read_eval(tmp_path / str(cache))["cached_features"] is cache
+        heads[cache] = loop.p.model.head.state_dict()
         # the frozen encoder is bit-identical to the checkpoint's, buffers included
-        after = prober.model.encoder.state_dict()
+        after = loop.p.model.encoder.state_dict()
         assert after.keys() == original.keys()
         assert all(torch.equal(after[k], original[k]) for k in original)
     for k in heads[True]:
@@ -177,7 +188,7 @@ def test_cached_and_streaming_probes_give_the_same_head(ckpts, tmp_path):
 
 def test_partial_finetuning_changes_only_the_last_blocks(ckpts, tmp_path):
     original = load_pretrained(ckpts["pt"]).encoder.state_dict()
-    prober = LinearProber(
+    loop = probe_loop(
         _probe_cfg(
             ckpts["pt"],
             tmp_path,
@@ -185,12 +196,11 @@ def test_partial_finetuning_changes_only_the_last_blocks(ckpts, tmp_path):
             epochs=1,
             base_lr=10.0,
             data=DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0),
-        ),
-        progress=False,
+        )
     )
-    assert not prober.cached
-    prober.run()
-    for name, p in prober.model.encoder.named_parameters():
+    assert not loop.p.cached
+    loop.run()
+    for name, p in loop.p.model.encoder.named_parameters():
         tuned = name.startswith(("blocks.1.", "norm."))
         assert p.requires_grad == tuned, name
         if tuned:
@@ -226,7 +236,7 @@ def test_finetune_learns(ckpts, tmp_path):
         "smoothing=0",
         "--drop-path",
         "0",
-        "crop_min_scale=1.0",
+        "data.min_scale=1.0",
     ] + synth(512)
     assert run_cli(argv) == 0
     recs = records(out)
@@ -279,17 +289,17 @@ def test_finetune_partial_freezes_exactly_the_early_layers(ckpts, tmp_path):
         lr=1e-2,
         train_blocks=1,
     )
-    ft = Finetuner(cfg, progress=False)
+    loop = finetune_loop(cfg)
     grads: dict[str, bool] = {}
     hooks = [
         p.register_hook(lambda g, n=n: grads.__setitem__(n, True))
-        for n, p in ft.model.named_parameters()
+        for n, p in loop.p.model.named_parameters()
         if p.requires_grad
     ]
-    ft.run()
+    loop.run()
     for h in hooks:
         h.remove()
-    for name, p in ft.model.named_parameters():
+    for name, p in loop.p.model.named_parameters():
         tuned = name.startswith(("blocks.1.", "fc_norm.", "head."))
         assert p.requires_grad == tuned, name
         assert grads.get(name, False) == tuned, name
@@ -324,7 +334,7 @@ def test_finetune_from_scratch(tmp_path):
 
 def test_evaluation_uses_no_augmentation(ckpts, tmp_path):
     data = DataConfig(name="synthetic", num_samples=64, num_classes=4, num_workers=0, crop_pct=1.0)
-    ft = Finetuner(
+    ft = finetune_loop(
         FinetuneConfig(
             checkpoint=str(ckpts["pt"]),
             data=data,
@@ -332,10 +342,9 @@ def test_evaluation_uses_no_augmentation(ckpts, tmp_path):
             epochs=1,
             warmup_epochs=0,
             batch_size=32,
-        ),
-        progress=False,
-    )
-    lp = LinearProber(
+        )
+    ).p
+    lp = probe_loop(
         LinprobeConfig(
             checkpoint=str(ckpts["pt"]),
             data=data,
@@ -344,9 +353,8 @@ def test_evaluation_uses_no_augmentation(ckpts, tmp_path):
             epochs=1,
             warmup_epochs=0,
             batch_size=32,
-        ),
-        progress=False,
-    )
+        )
+    ).p
     tf = eval_transform(32, ft.mean, ft.std, crop_pct=1.0)
     for obj in (ft, lp):
         raw, _ = obj.val_ds.raw(5)
@@ -365,10 +373,10 @@ def test_evaluation_uses_no_augmentation(ckpts, tmp_path):
     ft.model.train()
     modes = []
     hook = ft.model.register_forward_hook(lambda m, i, o: modes.append(m.training))
-    a = evaluate(ft.model, ft.val_loader, ft.device)
-    b = evaluate(ft.model, ft.val_loader, ft.device)
+    a = ft.evaluate(1, final=True)
+    b = ft.evaluate(1, final=True)
     hook.remove()
-    assert a == b and not any(modes) and ft.model.training
+    assert {"top1", "val_loss"} <= set(a) and a == b and modes and not any(modes) and ft.model.training
 
 
 # ---------------------------------------------------------------------------------- user mistakes
@@ -437,17 +445,24 @@ def test_installed_console_script_runs_an_evaluation(ckpts, tmp_path):
     assert "top-1" in proc.stdout and read_eval(out)["protocol"] == "knn"
 
 
-def test_shared_cifar10_copy_feeds_every_protocol(ckpts, cifar10_dir, tmp_path):
+def test_shared_cifar10_copy_feeds_every_protocol(ckpts, cifar10_dir, tmp_path, monkeypatch):
     """The real CIFAR-10 ImageFolder copy (when present): labeled train/test splits, 10 classes."""
     data = DataConfig(name=str(cifar10_dir), num_workers=0, crop_pct=1.0)
-    ft = Finetuner(
-        FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "ft"), epochs=1, warmup_epochs=0),
-        progress=False,
-    )
+    ft = finetune_loop(
+        FinetuneConfig(checkpoint=str(ckpts["pt"]), data=data, output=str(tmp_path / "ft"), epochs=1, warmup_epochs=0)
+    ).p
     assert (len(ft.train_ds), len(ft.val_ds), ft.num_classes) == (50000, 10000, 10)
     img, label = ft.val_ds[0]
     assert img.shape == (3, 32, 32) and label == 0
-    lp = LinearProber(
+    # the probe extracts the cached features when it is built: the splits it would read, not 60000 encodings
+    extracted: dict[str, int] = {}
+
+    def no_extraction(self, ds, desc):
+        extracted[desc] = len(ds)
+        return torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)
+
+    monkeypatch.setattr(LinearProbing, "_extract", no_extraction)
+    lp = probe_loop(
         LinprobeConfig(
             checkpoint=str(ckpts["pt"]),
             data=data,
@@ -455,7 +470,7 @@ def test_shared_cifar10_copy_feeds_every_protocol(ckpts, cifar10_dir, tmp_path):
             augment=False,
             epochs=1,
             warmup_epochs=0,
-        ),
-        progress=False,
-    )
+        )
+    ).p
     assert lp.cached and lp.num_classes == 10
+    assert extracted == {"train features": 50000, "test features": 10000}

@@ -1,6 +1,6 @@
 """Evaluation commands as a user runs them: a shortened run is not stopped by the recipe's warmup, and each
 command starts with one line stating the batch (per process x accumulation x processes, the accumulation only
-where it exists: fine-tuning) and the peak lr."""
+where it exists: the training protocols, fine-tuning and the linear probe, not kNN or embed) and the peak lr."""
 
 from __future__ import annotations
 
@@ -96,13 +96,13 @@ def test_linprobe_recipe_with_fewer_epochs_than_its_warmup_runs_and_warns_once(c
     ]
     assert (out / "eval.json").is_file()
     line = _start_line(caplog, "linear probe ")
-    assert "; batch 32 x 1 procs = 32, peak lr 1.25, 2 epochs (2 warmup) = 2 steps" in line, line
-    assert "accum" not in line, line  # the probe never accumulates
+    assert "; batch 32 x 1 accum x 1 procs = 32, peak lr 1.25, 2 epochs (2 warmup) = 2 steps" in line, line
 
 
 def test_linprobe_states_the_batch_derived_from_global_batch(ckpt, tmp_path, caplog, monkeypatch):
-    """global_batch=32 in a job of WORLD_SIZE processes: the config takes 32 / WORLD_SIZE per process, and the
-    start line shows it (one process here: the derivation is a function of the environment)."""
+    """global_batch=32 in a job of WORLD_SIZE processes: the config takes 32 / WORLD_SIZE per process (in
+    accum_steps micro-batches of at most batch_size), and the start line shows it (one process here: the
+    derivation is a function of the environment)."""
     out = tmp_path / "lp"
     argv = [
         "linprobe",
@@ -120,8 +120,9 @@ def test_linprobe_states_the_batch_derived_from_global_batch(ckpt, tmp_path, cap
     ]
     with caplog.at_level(logging.INFO):
         assert main(argv) == 0
-    assert "; batch 32 x 1 procs = 32, peak lr 1.25" in _start_line(caplog, "linear probe ")
-    assert "batch_size: 32\n" in (out / "config.yaml").read_text()
+    assert "; batch 32 x 1 accum x 1 procs = 32, peak lr 1.25" in _start_line(caplog, "linear probe ")
+    saved = (out / "config.yaml").read_text()
+    assert "batch_size: 32\n" in saved and "accum_steps: 1\n" in saved
 
 
 def test_knn_states_its_feature_batch(ckpt, tmp_path, caplog):

@@ -11,6 +11,7 @@ from tests.conftest import random_mae, save_mae
 
 import maelab
 from maelab.config import DataConfig, build_config
+from maelab.engine.loop import start_run
 from maelab.errors import CheckpointError, ConfigError
 from maelab.eval.classifier import (
     build_classifier,
@@ -204,10 +205,11 @@ def test_finetune_seeds_each_epoch_by_rank(tmp_path, monkeypatch):
     from maelab.engine.distributed import DistInfo
 
     ft = importlib.import_module("maelab.eval.finetune")
+    loop = importlib.import_module("maelab.engine.loop")
     calls = []
     monkeypatch.setattr(ft, "seed_rank", lambda *args: calls.append(args))
     monkeypatch.setattr(
-        ft, "setup_process", lambda device, precision: (DistInfo(rank=1), torch.device("cpu"), torch.float32)
+        loop, "setup_process", lambda device, precision: (DistInfo(rank=1), torch.device("cpu"), torch.float32)
     )
     data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0, crop_pct=1.0)
     cfg = FinetuneConfig(
@@ -224,7 +226,7 @@ def test_finetune_seeds_each_epoch_by_rank(tmp_path, monkeypatch):
         seed=3,
         output=str(tmp_path / "ft"),
     )
-    ft.Finetuner(cfg, progress=False).run()
+    ft.finetune(cfg, progress=False)
     assert calls == [(3, 1, 0), (3, 1, 1)]
 
 
@@ -395,49 +397,51 @@ def test_linear_probe_augments_with_the_official_crop_by_default(mae, tmp_path, 
 
     monkeypatch.setattr(linprobe, "pretrain_transform", spy)
     data = DataConfig(name="synthetic", num_samples=32, num_classes=2, num_workers=0)
-    linprobe.LinearProber(
-        LinprobeConfig(
-            checkpoint=str(ckpt),
-            data=data,
-            batch_size=8,
-            output=str(tmp_path / "p"),
-            device="cpu",
-            **({"crop": crop} if crop else {}),
-        ),
-        progress=False,
+    cfg = LinprobeConfig(
+        checkpoint=str(ckpt),
+        data=data,
+        batch_size=8,
+        output=str(tmp_path / "p"),
+        device="cpu",
+        **({"crop": crop} if crop else {}),
     )
+    linprobe.LinearProbing(start_run(cfg, "linprobe", overwrite=True, progress=False))
     crops = [t for t in made[0].transforms if isinstance(t, torch.nn.Module) and "ResizedCrop" in type(t).__name__]
     assert len(crops) == 1
     assert isinstance(crops[0], ClippedRandomResizedCrop) == (crop is None)
 
 
-def test_streaming_probe_copies_images_and_labels_without_blocking(mae, monkeypatch):
-    """Streamed batches (training and evaluation) go to the device with ``non_blocking=True``,
-    from the pinned memory the loader gives (no host sync per step)."""
-    from types import SimpleNamespace
+def test_streaming_probe_copies_images_and_labels_without_blocking(mae, tmp_path, monkeypatch):
+    """Streamed batches (the training step's loss and the evaluation) go to the device with
+    ``non_blocking=True``, from the pinned memory the loader gives (no host sync per step)."""
+    from maelab.eval.linprobe import LinearProbing
 
-    from maelab.engine.distributed import DistInfo
-    from maelab.eval.linprobe import LinearProber
+    data = DataConfig(name="synthetic", num_samples=16, num_classes=2, num_workers=0, crop_pct=1.0)
+    cfg = LinprobeConfig(
+        checkpoint=str(save_mae(mae, tmp_path / "m.pt")),
+        data=data,
+        batch_size=8,
+        train_blocks=1,  # streamed images through the whole probe (train and test)
+        output=str(tmp_path / "p"),
+        device="cpu",
+    )
+    probe = LinearProbing(start_run(cfg, "linprobe", overwrite=True, progress=False))
+    assert probe.end_to_end and probe.val_cache is None
 
     calls: list[dict] = []
     original = torch.Tensor.to
 
     def spy(self, *args, **kwargs):
-        if self.data_ptr() in inputs:  # a copy of the loader's images or labels
-            calls.append(kwargs)
-        return original(self, *args, **kwargs)
+        moved = original(self, *args, **kwargs)
+        if self.data_ptr() not in inputs:
+            return moved
+        calls.append(kwargs)  # a copy of the loader's images or labels
+        return moved.clone()  # a new tensor, as a copy to the GPU makes (later moves of it are not counted)
 
-    batch = [(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1]))]
-    inputs = {t.data_ptr() for t in batch[0]}
+    batch = (torch.zeros(2, 3, 32, 32), torch.tensor([0, 1]))
+    inputs = {t.data_ptr() for t in batch}
     monkeypatch.setattr(torch.Tensor, "to", spy)
-    prober = SimpleNamespace(
-        device=torch.device("cpu"),
-        end_to_end=True,
-        dtype=torch.float32,
-        model=LinearProbe(mae.encoder, 2),
-        dist=DistInfo(),
-        num_classes=2,
-    )
-    list(LinearProber._streamed_batches(prober, batch))
-    LinearProber.evaluate(prober, None, batch)
-    assert len(calls) == 4 and all(c.get("non_blocking") for c in calls)
+    probe._loss(probe.model, batch)
+    probe.val_loader = [batch]  # type: ignore[assignment]
+    probe.evaluate(1, final=True)
+    assert len(calls) == 4 and all(c.get("non_blocking") for c in calls), calls
