@@ -1,12 +1,20 @@
 """Pre-training methods: each turns images (and masking noise) into a loss and what the figures need.
 
-A method is a :class:`Method` in :data:`METHODS`, selected by name. Its model is an ``nn.Module`` with
+A method is a :class:`Method` in :data:`METHODS`, selected by name: MAE, SimMIM, MaskFeat and the AE / VAE
+baselines. Its model is an ``nn.Module`` with
 
-- ``forward(imgs [B, C, H, W], noise=[B, L] | None) -> output`` whose ``loss`` is a scalar (``pred`` and
-  ``mask`` feed the figures);
-- ``cfg`` (a :class:`~maelab.config.ModelConfig`: masking type, ratio and patch grid) and ``encoder``
-  (a timm ``VisionTransformer``: what fine-tuning, probing, kNN, embed and export use);
-- ``fsdp_units()``: the blocks FSDP shards one by one.
+- ``forward(imgs [B, C, H, W], noise=[B, L] | None) -> output`` whose ``loss`` is a scalar, ``pred`` [B, L, D]
+  in target space and ``mask`` [B, L] bool (True = hidden; all False without masking) feed the figures;
+- ``draw_noise(batch_size, device, generator=None, rows=None) -> [B, L]``: the masking noise the training loop
+  draws (this rank's ``rows`` of the global batch's; see :mod:`maelab.methods.noise`), and ``noise_on_cpu``;
+- ``cfg`` (a :class:`~maelab.config.ModelConfig`: masking type, ratio, target and patch grid) and ``encoder``
+  (a timm ``VisionTransformer``: what fine-tuning, probing, kNN, embed and export use), ``forward_features``,
+  ``encoder_state_dict()``;
+- ``fsdp_units()``: the blocks FSDP shards one by one; ``no_weight_decay()``: token and position-embedding names.
+
+A method's options (``method_args``) are a frozen dataclass (:mod:`maelab.methods.options`) read by
+:func:`method_options`; its changes to the model's defaults (mask ratio, masking type, target) are
+``model_defaults``, under the run's ``model_args`` (:func:`method_model_config`).
 
 The training loop, the checkpoint format, export and the figures do not branch on the method: the
 pre-training protocol asks the registry entry to build the model and to draw its figure. Adding a method
@@ -15,9 +23,9 @@ is one module (its model, or a wrapper around one) and one entry in :data:`METHO
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +33,13 @@ from torch import nn
 from maelab.config import ModelConfig
 from maelab.errors import ConfigError
 from maelab.methods.noise import MaskingNoise, masked_image_loss, pretrain_step
+from maelab.methods.options import MaskedEncoderOptions, MaskFeatOptions, SimMIMOptions, VAEOptions
+
+
+class Builder(Protocol):
+    """(model config, the method's options or None for its defaults) -> the model."""
+
+    def __call__(self, cfg: ModelConfig, options: Any = None, /) -> nn.Module: ...
 
 
 @dataclass(frozen=True)
@@ -33,34 +48,98 @@ class Method:
 
     name: str
     summary: str
-    build: Callable[[ModelConfig], nn.Module]
-    """ModelConfig -> the model (see the module docstring for its interface)."""
+    build: Builder
+    """(ModelConfig, options from :func:`method_options`) -> the model (see the module docstring)."""
     figure: Callable[[ModelConfig, torch.Tensor, Any], dict[str, torch.Tensor] | None]
     """(model config, images [B, C, H, W], forward output) -> the reconstruction figure's images, or None when
     the method's prediction has no picture (e.g. HOG features)."""
+    options: type | None = None
+    """The dataclass of the method's ``method_args`` (its defaults are the method's), or None: no options."""
+    model_defaults: Mapping[str, Any] = field(default_factory=dict)
+    """``model_args`` the method sets unless the run sets them (e.g. SimMIM's mask ratio 0.6)."""
 
 
-def _mae_figure(cfg: ModelConfig, imgs: torch.Tensor, out: Any) -> dict[str, torch.Tensor] | None:
+def _reconstruction_figure(cfg: ModelConfig, imgs: torch.Tensor, out: Any) -> dict[str, torch.Tensor] | None:
+    """:func:`maelab.viz.reconstruct`'s images for pixel targets; None for HOG (no picture to show)."""
     from maelab.viz import reconstruct
 
-    if cfg.target != "pixels":  # HOG predictions have no picture to show
+    if cfg.target != "pixels":
         return None
     return reconstruct(imgs, out.pred.float().cpu(), out.mask.cpu(), cfg.patch_size, cfg.norm_pix_loss)
 
 
-def _build_mae(cfg: ModelConfig) -> nn.Module:
+def _build_mae(cfg: ModelConfig, options: None = None, /) -> nn.Module:
     from maelab.models.mae import MaskedAutoencoder
 
     return MaskedAutoencoder(cfg)
 
 
+def _build_simmim(cfg: ModelConfig, options: MaskedEncoderOptions | None = None, /) -> nn.Module:
+    from maelab.methods.masked_encoder import MaskedEncoder
+
+    return MaskedEncoder(cfg, options or SimMIMOptions())
+
+
+def _build_maskfeat(cfg: ModelConfig, options: MaskedEncoderOptions | None = None, /) -> nn.Module:
+    from maelab.methods.masked_encoder import MaskedEncoder
+
+    return MaskedEncoder(cfg, options or MaskFeatOptions())
+
+
+def _build_ae(cfg: ModelConfig, options: None = None, /) -> nn.Module:
+    from maelab.methods.autoencoder import Autoencoder
+
+    return Autoencoder(cfg)
+
+
+def _build_vae(cfg: ModelConfig, options: VAEOptions | None = None, /) -> nn.Module:
+    from maelab.methods.autoencoder import Autoencoder
+
+    return Autoencoder(cfg, options or VAEOptions())
+
+
 METHODS: dict[str, Method] = {
-    "mae": Method(
-        "mae",
-        "MAE (He et al. 2022): encoder on the visible patches, light decoder, MSE on the hidden patches",
-        _build_mae,
-        _mae_figure,
-    ),
+    m.name: m
+    for m in (
+        Method(
+            "mae",
+            "MAE (He et al. 2022): encoder on the visible patches, light decoder, MSE on the hidden patches",
+            _build_mae,
+            _reconstruction_figure,
+        ),
+        Method(
+            "simmim",
+            "SimMIM (Xie et al. 2022): encoder on all patches with mask tokens, linear head, L1 on hidden pixels",
+            _build_simmim,
+            _reconstruction_figure,
+            SimMIMOptions,
+            {"mask_ratio": 0.6, "mask_type": "random"},
+        ),
+        Method(
+            "maskfeat",
+            "MaskFeat (Wei et al. 2022): encoder on all patches with mask tokens, linear head, MSE on hidden HOG",
+            _build_maskfeat,
+            _reconstruction_figure,
+            MaskFeatOptions,
+            {"mask_ratio": 0.4, "mask_type": "block", "target": "hog"},
+        ),
+        Method(
+            "ae",
+            "autoencoder baseline: encoder and MAE decoder on every patch, no masking, MSE on every patch",
+            _build_ae,
+            _reconstruction_figure,
+            None,
+            {"mask_ratio": 0.0},
+        ),
+        Method(
+            "vae",
+            "variational autoencoder baseline: per-token Gaussian latent, MAE decoder, MSE + beta * KL",
+            _build_vae,
+            _reconstruction_figure,
+            VAEOptions,
+            {"mask_ratio": 0.0},
+        ),
+    )
 }
 
 
@@ -72,4 +151,34 @@ def get_method(name: str) -> Method:
         raise ConfigError(f"invalid method={name!r}: one of {', '.join(sorted(METHODS))}") from None
 
 
-__all__ = ["METHODS", "Method", "MaskingNoise", "get_method", "masked_image_loss", "pretrain_step"]
+def method_options(method: Method, raw: Mapping[str, Any] | None) -> Any:
+    """The options instance of ``method`` from ``method_args`` (``raw``; missing keys take the method's
+    defaults), or None for a method without options. A one-line ConfigError
+    (``invalid method_args.<key>=<value>: ...``) for an unknown key or a bad value."""
+    raw = dict(raw or {})
+    names = [f.name for f in fields(method.options)] if method.options is not None else []
+    for key, value in raw.items():
+        if key not in names:
+            takes = f"{method.name} takes {', '.join(names)}" if names else f"{method.name} takes no options"
+            raise ConfigError(f"invalid method_args.{key}={value!r}: {takes}")
+    return None if method.options is None else method.options(**raw)
+
+
+def method_model_config(method: Method, model: str, model_args: Mapping[str, Any] | None = None) -> ModelConfig:
+    """The preset ``model``'s config with the method's ``model_defaults`` and then the run's ``model_args``."""
+    from maelab.models.registry import get_config
+
+    return get_config(model, **{**method.model_defaults, **dict(model_args or {})})
+
+
+__all__ = [
+    "METHODS",
+    "Builder",
+    "MaskingNoise",
+    "Method",
+    "get_method",
+    "masked_image_loss",
+    "method_model_config",
+    "method_options",
+    "pretrain_step",
+]
