@@ -144,6 +144,10 @@ class Protocol:
         return int(batch[0].shape[0]) * self.ctx.dist.world_size
 
     # ---------------------------------------------------------------- hooks
+    def train_mode(self) -> None:
+        """Put the model in training mode; called before every epoch, a resumed one too."""
+        self.model.train()
+
     def start_epoch(self, epoch: int) -> None:
         """Called before an epoch that starts from its beginning (not when resuming in its middle)."""
 
@@ -417,6 +421,7 @@ class Loop:
                 if start_batch == 0:
                     self.epoch_loss_sum, self.epoch_steps_done = 0.0, 0
                     p.start_epoch(self.epoch)
+                p.train_mode()
                 batch_idx, start_batch = start_batch, 0
                 t_epoch, imgs_seen = time.perf_counter(), 0
                 window = torch.zeros((), device=self.ctx.device)

@@ -222,9 +222,6 @@ class Pretraining(Protocol):
     def images_in(self, batch: torch.Tensor) -> int:
         return int(batch.shape[0]) * self.dist.world_size
 
-    def start_epoch(self, epoch: int) -> None:
-        self.model.train()
-
     def evaluate(self, epoch: int, final: bool) -> dict[str, float]:
         if self.knn_sets is None or epoch % self.cfg.knn_every:
             return {}

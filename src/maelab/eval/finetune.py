@@ -330,6 +330,8 @@ class Finetuning(Protocol):
 
     def start_epoch(self, epoch: int) -> None:
         seed_rank(self.cfg.seed, self.dist.rank, epoch)  # drop path and Mixup differ between ranks
+
+    def train_mode(self) -> None:
         self.model.train()
         frozen_to_eval(self.model, self.cfg.train_blocks)
 

@@ -364,9 +364,6 @@ class LinearProbing(Protocol):
                 logits = forward(inputs.float())
         return self.criterion(logits.float(), labels)
 
-    def start_epoch(self, epoch: int) -> None:
-        self.model.train()
-
     def evaluate(self, epoch: int, final: bool) -> dict[str, float]:
         """Top-1 / top-5 (percent) and loss on the test split, from cached features when the encoder is frozen.
 
