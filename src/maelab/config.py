@@ -544,6 +544,11 @@ class PretrainConfig(TrainConfig):
 
     model: str = "mae_vit_tiny_patch4_32"
     """Preset name (maelab models lists them)."""
+    method: str = "mae"
+    """Pre-training method (maelab.methods.METHODS): mae, simmim, maskfeat, ae or vae. Each sets its own
+    model_args defaults (e.g. simmim: mask_ratio 0.6) unless model_args sets them."""
+    method_args: dict[str, Any] = field(default_factory=dict)
+    """The method's own options, e.g. {loss: l1, mask_unit: 32} for simmim, {beta: 0.1} for vae."""
     output: str = "runs/pretrain"
     init: str | None = None
     """Start from these MAE weights, decoder included (a Hugging Face ViTMAE directory, an official full .pth,
@@ -609,6 +614,16 @@ class PretrainConfig(TrainConfig):
             "init_encoder",
             self.init_encoder,
             f"null when init is set (init={self.init!r} already holds the encoder)",
+        )
+        from maelab.methods import get_method, method_options  # the registry imports this module
+
+        method = get_method(self.method)
+        method_options(method, self.method_args)
+        _check(
+            not self.init or self.method == "mae",
+            "init",
+            self.init,
+            f"null for method={self.method} (init loads a whole MAE); use init_encoder for the encoder",
         )
 
 

@@ -121,7 +121,8 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 
 def load_pretrained(path: str | Path, need_decoder: bool = False, **overrides: Any):  # -> MaskedAutoencoder
-    """A MaskedAutoencoder from a run dir, a maelab checkpoint, an official MAE ``.pth``, a Hugging
+    """A MaskedAutoencoder (or another method's model: ``.cfg`` and ``.encoder`` alike) from a run dir, a maelab
+    checkpoint, an official MAE ``.pth``, a Hugging
     Face ViTMAE / ViT directory (``save_pretrained`` output or hub snapshot), or an encoder exported
     by ``maelab export`` (for encoder-only sources the decoder stays freshly initialized)."""
     return load_pretrained_with_config(path, need_decoder, **overrides)[0]
@@ -163,11 +164,14 @@ def load_pretrained_with_config(
             "pass the pre-training run or file it started from"
         )
     if isinstance(raw, dict) and "model_config" in raw:
+        from maelab.methods import get_method, method_options
+
         cfg = from_dict(ModelConfig, {**raw["model_config"], **overrides})
-        model = MaskedAutoencoder(cfg)
+        method = get_method(raw.get("method", "mae"))  # pre-training checkpoints before the registry: MAE
+        trained = method.build(cfg, method_options(method, raw.get("method_args")))
         try:
-            model.load_state_dict(raw["model"], strict=True)
+            trained.load_state_dict(raw["model"], strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{p}: weights do not match its recorded architecture ({e})") from e
-        return model, raw.get("config")
+        return trained, raw.get("config")
     return load_official_checkpoint(raw, source=str(p), need_decoder=need_decoder, **overrides), None

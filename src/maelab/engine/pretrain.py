@@ -32,9 +32,8 @@ from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import autocast
 from maelab.errors import CheckpointError, ConfigError
 from maelab.eval.common import dataset_len, resolve_stats
-from maelab.methods import get_method, pretrain_step
+from maelab.methods import get_method, method_model_config, method_options, pretrain_step
 from maelab.models.mae import MaskedAutoencoder
-from maelab.models.registry import get_config
 from maelab.models.weights import init_from_mae, init_from_timm
 
 log = logging.getLogger(__name__)
@@ -57,14 +56,15 @@ class Pretraining(Protocol):
     online kNN check."""
 
     kind = "pretrain"
-    resume_keys = {"weight_decay_tokens": False}  # older runs exempted the tokens
+    resume_keys = {"weight_decay_tokens": False, "method": "mae", "method_args": {}}  # older runs: tokens exempted
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.cfg = cfg = ctx.cfg
         self.dist, self.device, self.dtype = ctx.dist, ctx.device, ctx.dtype
-        self.method = get_method(getattr(cfg, "method", "mae"))
-        self.model_cfg: ModelConfig = get_config(cfg.model, **cfg.model_args)
+        self.method = get_method(cfg.method)
+        self.options = method_options(self.method, cfg.method_args)
+        self.model_cfg: ModelConfig = method_model_config(self.method, cfg.model, cfg.model_args)
         self.mean, self.std = resolve_stats(cfg.data, self.model_cfg.in_chans)
         no_sync = self._setup_model(init=ctx.state is None)
         self.data = build_training_data(
@@ -143,7 +143,7 @@ class Pretraining(Protocol):
         """Model on the device (``init``: weights from ``cfg.init`` / ``cfg.init_encoder``; a resumed run takes
         them from its checkpoint), wrapped for DDP or sharded with FSDP; returns the no-sync context."""
         cfg = self.cfg
-        self.model = self.method.build(self.model_cfg).to(self.device)
+        self.model = self.method.build(self.model_cfg, self.options).to(self.device)
         # every method's model has the MaskedAutoencoder's ``cfg`` and ``encoder``, all these functions read
         if init and cfg.init:
             init_from_mae(cast(MaskedAutoencoder, self.model), cfg.init)
@@ -257,7 +257,12 @@ class Pretraining(Protocol):
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
-        return {"mask_gen": self.mask_gen.get_state(), "model_config": to_dict(self.model_cfg)}
+        return {
+            "mask_gen": self.mask_gen.get_state(),
+            "model_config": to_dict(self.model_cfg),
+            "method": self.method.name,
+            "method_args": to_dict(self.options) if self.options is not None else {},
+        }
 
     def load_extra_state(self, state: dict[str, Any], start_batch: int) -> None:
         path = self.ctx.state_path
@@ -305,7 +310,9 @@ class Pretraining(Protocol):
         if images is None:  # the method's prediction has no picture (HOG)
             return fig_dir
         path = fig_dir / f"reconstruction_epoch{epoch:04d}.png"
-        title = default_title(self.model_cfg.norm_pix_loss, self.model_cfg.mask_ratio, epoch=epoch)
+        title = default_title(
+            self.model_cfg.norm_pix_loss, self.model_cfg.mask_ratio, epoch=epoch, method=self.method.name
+        )
         save_reconstruction_grid(images, path, self.mean, self.std, title=title)
         return path
 

@@ -76,9 +76,9 @@ def reconstruct(
     }
 
 
-def default_title(norm_pix_loss: bool, mask_ratio: float, epoch: int | None = None) -> str:
-    """Figure title naming the mask ratio, the epoch and how the prediction was mapped to pixels."""
-    head = f"MAE reconstruction, mask ratio {mask_ratio:.0%}"
+def default_title(norm_pix_loss: bool, mask_ratio: float, epoch: int | None = None, method: str = "mae") -> str:
+    """Figure title naming the method, the mask ratio, the epoch and how the prediction was mapped to pixels."""
+    head = f"{method.upper()} reconstruction" + (f", mask ratio {mask_ratio:.0%}" if mask_ratio else ", no masking")
     if epoch is not None:
         head += f", epoch {epoch}"
     if norm_pix_loss:
