@@ -80,12 +80,16 @@ def grid_noise(batch_size: int, grid_size: tuple[int, int], device: torch.device
 
 
 def block_mask(
-    grid_size: tuple[int, int], num_masked: int, rng: random.Random, min_block: int = 16, max_aspect: float = 3.0
+    grid_size: tuple[int, int],
+    num_masked: int,
+    rng: random.Random,
+    min_block: int = 16,
+    max_aspect: float = 1 / 0.3,
 ) -> torch.Tensor:
     """BEiT-style block-wise mask [rows, cols] bool with about ``num_masked`` True entries.
 
     Rectangles of random area (>= ``min_block`` patches) and aspect ratio in
-    [1/max_aspect, max_aspect] are added until the target count is reached or no
+    [1/max_aspect, max_aspect] (BEiT: 0.3 to 1/0.3) are added until the target count is reached or no
     rectangle adds anything (BEiT's ``MaskingGenerator``). The grid is a numpy array while the
     rectangles are drawn: on such tiny slices numpy's per-call overhead is a fraction of torch's
     (a 14 x 14 mask is drawn 2-3x faster).
