@@ -225,6 +225,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from maelab.engine.distributed import close_process_group, is_main_process
+    from maelab.sweep import format_markdown, load_sweep, run_sweep
+
+    rows = run_sweep(
+        args.sweep, args.output, scale=args.scale, data=args.data, progress=not args.no_progress, only=args.only
+    )
+    close_process_group()
+    if is_main_process():
+        print(format_markdown(load_sweep(args.sweep, args.scale, args.data), rows))
+        print(f"wrote {args.output}/sweep.md, sweep.csv, sweep.json, sweep.png")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from maelab.viz.report import write_report
 
@@ -322,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    p = sub.add_parser("pretrain", help="MAE pre-training (built-in synthetic data by default)")
+    p = sub.add_parser(
+        "pretrain", help="masked-image pre-training: MAE by default, --method simmim/maskfeat/beit/ae/vae"
+    )
     p.add_argument("--config", help="YAML recipe (see recipes/)")
     add_config_flags(p, PretrainConfig, PRETRAIN_FLAGS)
     p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
@@ -358,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="comparison.png")
     p.add_argument("--json", help="also write the summary rows as JSON")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run pre-training runs and their evaluations from a YAML list, and tabulate them",
+        description="Runs every run of SWEEP (pre-training, then knn / linprobe / finetune) in order into "
+        "OUTPUT/<run>/, skipping finished parts and resuming an interrupted one, and writes sweep.md, "
+        "sweep.csv, sweep.json and sweep.png. See maelab.sweep for the file format; sweeps/ ships examples.",
+    )
+    p.add_argument("sweep", metavar="SWEEP", help="sweep file (YAML), e.g. sweeps/methods.yaml")
+    p.add_argument("--output", required=True, help="sweep directory (re-run the same command to continue)")
+    p.add_argument("--scale", help="one of the sweep's scales (e.g. cpu, gpu): its budget and overrides")
+    p.add_argument("--data", help="data.name of every run and evaluation (overrides the sweep's data)")
+    p.add_argument("--only", type=lambda t: [x.strip() for x in t.split(",")], help="comma-separated run names to run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "report",

@@ -333,6 +333,9 @@ class DataConfig:
     """Synthetic dataset size (ignored for other datasets)."""
     num_classes: int = 10
     """Synthetic dataset class count (ignored for other datasets)."""
+    max_samples: int = 0
+    """Use at most this many images of each split, evenly spaced over it (class-balanced for class folders and
+    torchvision sets, whose images are grouped or shuffled by class); 0: all. For quick runs on a subset."""
     num_workers: int | str = "auto"
     """DataLoader worker processes per training process, or auto: the CPUs this process may use
     (os.sched_getaffinity) divided by the processes on this node (torchrun's LOCAL_WORLD_SIZE; under srun alone
@@ -387,6 +390,7 @@ class DataConfig:
         _check(bool(self.name), "data.name", self.name, "a dataset name or a folder path")
         _check(self.num_samples > 0, "data.num_samples", self.num_samples, "a positive int")
         _check(self.num_classes >= 2, "data.num_classes", self.num_classes, "at least 2")
+        _check(self.max_samples >= 0, "data.max_samples", self.max_samples, "0 (all) or a positive int")
         if self.num_workers == "auto":
             object.__setattr__(self, "num_workers", self.auto_num_workers())
         workers = self.num_workers

@@ -171,3 +171,31 @@ def test_shared_cifar10_folder():
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 9
     te = build_dataset(cfg, img_size=32, in_chans=3, train=False, transform=None)
     assert Path(te.root).name == "test" and len(te) < len(tr)
+
+
+# ---------------------------------------------------------------------------------- data.max_samples
+def test_max_samples_takes_evenly_spaced_images_of_each_split_and_keeps_a_folder_a_folder(tmp_path):
+    from collections import Counter
+
+    from PIL import Image as PILImage
+
+    from maelab.config import DataConfig
+    from maelab.data.folders import ImageFolderDataset
+
+    for split in ("train", "test"):
+        for cls in ("a", "b", "c", "d"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(6):
+                PILImage.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    cfg = DataConfig(name=str(tmp_path), max_samples=8, num_workers=0)
+    train = build_dataset(cfg, img_size=8, in_chans=3, train=True, transform=None)
+    test = build_dataset(cfg, img_size=8, in_chans=3, train=False, transform=None)
+    assert type(train) is ImageFolderDataset and len(train) == 8 and len(test) == 8  # GPU paths still apply
+    assert Counter(t for _, t in train.samples) == {0: 2, 1: 2, 2: 2, 3: 2}  # class folders stay balanced
+    assert [p.rsplit("/", 1)[-1] for p, _ in train.samples[:2]] == ["0.png", "3.png"]  # evenly spaced, not the first 8
+    full = build_dataset(
+        DataConfig(name=str(tmp_path), num_workers=0), img_size=8, in_chans=3, train=True, transform=None
+    )
+    assert len(full) == 24
+    synth = build_dataset(DataConfig(max_samples=10), img_size=8, in_chans=3, train=True, transform=None)
+    assert len(synth) == 10 and dataset_info(synth) == (10, True)

@@ -130,6 +130,34 @@ def build_dataset(
     Raises:
         DataError: unknown name, missing folder or files, unusable channel count.
     """
+    ds = _build_split(cfg, img_size=img_size, in_chans=in_chans, train=train, transform=transform, seed=seed)
+    return limit_samples(ds, cfg.max_samples) if cfg.max_samples else ds
+
+
+def limit_samples(ds: Dataset, n: int) -> Dataset:
+    """At most ``n`` items of ``ds``, evenly spaced (``data.max_samples``). An image folder keeps its type (its
+    ``samples`` list is thinned, so every data path still applies); other datasets become a ``Subset``."""
+    if isinstance(ds, ShardStream):
+        raise DataError("data.max_samples needs an indexable dataset, not WebDataset shards: set it to 0")
+    total = len(ds)  # type: ignore[arg-type]
+    if n >= total:
+        return ds
+    picked = [int(i * total / n) for i in range(n)]
+    if type(ds) is ImageFolderDataset:
+        ds.samples = [ds.samples[i] for i in picked]
+        return ds
+    return Subset(ds, picked)
+
+
+def _build_split(
+    cfg: DataConfig,
+    *,
+    img_size: int | tuple[int, int],
+    in_chans: int,
+    train: bool,
+    transform: Callable[[Any], Any] | None,
+    seed: int,
+) -> Dataset:
     name = cfg.name
     key = name.lower()
     if key == "synthetic":
