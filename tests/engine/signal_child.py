@@ -94,7 +94,7 @@ def wait_ready(
 
 def _hold_after(step: int, ready: Path, ranks: str) -> None:
     """Patch the loop to hold after ``step`` until a noted handler ran (see the module docstring)."""
-    from maelab.engine.pretrain import Pretrainer
+    from maelab.engine.loop import Loop
 
     received: list[int] = []
     real_signal = signal.signal
@@ -110,7 +110,7 @@ def _hold_after(step: int, ready: Path, ranks: str) -> None:
         return real_signal(sig, handler)
 
     signal.signal = noting_signal  # type: ignore[assignment]
-    train_step = Pretrainer.train_step
+    train_step = Loop.train_step
 
     def holding_train_step(self, batches):  # type: ignore[no-untyped-def]
         loss = train_step(self, batches)
@@ -126,7 +126,7 @@ def _hold_after(step: int, ready: Path, ranks: str) -> None:
                 time.sleep(0.01)
         return loss
 
-    Pretrainer.train_step = holding_train_step  # type: ignore[method-assign]
+    Loop.train_step = holding_train_step  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

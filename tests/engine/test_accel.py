@@ -12,8 +12,8 @@ import maelab
 from maelab.config import PretrainConfig, build_config
 from maelab.engine.accel import compile_module, convert_to_fp8, is_fp8_candidate, resolve_compile
 from maelab.engine.optim import build_adamw
-from maelab.engine.step import TrainStep
 from maelab.errors import ConfigError
+from maelab.methods import pretrain_step
 
 CPU = torch.device("cpu")
 # dims that are multiples of 16, as float8 matmuls need
@@ -156,7 +156,7 @@ def test_fp8_training_lowers_the_loss_like_the_exact_path():
         if name == "fp8":
             convert_to_fp8(model, "tensorwise", CPU)
         opt = build_adamw(model, lr=2e-3)
-        step = TrainStep(model, opt, CPU, torch.float32, generator=torch.Generator().manual_seed(1))
+        step = pretrain_step(model, opt, CPU, torch.float32, generator=torch.Generator().manual_seed(1))
         curves[name] = [step([imgs], 2e-3).item() for _ in range(8)]
     assert curves["fp8"][-1] < 0.8 * curves["fp8"][0]
     assert curves["fp8"][-1] == pytest.approx(curves["exact"][-1], rel=0.1)
@@ -164,7 +164,7 @@ def test_fp8_training_lowers_the_loss_like_the_exact_path():
 
 def test_pretrain_with_fp8_runs_and_reports_it(tmp_path, caplog):
     pytest.importorskip("torchao")
-    from maelab.engine.pretrain import Pretrainer
+    from maelab.engine.pretrain import pretraining_loop
 
     overrides = {
         "output": str(tmp_path / "run"),
@@ -180,9 +180,9 @@ def test_pretrain_with_fp8_runs_and_reports_it(tmp_path, caplog):
         **{f"model_args.{k}": v for k, v in FP8_ARGS.items()},
     }
     with caplog.at_level("INFO"):
-        trainer = Pretrainer(build_config(PretrainConfig, None, overrides), progress=False)
-        trainer.run()
-    assert trainer.fp8_layers == 4 * (FP8_ARGS["depth"] + FP8_ARGS["decoder_depth"])
+        loop = pretraining_loop(build_config(PretrainConfig, None, overrides), progress=False)
+        loop.run()
+    assert loop.p.fp8_layers == 4 * (FP8_ARGS["depth"] + FP8_ARGS["decoder_depth"])
     assert "fp8 tensorwise in 12 Linear layers" in caplog.text and ", eager" in caplog.text
     plain = maelab.create_model("mae_vit_pico_patch4_32", **FP8_ARGS)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
@@ -263,13 +263,13 @@ def _pretrain_overrides(tmp_path, name, compile):
 
 
 def _train(tmp_path, name, compile):
-    from maelab.engine.pretrain import Pretrainer
+    from maelab.engine.pretrain import pretraining_loop
 
-    trainer = Pretrainer(
+    loop = pretraining_loop(
         build_config(PretrainConfig, None, _pretrain_overrides(tmp_path, name, compile)), progress=False
     )
-    trainer.run(max_steps=2)  # stops (with a checkpoint) before the end-of-epoch figures
-    return trainer, torch.get_rng_state()
+    loop.run(max_steps=2)  # stops (with a checkpoint) before the end-of-epoch figures
+    return loop, torch.get_rng_state()
 
 
 def test_compile_auto_failing_in_the_first_step_reruns_it_eagerly_from_the_same_state(tmp_path, monkeypatch, caplog):
@@ -282,10 +282,10 @@ def test_compile_auto_failing_in_the_first_step_reruns_it_eagerly_from_the_same_
         auto, auto_rng = _train(tmp_path, "auto", "auto")
     assert len(compiled) == 1 and compiled[0].calls == 1  # one failed call, then eager steps
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [FALLBACK_WARNING]
-    assert auto.step == eager.step == 2 and not auto.compiled
-    for key, value in eager.model.state_dict().items():
-        assert torch.equal(auto.model.state_dict()[key], value), key
-    assert torch.equal(auto.mask_gen.get_state(), eager.mask_gen.get_state())
+    assert auto.step == eager.step == 2 and not auto.p.compiled
+    for key, value in eager.p.model.state_dict().items():
+        assert torch.equal(auto.p.model.state_dict()[key], value), key
+    assert torch.equal(auto.p.mask_gen.get_state(), eager.p.mask_gen.get_state())
     assert torch.equal(auto_rng, eager_rng)
 
 
@@ -294,8 +294,8 @@ def test_compile_auto_failing_at_build_trains_eagerly_and_on_keeps_one_line_erro
 ):
     _force_compile(monkeypatch, build_error=RuntimeError("Dynamo is not supported on this Python"))
     with caplog.at_level("INFO"):
-        trainer, _ = _train(tmp_path, "auto", "auto")
-    assert trainer.step == 2 and ", eager" in trainer.summary()
+        loop, _ = _train(tmp_path, "auto", "auto")
+    assert loop.step == 2 and ", eager" in loop.p.summary()
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "torch.compile failed on this machine (RuntimeError: Dynamo is not supported on this Python); compile=auto: "
         "running eagerly instead (compile=on makes this an error, compile=off skips compiling)"

@@ -7,7 +7,7 @@ from tests.conftest import TINY_MODEL_ARGS, assert_weights_close
 import maelab
 from maelab.engine.accel import compile_module
 from maelab.engine.optim import build_adamw
-from maelab.engine.step import TrainStep
+from maelab.methods import pretrain_step
 
 
 def test_compiled_train_steps_match_eager():
@@ -23,7 +23,7 @@ def test_compiled_train_steps_match_eager():
         opt = build_adamw(model, lr=1e-3)
         gen = torch.Generator().manual_seed(1)
         fwd = compile_module(model) if name == "compiled" else model
-        step = TrainStep(model, opt, torch.device("cpu"), torch.float32, generator=gen, forward=fwd)
+        step = pretrain_step(model, opt, torch.device("cpu"), torch.float32, generator=gen, forward=fwd)
         losses[name] = [step([imgs], 1e-3).item() for _ in range(3)]
     assert losses["eager"] == pytest.approx(losses["compiled"], rel=1e-4)
     assert_weights_close(eager.state_dict(), compiled.state_dict(), rtol=1e-3, atol=1e-5)

@@ -16,7 +16,7 @@ import maelab
 from maelab.config import PretrainConfig, build_config
 from maelab.engine.accel import compile_module, convert_to_fp8, uses_cudagraphs
 from maelab.engine.optim import build_adamw
-from maelab.engine.step import TrainStep
+from maelab.methods import pretrain_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
@@ -33,7 +33,7 @@ def _steps(mode: str | None, fp8: str = "off", steps: int = 8, seed: int = 0):
     init = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     opt = build_adamw(model, lr=1e-3)
     forward = compile_module(model, mode) if mode is not None else model
-    step = TrainStep(
+    step = pretrain_step(
         model,
         opt,
         CUDA,
@@ -82,7 +82,7 @@ def test_fp8_steps_follow_bf16():
 def test_pretrain_defaults_on_cuda(tmp_path):
     """Synthetic 32 px data goes GPU-resident, the model is compiled, and the loss falls; the same
     on the DataLoader path (uint8 crops prefetched and normalized on the device)."""
-    from maelab.engine.pretrain import Pretrainer
+    from maelab.engine.pretrain import pretraining_loop
 
     overrides = {
         "model": "mae_vit_pico_patch4_32",
@@ -98,14 +98,14 @@ def test_pretrain_defaults_on_cuda(tmp_path):
         cfg = build_config(
             PretrainConfig, None, {**overrides, "output": str(tmp_path / resident), "data.gpu_resident": resident}
         )
-        trainer = Pretrainer(cfg, progress=False)
-        assert trainer.gpu_resident is (resident == "auto")
-        assert trainer.compiled and trainer.dtype == torch.bfloat16
-        result = trainer.run()
-        records = trainer.metrics.records()
+        loop = pretraining_loop(cfg, progress=False)
+        assert loop.p.data.gpu_resident is (resident == "auto")
+        assert loop.p.compiled and loop.ctx.dtype == torch.bfloat16
+        result = loop.run()
+        records = loop.metrics.records()
         first = records[0]["loss"]
         assert result.final_loss < 0.8 * first, [r["loss"] for r in records]
-        del trainer
+        del loop
         torch._dynamo.reset()
 
 

@@ -65,7 +65,8 @@ def test_two_gloo_processes_match_one_process_with_block_masks(tmp_path):
     assert_weights_close(_weights(tmp_path / "one"), _weights(tmp_path / "two"))
 
 
-@pytest.mark.slow  # 3 launches (37 s); default suite: test_fsdp_state_is_gathered_onto_rank_0_only_in_the_unsharded_format
+# 3 launches (37 s); default suite: test_fsdp_state_is_gathered_onto_rank_0_only_in_the_unsharded_format
+@pytest.mark.slow
 def test_fsdp_checkpoint_reloads_at_another_world_size(tmp_path, one_process_run):
     # 2 FSDP ranks stop mid-epoch; one plain process finishes the run.
     out = tmp_path / "fsdp"

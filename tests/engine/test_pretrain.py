@@ -9,7 +9,7 @@ from tests.conftest import TINY_MODEL_ARGS
 
 from maelab.config import PretrainConfig, build_config
 from maelab.engine.checkpoint import LAST
-from maelab.engine.pretrain import Pretrainer, pretrain
+from maelab.engine.pretrain import pretrain, pretraining_loop
 from maelab.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 
@@ -61,6 +61,7 @@ def test_run_writes_outputs_and_loss_falls(tmp_path):
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = torch.load(out / "checkpoints" / LAST, weights_only=False)
     assert {"model", "optimizer", "scaler", "step", "epoch", "rng", "mask_gen", "config", "model_config"} <= set(state)
+    assert {"kind", "rng_ranks", "best", "last_eval"} <= set(state) and state["kind"] == "pretrain"
     assert state["step"] == 6 * (128 // 16) and "cls_token" in state["model"]
 
 
@@ -100,21 +101,21 @@ def test_resume_falls_back_when_last_is_corrupt(tmp_path):
 def test_periodic_checkpoint_is_serialized_once_and_rotation_keeps_last(tmp_path, monkeypatch):
     """A periodic save writes ``last.pt`` once and gives it the periodic name too; rotating that name away
     (keep_last=1) or writing the next ``last.pt`` leaves every other name's data intact."""
-    trainer = Pretrainer(tiny_cfg(tmp_path / "run", keep_last=1), progress=False)
+    loop = pretraining_loop(tiny_cfg(tmp_path / "run", keep_last=1), progress=False)
     saves = []
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f, *a, **kw: (saves.append(f), real_save(obj, f, *a, **kw)))
-    ckpts = trainer.ckpt_dir
+    ckpts = loop.ckpt_dir
     for step in (3, 7):
-        trainer.step = step
-        trainer.save(0, periodic=f"epoch_{step:04d}.pt")
+        loop.step = step
+        loop.save(0, periodic=f"epoch_{step:04d}.pt")
     assert len(saves) == 2
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_0007.pt", LAST]
     last, periodic = (torch.load(ckpts / name, weights_only=False) for name in (LAST, "epoch_0007.pt"))
     assert last["step"] == periodic["step"] == 7
     assert_same_weights(last["model"], periodic["model"])
-    trainer.step = 8
-    trainer.save(0)
+    loop.step = 8
+    loop.save(0)
     assert torch.load(ckpts / LAST, weights_only=False)["step"] == 8
     assert torch.load(ckpts / "epoch_0007.pt", weights_only=False)["step"] == 7
 
@@ -138,20 +139,27 @@ def test_resume_needs_the_same_weight_decay_on_tokens(tmp_path):
     assert pretrain(old, resume=True, progress=False, max_steps=2).step == 2
 
 
+class PoisonedStep:
+    """A TrainStep whose ``bad_call``-th step (1-based) returns a NaN loss; everything else is the real step's."""
+
+    def __init__(self, step, bad_call: int) -> None:
+        self.step, self.bad_call, self.calls = step, bad_call, 0
+
+    def __call__(self, batches, lr):
+        self.calls += 1
+        loss = self.step(batches, lr)
+        return loss * float("nan") if self.calls == self.bad_call else loss
+
+    def __getattr__(self, name):
+        return getattr(self.step, name)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", epochs=3)
-    trainer = Pretrainer(cfg, progress=False)
-    calls = {"n": 0}
-    original = trainer.stepper.__call__
-
-    def poisoned(batches, lr):
-        calls["n"] += 1
-        loss = original(batches, lr)
-        return loss * float("nan") if calls["n"] == 6 else loss
-
-    trainer.stepper = poisoned  # type: ignore[assignment]
+    loop = pretraining_loop(cfg, progress=False)
+    loop.p.step_fn = PoisonedStep(loop.p.step_fn, bad_call=6)  # type: ignore[assignment]
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
-        trainer.run()
+        loop.run()
     state = torch.load(tmp_path / "run" / "checkpoints" / LAST, weights_only=False)
     assert state["epoch"] == 1 and state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -171,11 +179,11 @@ def test_real_cifar10_folder(tmp_path, cifar10_dir):
     assert (tmp_path / "run" / "checkpoints" / LAST).exists()
 
 
-def _poison_forward(trainer, bad_calls):
+def _poison_forward(loop, bad_calls):
     """Make the model's forward return a NaN loss on the given (1-based) calls."""
     from maelab.models.mae import MAEOutput
 
-    real = trainer.stepper.forward
+    real = loop.p.step_fn.forward
     calls = {"n": 0}
 
     def forward(imgs, noise=None):
@@ -183,21 +191,21 @@ def _poison_forward(trainer, bad_calls):
         out = real(imgs, noise=noise)
         return MAEOutput(out.loss * float("nan"), out.pred, out.mask) if calls["n"] in bad_calls else out
 
-    trainer.stepper.forward = forward
+    loop.p.step_fn.forward = forward
 
 
 def test_max_bad_steps_skips_non_finite_updates(tmp_path):
-    trainer = Pretrainer(tiny_cfg(tmp_path / "run", max_bad_steps=1), progress=False)
-    _poison_forward(trainer, {3})
-    result = trainer.run()
-    assert result.epoch == 2 and trainer.bad_steps == 1 and math.isfinite(result.final_loss)
+    loop = pretraining_loop(tiny_cfg(tmp_path / "run", max_bad_steps=1), progress=False)
+    _poison_forward(loop, {3})
+    result = loop.run()
+    assert result.epoch == 2 and loop.bad_steps == 1 and math.isfinite(result.final_loss)
     state = torch.load(tmp_path / "run" / "checkpoints" / LAST, weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
-    trainer = Pretrainer(tiny_cfg(tmp_path / "run2", max_bad_steps=1), progress=False)
-    _poison_forward(trainer, {2, 6})
+    loop = pretraining_loop(tiny_cfg(tmp_path / "run2", max_bad_steps=1), progress=False)
+    _poison_forward(loop, {2, 6})
     with pytest.raises(NonFiniteLossError):
-        trainer.run()
+        loop.run()
 
 
 def test_online_knn_monitoring_is_logged(tmp_path):
@@ -210,7 +218,7 @@ def test_online_knn_monitoring_is_logged(tmp_path):
 def test_online_knn_refuses_the_training_folder_as_validation(tmp_path, cifar10_dir):
     cfg = tiny_cfg(tmp_path / "run", knn_every=1, **{"data.name": str(cifar10_dir / "train")})
     with pytest.raises(ConfigError, match="knn_data"):
-        Pretrainer(cfg, progress=False)
+        pretraining_loop(cfg, progress=False)
 
 
 def test_hog_target_run_writes_curve_but_no_reconstruction(tmp_path):
@@ -223,13 +231,13 @@ def test_hog_target_run_writes_curve_but_no_reconstruction(tmp_path):
 def test_training_set_is_built_once_and_vis_batch_uses_eval_transform(tmp_path, monkeypatch):
     """The reconstruction batch is read from the training set with the evaluation transform
     swapped in: the same images a separately built evaluation set gives, without a second build."""
-    import maelab.engine.pretrain as pretrain_module
+    import maelab.data.pipeline as pipeline
     from maelab.data import build_dataset, eval_transform
 
     calls = []
-    monkeypatch.setattr(pretrain_module, "build_dataset", lambda *a, **k: calls.append(1) or build_dataset(*a, **k))
+    monkeypatch.setattr(pipeline, "build_dataset", lambda *a, **k: calls.append(1) or build_dataset(*a, **k))
     cfg = tiny_cfg(tmp_path / "run")
-    trainer = Pretrainer(cfg, progress=False)
+    p = pretraining_loop(cfg, progress=False).p
     assert len(calls) == 1
     fresh = build_dataset(
         cfg.data,
@@ -237,13 +245,13 @@ def test_training_set_is_built_once_and_vis_batch_uses_eval_transform(tmp_path, 
         in_chans=3,
         train=True,
         seed=cfg.seed,
-        transform=eval_transform(32, trainer.mean, trainer.std, cfg.data.crop_pct),
+        transform=eval_transform(32, p.mean, p.std, cfg.data.crop_pct),
     )
-    imgs, _ = trainer.vis_batch
+    imgs, _ = p.vis_batch
     step = len(fresh) // imgs.shape[0]
     assert torch.equal(imgs, torch.stack([fresh[i * step][0] for i in range(imgs.shape[0])]))
     # the training transform is back: random uint8 crops for the loader
-    assert trainer.dataset[0][0].dtype == torch.uint8
+    assert p.data.dataset[0][0].dtype == torch.uint8
 
 
 def test_step_log_records_the_mean_loss_of_each_interval(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from tests.conftest import TINY_MODEL_ARGS
 
 import maelab
-from maelab.engine.step import TrainStep
+from maelab.methods import pretrain_step
 
 CPU = torch.device("cpu")
 
@@ -35,7 +35,7 @@ def step_grads(
     torch.manual_seed(0)
     model = maelab.create_model("mae_vit_pico_patch4_32", **TINY_MODEL_ARGS)
     opt = RecordingSGD([p for p in model.parameters() if p.requires_grad])
-    step = TrainStep(
+    step = pretrain_step(
         model, opt, CPU, dtype, scaler=scaler, grad_clip=grad_clip, generator=torch.Generator().manual_seed(1)
     )
     step(batches, 0.0)
