@@ -5,7 +5,7 @@ A sweep file (YAML) lists runs and the evaluations of each::
     name: methods
     data: ../shared/data/cifar10          # default data.name of every run and evaluation (--data overrides)
     scales:                               # --scale NAME picks one: overrides for every run of the sweep,
-      cpu: {pretrain: {data.num_workers: 2}, budget_s: 600, evals: {linprobe: {epochs: 5}}}
+      cpu: {pretrain: {data.num_workers: 2}, budget_s: 600, evals: {linprobe: {epochs: 5}, finetune: {skip: true}}}
       gpu: {pretrain: {}, budget_s: 7200}
     pretrain: {config: recipes/cifar10_vit_tiny.yaml}   # shared by every run (a recipe and key=value overrides)
     evals:                                # for every run, in order: knn, linprobe, finetune
@@ -14,8 +14,11 @@ A sweep file (YAML) lists runs and the evaluations of each::
     runs:
       - {name: mae}
       - {name: simmim, pretrain: {method: simmim, model_args.mask_ratio: 0.6}}
+      - {name: beit, pretrain: {config: recipes/beit_cifar10_vit_tiny.yaml},
+         tokenizer: {config: recipes/tokenizer_cifar10.yaml}}   # trained first; method_args.tokenizer set to it
 
-Each run writes ``OUTPUT/<name>/pretrain/`` (a run directory) and ``OUTPUT/<name>/<protocol>/`` (``eval.json``).
+Each run writes ``OUTPUT/<name>/pretrain/`` (a run directory) and ``OUTPUT/<name>/<protocol>/`` (``eval.json``); a
+run with a ``tokenizer`` (BEiT) first trains it into ``OUTPUT/<name>/tokenizer/``.
 Finished parts are skipped, an interrupted pre-training is resumed (``--resume`` semantics), so re-running the
 same command continues the sweep. With ``budget_s`` every run gets the same pre-training wall-clock: a few
 timed steps of each run (on rank 0, once; kept in ``OUTPUT/<name>/plan.json``) set its ``epochs``. At the end
@@ -54,6 +57,7 @@ COLUMNS = (
     ("overrides", "overrides"),
     ("epochs", "epochs"),
     ("pretrain_s", "pre-training s"),
+    ("tokenizer_s", "tokenizer s"),
     ("img_per_s", "img/s"),
     ("gflops_per_img", "GFLOPs/img"),
     ("final_loss", "final loss"),
@@ -77,6 +81,20 @@ class RunSpec:
     pretrain: dict[str, Any]
     """Pre-training overrides (dotted keys), ``config`` = the recipe."""
     evals: list[EvalSpec]
+    tokenizer: dict[str, Any] | None = None
+    """Tokenizer training overrides (``config`` = its recipe), for methods that need one (BEiT)."""
+    own: dict[str, Any] = field(default_factory=dict)
+    """The run's own pre-training overrides (what sets it apart in the table)."""
+
+
+@dataclass
+class FigureSpec:
+    """A line plot of the runs' top-1 against one of their settings (the MAE paper's Fig. 5 style)."""
+
+    file: str
+    x: str
+    runs: list[str]
+    title: str = ""
 
 
 @dataclass
@@ -85,6 +103,7 @@ class Sweep:
     runs: list[RunSpec]
     budget_s: float | None = None
     source: Path | None = None
+    figures: list[FigureSpec] = field(default_factory=list)
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -122,11 +141,10 @@ def load_sweep(path: str | Path, scale: str | None = None, data: str | None = No
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from e
     raw = _mapping(raw, str(p))
-    unknown = sorted(set(raw) - {"name", "data", "scales", "pretrain", "evals", "runs", "description"})
+    allowed = ("name", "description", "data", "scales", "pretrain", "evals", "runs", "figures")
+    unknown = sorted(set(raw) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"{p}: unknown key(s) {unknown}; allowed: name, description, data, scales, pretrain, evals, runs"
-        )
+        raise ConfigError(f"{p}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
     scales = _mapping(raw.get("scales"), f"{p}: scales")
     picked: dict[str, Any] = {}
     if scale is not None:
@@ -145,9 +163,12 @@ def load_sweep(path: str | Path, scale: str | None = None, data: str | None = No
             protocol = item.pop("protocol", None)
             if protocol not in PROTOCOLS:
                 raise ConfigError(f"{where}[{i}]: protocol={protocol!r}; one of {', '.join(PROTOCOLS)}")
+            at_scale = _mapping(scale_evals.get(protocol), f"{p}: scales.{scale}.evals.{protocol}")
+            if at_scale.pop("skip", False):  # this scale leaves the evaluation out
+                continue
             config = item.pop("config", None)
             overrides = {**_flatten("", item.pop("overrides", None) or {}), **_flatten("", item)}
-            overrides.update(_flatten("", _mapping(scale_evals.get(protocol), f"{p}: scales.{scale}.evals")))
+            overrides.update(_flatten("", at_scale))
             if data_name:
                 overrides.setdefault("data.name", data_name)
             specs.append(EvalSpec(protocol, config, overrides))
@@ -162,19 +183,36 @@ def load_sweep(path: str | Path, scale: str | None = None, data: str | None = No
             raise ConfigError(f"{p}: runs[{i}].name={name!r}: a folder name is required")
         if any(r.name == name for r in runs):
             raise ConfigError(f"{p}: runs[{i}].name={name!r} appears twice")
-        pretrain = {
-            **base_pretrain,
-            **_flatten("", _mapping(item.get("pretrain"), f"{p}: runs[{i}].pretrain")),
-            **scale_pretrain,
-        }
+        own = _flatten("", _mapping(item.get("pretrain"), f"{p}: runs[{i}].pretrain"))
+        pretrain = {**base_pretrain, **own, **scale_pretrain}
         if data_name:
             pretrain.setdefault("data.name", data_name)
         evals = eval_specs(item["evals"], f"{p}: runs[{i}].evals") if "evals" in item else shared_evals
-        runs.append(RunSpec(name, pretrain, evals))
+        tokenizer = None
+        if "tokenizer" in item:
+            tokenizer = {
+                **_flatten("", _mapping(item["tokenizer"], f"{p}: runs[{i}].tokenizer")),
+                **_flatten("", _mapping(picked.get("tokenizer"), f"{p}: scales.{scale}.tokenizer")),
+            }
+            if data_name:
+                tokenizer.setdefault("data.name", data_name)
+        unknown_keys = sorted(set(item) - {"name", "pretrain", "evals", "tokenizer"})
+        if unknown_keys:
+            raise ConfigError(
+                f"{p}: runs[{i}] has unknown key(s) {unknown_keys}; allowed: name, pretrain, evals, tokenizer"
+            )
+        runs.append(RunSpec(name, pretrain, evals, tokenizer, own))
     if not runs:
         raise ConfigError(f"{p}: no runs")
+    figures = []
+    for i, item in enumerate(raw.get("figures") or []):
+        item = _mapping(item, f"{p}: figures[{i}]")
+        missing = [r for r in item.get("runs", []) if not any(s.name == r for s in runs)]
+        if not item.get("file") or not item.get("x") or missing:
+            raise ConfigError(f"{p}: figures[{i}] needs file, x and runs (names of runs); unknown runs: {missing}")
+        figures.append(FigureSpec(str(item["file"]), str(item["x"]), list(item["runs"]), str(item.get("title", ""))))
     budget = picked.get("budget_s")
-    return Sweep(str(raw.get("name") or p.stem), runs, float(budget) if budget else None, p)
+    return Sweep(str(raw.get("name") or p.stem), runs, float(budget) if budget else None, p, figures)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -183,6 +221,8 @@ def _pretrain_config(spec: RunSpec, output: Path, epochs: int | None = None) -> 
 
     overrides = {k: v for k, v in spec.pretrain.items() if k != "config"}
     overrides["output"] = str(output)
+    if spec.tokenizer is not None:
+        overrides["method_args.tokenizer"] = str(output.parent / "tokenizer")
     if epochs is not None:
         overrides["epochs"] = epochs
     return build_config(PretrainConfig, spec.pretrain.get("config"), overrides)
@@ -262,6 +302,19 @@ def _broadcast(obj: dict[str, Any]) -> dict[str, Any]:
     return box[0]
 
 
+def _train_tokenizer(overrides: dict[str, Any], output: Path, progress: bool) -> bool:
+    """Train (or finish) a run's tokenizer in ``output``; False when a signal stopped it."""
+    from maelab.config import build_config
+    from maelab.methods.tokenizer import TokenizerConfig, train_tokenizer
+
+    values = {k: v for k, v in overrides.items() if k != "config"}
+    cfg = build_config(TokenizerConfig, overrides.get("config"), {**values, "output": str(output)})
+    if _finished(output, cfg.epochs):
+        return True
+    resume = (output / "checkpoints" / "last.pt").exists()
+    return not train_tokenizer(cfg, resume=resume, progress=progress).stopped_early
+
+
 def _run_eval(spec: EvalSpec, checkpoint: Path, output: Path, progress: bool) -> None:
     from maelab.config import build_config
     from maelab.eval.config import FinetuneConfig, KnnConfig, LinprobeConfig
@@ -306,6 +359,11 @@ def run_sweep(
         run_dir = out / spec.name
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+        if spec.tokenizer is not None and not _train_tokenizer(spec.tokenizer, run_dir / "tokenizer", progress):
+            log.warning(
+                "sweep %s stopped while training %s's tokenizer; run the same command again", sweep.name, spec.name
+            )
+            return collect_rows(sweep, out)
         plan = _plan(sweep, spec, run_dir, is_main)
         cfg = _pretrain_config(spec, run_dir / "pretrain", plan.get("epochs"))
         pre_dir = run_dir / "pretrain"
@@ -343,22 +401,28 @@ def collect_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
         records = read_records(run_dir / "pretrain" / "metrics.jsonl")
         plan_path = run_dir / PLAN_FILE
         plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
-        overrides = {k: v for k, v in spec.pretrain.items() if k not in ("config", "data.name")}
+        overrides = {k: v for k, v in spec.own.items() if k not in ("config", "method")}
         row: dict[str, Any] = {
             "run": spec.name,
             "method": spec.pretrain.get("method", "mae"),
-            "overrides": " ".join(f"{k}={v}" for k, v in overrides.items() if k != "method"),
+            "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()),
             "epochs": records[-1]["epoch"] if records else None,
-            "pretrain_s": sum(r.get("epoch_time_s", 0.0) for r in records) if records else None,
+            "pretrain_s": _seconds(records),
             "img_per_s": (sum(r["img_per_s"] for r in records) / len(records)) if records else None,
             "gflops_per_img": plan["flops_per_image"] / 1e9 if "flops_per_image" in plan else None,
             "final_loss": records[-1].get("loss") if records else None,
+            "tokenizer_s": _seconds(read_records(run_dir / "tokenizer" / "metrics.jsonl")),
         }
         for protocol in PROTOCOLS:
             ev = run_dir / protocol / "eval.json"
             row[f"{protocol}_top1"] = json.loads(ev.read_text())["metrics"].get("top1") if ev.exists() else None
         rows.append(row)
     return rows
+
+
+def _seconds(records: list[dict[str, Any]]) -> float | None:
+    """Summed ``epoch_time_s`` of a run's records (None without records)."""
+    return sum(r.get("epoch_time_s", 0.0) for r in records) if records else None
 
 
 def _cell(value: Any) -> str:
@@ -417,4 +481,41 @@ def write_sweep(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     atomic_write(out / "sweep.csv", buf.getvalue().encode())
     atomic_write(out / "sweep.md", format_markdown(sweep, rows).encode())
     save_sweep_figure(rows, out / "sweep.png")
+    for fig in sweep.figures:
+        save_setting_figure(sweep, fig, rows, out / fig.file)
     return rows
+
+
+def save_setting_figure(sweep: Sweep, fig_spec: FigureSpec, rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Top-1 of each evaluation against the setting ``fig_spec.x`` over ``fig_spec.runs`` (runs not yet evaluated
+    are left out); None when none is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from maelab.viz.reconstruction import _atomic_savefig
+
+    by_name = {r["run"]: r for r in rows}
+    specs = {s.name: s for s in sweep.runs}
+    fig = Figure(figsize=(5.5, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    drawn = False
+    for key in ("finetune_top1", "linprobe_top1", "knn_top1"):
+        points = sorted(
+            (float(specs[n].pretrain[fig_spec.x]), by_name[n][key])
+            for n in fig_spec.runs
+            if fig_spec.x in specs[n].pretrain and by_name[n].get(key) is not None
+        )
+        if points:
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=key.replace("_top1", ""))
+            for x, y in points:
+                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel(fig_spec.x)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(fig_spec.title or f"{sweep.name}: top-1 vs {fig_spec.x}")
+    ax.legend()
+    fig.tight_layout()
+    return _atomic_savefig(fig, path)
