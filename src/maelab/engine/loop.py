@@ -487,10 +487,11 @@ class Loop:
                         and self.step % cfg.save_every_steps == 0
                         and batch_idx < self.steps_per_epoch * cfg.accum_steps
                     ):
-                        if window_steps:
-                            self._fold(window, window_steps)
+                        if window_steps:  # these steps count in the epoch's loss and the next steps.jsonl record
+                            value = self._fold(window, window_steps)
+                            log_sum, log_steps = log_sum + value * window_steps, log_steps + window_steps
                         window = torch.zeros((), device=self.ctx.device)
-                        window_steps = 0
+                        window_steps, t_window = 0, time.perf_counter()
                         self.save(batch_idx, periodic=f"step_{self.step:08d}.pt")
                     if batch_idx >= self.steps_per_epoch * cfg.accum_steps:
                         break

@@ -1,0 +1,103 @@
+"""``maelab sweep``: a 2-run CPU sweep end to end, interrupted and continued, writes the table and figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from maelab.cli import main
+from maelab.errors import ConfigError
+from maelab.sweep import load_sweep, run_sweep
+
+TINY = {
+    "model": "mae_vit_pico_patch4_32",
+    "epochs": 2,
+    "batch_size": 16,
+    "warmup_epochs": 1,
+    "data": {"num_samples": 64, "num_workers": 0},
+    "device": "cpu",
+}
+
+
+def write_sweep(path, **extra):
+    spec = {
+        "name": "tiny",
+        "data": "synthetic",
+        "pretrain": TINY,
+        "evals": [{"protocol": "knn", "data": {"num_samples": 64, "num_workers": 0}, "batch_size": 32}],
+        "runs": [{"name": "mae"}, {"name": "ae", "pretrain": {"method": "ae"}}],
+        "figures": [{"file": "ratio.png", "x": "model_args.mask_ratio", "runs": ["mae", "ae"]}],
+        **extra,
+    }
+    spec["runs"][0]["pretrain"] = {"model_args.mask_ratio": 0.75}
+    spec["runs"][1]["pretrain"]["model_args.mask_ratio"] = 0.0
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_interrupted_sweep_continues_where_it_stopped_and_writes_the_table(tmp_path, monkeypatch):
+    import maelab.engine.loop as loop_mod
+
+    sweep_file = write_sweep(tmp_path / "sweep.yaml")
+    out = tmp_path / "out"
+    real_run = loop_mod.Loop.run
+    calls: list[tuple[str, int | None, int]] = []
+
+    def stop_second_run_after_one_step(self, max_steps=None):  # what a SIGTERM during run "ae" leaves
+        calls.append((self.p.kind, max_steps, self.step))
+        if self.p.kind == "pretrain" and self.out.parent.name == "ae" and self.step == 0:
+            return real_run(self, max_steps=1)
+        return real_run(self, max_steps=max_steps)
+
+    monkeypatch.setattr(loop_mod.Loop, "run", stop_second_run_after_one_step)
+    rows = run_sweep(sweep_file, out, progress=False)
+    assert [r["run"] for r in rows] == ["mae", "ae"]
+    assert rows[0]["knn_top1"] is not None and rows[1]["knn_top1"] is None  # "ae" stopped before its evaluation
+    assert (out / "ae" / "pretrain" / "checkpoints" / "last.pt").exists()
+    mae_ckpt = (out / "mae" / "pretrain" / "checkpoints" / "last.pt").stat().st_mtime_ns
+
+    calls.clear()
+    rows = run_sweep(sweep_file, out, progress=False)
+    # the finished run is skipped; the stopped one resumes from step 1 (its checkpoint), not from 0
+    assert calls == [("pretrain", None, 1)]
+    assert (out / "mae" / "pretrain" / "checkpoints" / "last.pt").stat().st_mtime_ns == mae_ckpt
+    assert [r["epochs"] for r in rows] == [2, 2] and all(r["knn_top1"] is not None for r in rows)
+    assert rows[1]["method"] == "ae" and rows[1]["overrides"] == "model_args.mask_ratio=0.0"
+    assert all(r["gflops_per_img"] > 0 and r["pretrain_s"] > 0 for r in rows)
+
+    table = json.loads((out / "sweep.json").read_text())
+    assert table["rows"] == json.loads(json.dumps(rows))
+    with open(out / "sweep.csv") as f:
+        assert [r["run"] for r in csv.DictReader(f)] == ["mae", "ae"]
+    md = (out / "sweep.md").read_text()
+    assert "| mae | mae |" in md and "| ae | ae |" in md and "kNN top-1" in md
+    assert (out / "sweep.png").stat().st_size > 0 and (out / "ratio.png").stat().st_size > 0
+
+
+def test_budget_sets_epochs_from_timed_steps_once(tmp_path, monkeypatch):
+    import maelab.sweep as sweep_mod
+
+    sweep_file = write_sweep(tmp_path / "sweep.yaml", scales={"quick": {"budget_s": 30.0}})
+    spec = load_sweep(sweep_file, "quick").runs[0]
+    timings = iter([{"step_s": 2.5, "steps_per_epoch": 4, "flops_per_image": 1e6}])
+    monkeypatch.setattr(sweep_mod, "_calibrate", lambda spec, run_dir: next(timings))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sweep = load_sweep(sweep_file, "quick")
+    plan = sweep_mod._plan(sweep, spec, run_dir, is_main=True)
+    assert plan["epochs"] == 3  # floor(30 s / (2.5 s x 4 steps))
+    assert sweep_mod._plan(sweep, spec, run_dir, is_main=True) == plan  # kept in plan.json: not timed again
+
+
+def test_sweep_file_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"runs": [{"name": "a", "evals": [{"protocol": "probe"}]}]}))
+    with pytest.raises(ConfigError, match=r"protocol='probe'; one of knn, linprobe, finetune"):
+        load_sweep(bad)
+    sweep_file = write_sweep(tmp_path / "sweep.yaml")
+    assert main(["sweep", str(sweep_file), "--output", str(tmp_path / "o"), "--scale", "huge"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("maelab: error:") and "unknown --scale 'huge'" in err and "\n" not in err
