@@ -41,6 +41,8 @@ SWITCHES = ("auto", "on", "off")
 """Values of the auto/on/off fields (``compile``, ``data.gpu_resident``)."""
 DECODE_MODES = ("auto", "cpu", "gpu")
 """``data.decode``: where the JPEGs of an image folder are decoded."""
+AUGMENTATIONS = ("none", "fixed_crop", "random_crop", "random_crop+color_jitter")
+"""``data.augment``: the pre-training augmentations of the MAE paper's Table 1e (random_crop is its default)."""
 POOLS = ("avg", "cls")
 """Feature pooling of the evaluations: mean of the patch tokens, or the class token."""
 MASK_TYPES = ("random", "block", "grid")
@@ -350,6 +352,14 @@ class DataConfig:
     probing default to 0.08)."""
     hflip: bool = True
     """Random horizontal flip of the training images."""
+    augment: str = one_of(AUGMENTATIONS, "random_crop")
+    """Pre-training augmentation, the MAE paper's Table 1e (maelab.data.transforms.pretrain_transform). random_crop:
+    RandomResizedCrop(min_scale to 1) + flip, the paper's default; random_crop+color_jitter: the same, then
+    ColorJitter(0.4, 0.4, 0.4, 0.1) on 80% of the images (MoCo v2's; 1 or 3 channels); fixed_crop: a random crop
+    at one scale + flip (an image of the input size padded 4 px by reflection, as for CIFAR; any other resized to
+    cover img_size / 0.875, as for ImageNet); none: the evaluation transform (resize to img_size / crop_pct, center
+    crop), no flip. The GPU-resident and decode=gpu paths do random_crop only (gpu_resident=auto is then off).
+    Fine-tuning, linear probing and kNN do not use it: they have their own transforms."""
     strict: bool = False
     """Fail on the first unreadable image instead of skipping it."""
     image_column: str | None = None

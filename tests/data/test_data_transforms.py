@@ -171,3 +171,125 @@ def test_no_flip_when_disabled():
         torch.manual_seed(s)
         out = t(img)
         assert out[0, :, :12].mean() < 0.2 and out[0, :, 20:].mean() > 0.8
+
+
+# ---------------------------------------------------------------- data.augment (the MAE paper's Table 1e)
+def _draws(t, img, seeds=range(12)) -> list[torch.Tensor]:
+    out = []
+    for s in seeds:
+        torch.manual_seed(s)
+        out.append(t(img))
+    return out
+
+
+def test_default_augment_is_the_papers_random_resized_crop_and_flip():
+    """pretrain_transform called as before (and with augment=random_crop) draws exactly the hand-built recipe."""
+    from torchvision.transforms import v2
+
+    mean, std = default_stats(3)
+    reference = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+            v2.ToPureTensor(),
+        ]
+    )
+    img = _pil(48, 40)
+    expected = _draws(reference, img)
+    for t in (pretrain_transform(32, mean, std), pretrain_transform(32, mean, std, augment="random_crop")):
+        assert all(torch.equal(a, b) for a, b in zip(_draws(t, img), expected, strict=True))
+
+
+@pytest.mark.parametrize("size,crop_pct", [(32, "auto"), (32, 1.0), ((24, 40), 0.9)])
+def test_augment_none_is_the_evaluation_transform(size, crop_pct):
+    """No randomness and no flip (hflip=True is ignored): every draw equals eval_transform."""
+    mean, std = default_stats(3)
+    img = _pil(64, 50)
+    expected = eval_transform(size, mean, std, crop_pct)(img)
+    t = pretrain_transform(size, mean, std, hflip=True, augment="none", crop_pct=crop_pct)
+    assert all(torch.equal(out, expected) for out in _draws(t, img))
+    raw = pretrain_transform(size, mean, std, normalize=False, augment="none", crop_pct=crop_pct)(img)
+    assert raw.dtype == torch.uint8 and raw.shape == expected.shape
+
+
+def _crop_offsets(out: torch.Tensor, source: torch.Tensor) -> set[tuple[int, int, bool]]:
+    """(top, left, flipped) of every crop of ``source`` [C, H, W] (or of its mirror) equal to ``out`` [C, h, w]."""
+    h, w = out.shape[-2:]
+    hits = set()
+    for flipped, src in ((False, source), (True, source.flip(-1))):
+        for top in range(source.shape[-2] - h + 1):
+            for left in range(source.shape[-1] - w + 1):
+                if torch.equal(src[:, top : top + h, left : left + w], out):
+                    hits.add((top, left, flipped))
+    return hits
+
+
+def test_fixed_crop_of_a_larger_image_is_a_random_crop_at_one_scale():
+    """A 64 x 48 image for a 32 px input: short side resized to int(32 / 0.875) = 36, then 32 x 32 crops of it
+    (+ flips). The paper's default random resized crop does not pass this check (its scale changes)."""
+    from torchvision.transforms import v2
+
+    img = _pil(64, 48)
+    resized = v2.Resize(36, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(v2.ToImage()(img))
+    assert resized.shape == (3, 36, 48)
+    mean, std = default_stats(3)
+    outs = _draws(pretrain_transform(32, mean, std, normalize=False, augment="fixed_crop"), img, range(30))
+    assert all(out.shape == (3, 32, 32) and out.dtype == torch.uint8 for out in outs)
+    offsets = [_crop_offsets(out, resized) for out in outs]
+    assert all(offsets), "every output is a crop of the resized image"
+    assert len({next(iter(o))[:2] for o in offsets}) > 5  # crops differ between draws
+    assert {f for o in offsets for _, _, f in o} == {False, True}  # flipped and not
+    default = _draws(pretrain_transform(32, mean, std, normalize=False), img, range(10))
+    assert not all(_crop_offsets(out, resized) for out in default)
+    assert pretrain_transform((24, 40), mean, std, augment="fixed_crop")(img).shape == (3, 24, 40)
+
+
+def test_fixed_crop_of_an_image_at_the_input_size_pads_then_crops():
+    """A 32 x 32 image for a 32 px input (CIFAR): reflect-padded by 4 px, then 32 x 32 crops (no flip here)."""
+    from torchvision.transforms import v2
+
+    img = _pil(32, 32)
+    padded = v2.functional.pad(v2.ToImage()(img), [4, 4, 4, 4], padding_mode="reflect")
+    mean, std = default_stats(3)
+    t = pretrain_transform(32, mean, std, hflip=False, normalize=False, augment="fixed_crop")
+    offsets = [_crop_offsets(out, padded) for out in _draws(t, img, range(20))]
+    assert all(any(not flipped for *_, flipped in o) for o in offsets), "every output is a crop of the padded image"
+    assert len({next(iter(o))[:2] for o in offsets}) > 5  # crops differ between draws
+
+
+def test_color_jitter_changes_colours_on_some_draws_and_keeps_the_default_geometry():
+    """Same seed: the default's crop and flip, then ColorJitter on about 80% of the draws."""
+    mean, std = default_stats(3)
+    img = _pil(48, 40)
+    default = _draws(pretrain_transform(32, mean, std, normalize=False), img, range(20))
+    jitter = _draws(
+        pretrain_transform(32, mean, std, normalize=False, augment="random_crop+color_jitter"), img, range(20)
+    )
+    same = [torch.equal(a, b) for a, b in zip(default, jitter, strict=True)]
+    assert 0 < sum(same) < 10  # some draws left as they are, most jittered
+    changed = [
+        (a.float().mean((1, 2)) - b.float().mean((1, 2))).abs().max() for a, b, s in zip(default, jitter, same) if not s
+    ]
+    assert max(changed) > 5  # mean colour moved by more than 5 uint8 levels on some draw
+    # geometry: on a grayscale image only brightness and contrast act, monotone maps of each pixel of the crop
+    gray = _pil(48, 40, "L")
+    m1, s1 = default_stats(1)
+    default = _draws(pretrain_transform(32, m1, s1, normalize=False), gray, range(20))
+    jitter = _draws(
+        pretrain_transform(32, m1, s1, normalize=False, augment="random_crop+color_jitter"), gray, range(20)
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(default, jitter, strict=True))
+    for a, b in zip(default, jitter, strict=True):
+        order = a.flatten().argsort(stable=True)
+        assert bool((b.flatten()[order].int().diff() >= 0).all())
+
+
+def test_unknown_augment_and_jitter_of_other_channel_counts_are_refused():
+    mean, std = default_stats(3)
+    with pytest.raises(ValueError, match="augment must be one of"):
+        pretrain_transform(32, mean, std, augment="crop")
+    with pytest.raises(ValueError, match="needs 1 or 3 channels, not 2"):
+        pretrain_transform(32, *default_stats(2), augment="random_crop+color_jitter")

@@ -25,9 +25,9 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 CPU = torch.device("cpu")
 
 
-def _views(num_samples: int) -> SyntheticShapes:
+def _views(num_samples: int, crop_pct: float | str = 1.0) -> SyntheticShapes:
     """The training set of :func:`_data` with the evaluation transform."""
-    tf = eval_transform(32, MEAN, STD, 1.0)
+    tf = eval_transform(32, MEAN, STD, crop_pct)
     return build_dataset(DataConfig(num_samples=num_samples), img_size=32, in_chans=3, train=True, transform=tf, seed=7)
 
 
@@ -143,6 +143,67 @@ def test_fewer_images_than_one_global_batch():
     assert _data(batch_size=16, world_size=2, num_samples=32).batches_per_epoch == 1
     with pytest.raises(DataError, match=r"has 31 images, fewer than one global batch \(batch_size=16 x 2 processes"):
         _data(batch_size=16, world_size=2, num_samples=31)
+
+
+# ---------------------------------------------------------------- data.augment
+OTHER_AUGMENTATIONS = ["none", "fixed_crop", "random_crop+color_jitter"]
+
+
+@pytest.mark.parametrize("augment", OTHER_AUGMENTATIONS)
+def test_augment_sets_the_cpu_paths_transform(augment):
+    t = _data(augment=augment)
+    assert isinstance(t.loader, DeviceBatches) and not t.gpu_resident
+    assert t.description == f"0 workers, data.augment={augment}"
+    tf = pretrain_transform(32, MEAN, STD, 0.2, True, normalize=False, augment=augment)
+    sampler = ResumableSampler(64, seed=7)
+    reference = build_loader(SyntheticShapes(64, 32, 3, 10, 7, tf), 16, sampler, 0)
+    default = _data()
+    for s in (t.sampler, sampler, default.sampler):
+        s.set_epoch(1)
+    (x, y), (u, v), (d, _) = next(iter(t.loader)), next(iter(reference)), next(iter(default.loader))
+    assert torch.equal(x, normalize_uint8(u, MEAN, STD)) and torch.equal(y, v)
+    assert not torch.equal(x, d)  # not the default's random resized crops
+
+
+def test_augment_none_trains_on_the_evaluation_views():
+    t = _data(augment="none", crop_pct=0.8)  # data.crop_pct: resize 32 -> 40 px, center 32 px
+    views = _views(64, 0.8)
+    trained = normalize_uint8(torch.stack([t.dataset[i][0] for i in range(8)]), MEAN, STD)
+    assert torch.equal(trained, torch.stack([views[i][0] for i in range(8)]))
+
+
+@pytest.mark.parametrize("augment", OTHER_AUGMENTATIONS)
+def test_other_augmentations_refuse_the_gpu_paths(tmp_path, augment):
+    """GPU-resident and decode=gpu batches are augmented as random_crop only: asking for them is one line."""
+    with pytest.raises(ConfigError) as err:
+        _data(augment=augment, gpu_resident="on")
+    assert str(err.value) == (
+        f"data.augment={augment} needs the CPU path: data.gpu_resident=on augments as random_crop only; "
+        "use gpu_resident=auto or off and decode=cpu"
+    )
+    with pytest.raises(ConfigError) as err:
+        _data(batch_size=8, name=str(_folder(tmp_path / "data")), decode="gpu", augment=augment)
+    assert str(err.value).startswith(f"data.augment={augment} needs the CPU path: data.decode=gpu augments")
+
+
+def test_other_augmentations_turn_auto_gpu_resident_off(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 1 << 32))
+
+    def plan(**kw):
+        cfg = DataConfig(**{"num_samples": 64, "num_workers": 0, **kw})
+        return plan_training_set(cfg, img_size=32, in_chans=3, mean=MEAN, std=STD, seed=7, device=torch.device("cuda"))
+
+    assert plan().store == (32, 32)  # the default would be GPU-resident here
+    for augment in OTHER_AUGMENTATIONS:
+        ds, transform, store = plan(augment=augment)
+        assert store is None and not isinstance(transform.transform, Uint8Image)
+        assert ds[0][0].dtype == torch.uint8 and ds[0][0].shape == (3, 32, 32)
+
+
+def test_color_jitter_needs_one_or_three_channels():
+    cfg = DataConfig(num_samples=64, num_workers=0, augment="random_crop+color_jitter")
+    with pytest.raises(ConfigError, match=r"^data.augment=random_crop\+color_jitter needs 1 or 3 channels, not in_"):
+        plan_training_set(cfg, img_size=32, in_chans=2, mean=(0.5,) * 2, std=(0.5,) * 2, seed=7, device=CPU)
 
 
 # ---------------------------------------------------------------- fixed images for figures

@@ -198,7 +198,9 @@ class JPEGDecodeLoader:
     order is ``sampler``'s from ``sampler.start``, so call ``sampler.set_epoch(epoch, start)``
     before iterating). DataLoader workers read the files (:class:`EncodedImageFolder`), the
     main process decodes each batch on ``device`` with one ``decode_jpeg`` call and augments
-    it (module docstring). Incomplete last batches are dropped.
+    it (module docstring). Incomplete last batches are dropped. The augmentation is
+    ``data.augment=random_crop`` (random resized crop + flip) only: another ``data.augment`` with
+    ``data.decode=gpu`` is refused (:func:`maelab.data.pipeline.plan_training_set`).
 
     Args:
         folder: the training folder (its ``transform`` is not used).

@@ -13,7 +13,8 @@
   (:class:`~maelab.data.prefetch.DeviceBatches`).
 
 Samplers, seeds and transforms are those of each path, so a run is reproducible and resumes
-exactly whichever path it takes.
+exactly whichever path it takes. The GPU paths augment as ``data.augment=random_crop`` only: another
+``data.augment`` (:func:`~maelab.data.transforms.pretrain_transform`) takes a CPU path.
 """
 
 from __future__ import annotations
@@ -63,15 +64,26 @@ def plan_training_set(
 
     ``data.gpu_resident`` is resolved by :func:`~maelab.data.resident.plan_gpu_resident`: from the stored size
     of a built-in set (one sample), or for a folder from the headers of a few evenly spaced files; ``auto`` is
-    off off CUDA and with ``data.decode=gpu``. Then the transform is set for the path taken: uint8 images for
+    off off CUDA, with ``data.decode=gpu`` and with a ``data.augment`` other than ``random_crop`` (the GPU paths
+    implement only that one). Then the transform is set for the path taken: uint8 images for
     :func:`~maelab.data.resident.load_uint8_tensor` (built-in sets keep their size; folders their common size,
     or the model's input size ``img_size`` when the sizes differ), else the per-sample ``pretrain_transform``
-    ending in uint8 crops (normalized on the device).
+    of ``data.augment`` ending in uint8 crops (normalized on the device).
 
     Raises:
-        ConfigError: ``gpu_resident=on`` or ``decode=gpu`` for shards or a Hugging Face dataset.
+        ConfigError: ``gpu_resident=on`` or ``decode=gpu`` for shards or a Hugging Face dataset, or with a
+            ``data.augment`` other than ``random_crop``; color jitter for ``in_chans`` other than 1 or 3.
         DataError: from :func:`~maelab.data.build.build_dataset`.
     """
+    augment = str(data.augment)
+    if augment != "random_crop" and (data.gpu_resident == "on" or data.decode == "gpu"):
+        gpu_path = "data.gpu_resident=on" if data.gpu_resident == "on" else "data.decode=gpu"
+        raise ConfigError(
+            f"data.augment={augment} needs the CPU path: {gpu_path} augments as random_crop only; "
+            "use gpu_resident=auto or off and decode=cpu"
+        )
+    if augment == "random_crop+color_jitter" and in_chans not in (1, 3):
+        raise ConfigError(f"data.augment={augment} needs 1 or 3 channels, not in_chans={in_chans}")
     transform = DeferredTransform()
     ds: Any = build_dataset(data, img_size=img_size, in_chans=in_chans, train=True, transform=transform, seed=seed)
     fixed = data.name.lower() in BUILTIN_DATASETS
@@ -83,8 +95,8 @@ def plan_training_set(
                 f"dataset, not {data.name!r}: use gpu_resident=auto and decode=cpu"
             )
         mode = "off"
-    if mode == "auto" and (device.type != "cuda" or data.decode == "gpu"):
-        mode = "off"  # an explicit decode=gpu asks for per-batch device decoding
+    if mode == "auto" and (device.type != "cuda" or data.decode == "gpu" or augment != "random_crop"):
+        mode = "off"  # an explicit decode=gpu asks for per-batch device decoding; other augmentations are CPU-only
     store = None
     if mode != "off":
         sizes: list[tuple[int, int]]
@@ -101,7 +113,18 @@ def plan_training_set(
         transform.set(Uint8Image(None if fixed else store))
     else:
         # uint8 crops: DeviceBatches normalizes them on the device (a quarter of the bytes to copy)
-        transform.set(pretrain_transform(img_size, mean, std, data.min_scale, data.hflip, normalize=False))
+        transform.set(
+            pretrain_transform(
+                img_size,
+                mean,
+                std,
+                data.min_scale,
+                data.hflip,
+                normalize=False,
+                augment=augment,
+                crop_pct=data.crop_pct,
+            )
+        )
     return TrainingSet(ds, transform, store)
 
 
@@ -124,7 +147,8 @@ class TrainingData:
     """This rank's full batches per epoch (this rank's samples // batch_size)."""
     gpu_resident: bool
     description: str
-    """The path in a few words, for the run's summary: e.g. ``GPU-resident``, ``4 workers``."""
+    """The path in a few words, for the run's summary: e.g. ``GPU-resident``, ``4 workers``, ``4 workers,
+    data.augment=none`` (an augmentation other than the default is named)."""
     transform: DeferredTransform
     """The dataset's transform (the training one; :meth:`fixed_images` swaps it for the moment)."""
 
@@ -232,6 +256,8 @@ def build_training_data(
         description = f"{workers} workers read files, JPEGs decoded on {device}"
     else:
         loader = DeviceBatches(build_loader(ds, batch_size, sampler, workers, pin_memory=pin), device, mean, std)
+    if data.augment != "random_crop":
+        description += f", data.augment={data.augment}"
     return TrainingData(
         dataset=ds,
         sampler=sampler,

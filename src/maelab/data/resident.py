@@ -8,7 +8,9 @@ moved to the device, and augmented there in batches
 (:class:`~maelab.data.loaders.GPUBatchLoader`, :mod:`maelab.data.gpu_crop`).
 
 Intended for data whose stored size is about the training size (CIFAR at 32 px, STL-10 at
-96 px, small synthetic sets, folders of small images). Whether to use it is decided before
+96 px, small synthetic sets, folders of small images). Batches are augmented as ``data.augment=random_crop``
+(random resized crop + flip) only: with another ``data.augment`` the set stays on the CPU path
+(:func:`maelab.data.pipeline.plan_training_set`). Whether to use it is decided before
 anything is decoded (:func:`plan_gpu_resident`): from the one known size of a fixed-size set,
 or for a folder from the headers of a few evenly spaced files (:func:`peek_image_sizes`).
 The dataset is built once with a :class:`DeferredTransform`, whose transform is set when the
@@ -27,7 +29,7 @@ from torchvision.transforms.v2 import InterpolationMode
 
 from maelab.config import SWITCHES, processes_on_node
 from maelab.data.loader import SignalSafeDataLoader
-from maelab.data.transforms import Size, pair_size
+from maelab.data.transforms import Size, cover_size, pair_size
 
 AUTO_MAX_SIDE = 64
 """``gpu_resident='auto'`` turns on only for images whose longer side is at most this."""
@@ -65,14 +67,10 @@ class Uint8Image:
     def __call__(self, img: Any) -> torch.Tensor:
         x = v2.functional.to_dtype(v2.functional.to_image(img), torch.uint8, scale=True)
         if self.size is not None and tuple(x.shape[-2:]) != self.size:
-            h, w = self.size
             ih, iw = (int(s) for s in x.shape[-2:])
-            if h * iw >= w * ih:  # the height governs (torchvision's int(size * long / short) rounding)
-                nh, nw = h, max(w, int(h * iw / ih))
-            else:
-                nh, nw = max(h, int(w * ih / iw)), w
-            x = v2.functional.resize(x, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True)
-            x = v2.functional.center_crop(x, [h, w])
+            cover = list(cover_size((ih, iw), self.size))
+            x = v2.functional.resize(x, cover, interpolation=InterpolationMode.BICUBIC, antialias=True)
+            x = v2.functional.center_crop(x, list(self.size))
         return x.as_subclass(torch.Tensor)
 
     def __repr__(self) -> str:
