@@ -1,5 +1,5 @@
-"""``maelab <command>``: pretrain, shard, finetune, linprobe, knn, embed, visualize, compare, report, export,
-models, bench.
+"""``maelab <command>``: pretrain, tokenizer, shard, finetune, linprobe, knn, embed, visualize, compare, report,
+export, models, bench.
 
 The protocol commands' flags are generated from their config dataclasses (:func:`add_config_flags`):
 ``--field-name`` for each top-level field, with the field's doc string as help, a few aliases for nested keys
@@ -31,6 +31,7 @@ from maelab.config import (
 )
 from maelab.engine.launch import adopt_slurm_launch
 from maelab.errors import MaelabError
+from maelab.methods.tokenizer import TokenizerConfig, train_tokenizer
 
 EXIT_USER_ERROR = 2
 C = TypeVar("C")
@@ -168,6 +169,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         args,
         PretrainConfig,
         lambda cfg: pretrain(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps),
+        summary,
+    )
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    def summary(cfg: TokenizerConfig, result: Any) -> str:
+        state = "stopped (resume with --resume)" if result.stopped_early else "finished"
+        return (
+            f"{state}: epoch {result.epoch}/{cfg.epochs}, step {result.step}, loss {result.final_loss:.4f}; "
+            f"tokenizer in {result.output} (BEiT: method_args.tokenizer={result.output})"
+        )
+
+    return run_command(
+        args,
+        TokenizerConfig,
+        lambda cfg: train_tokenizer(cfg, resume=args.resume, progress=not args.no_progress, max_steps=args.max_steps),
         summary,
     )
 
@@ -346,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("tokenizer", help="train a VQ-VAE visual tokenizer: BEiT's targets (method_args.tokenizer)")
+    p.add_argument("--config", help="YAML recipe (see recipes/tokenizer_*.yaml)")
+    add_config_flags(p, TokenizerConfig)
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from checkpoints/last.pt")
+    p.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after this many optimizer steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokenizer)
+
     p = sub.add_parser("shard", help="write an image folder as WebDataset tar shards (+ index.json)")
     p.add_argument("--data", required=True, help="image folder (ImageFolder classes become the cls field)")
     p.add_argument("--output", required=True, help="directory for shard-NNNNNN.tar and index.json")
@@ -400,7 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         "eval.json at most 3 folder levels below RUN_DIR's parent folder (RUN_DIR itself, its "
         "subfolders, sibling folders and theirs) whose checkpoint is RUN_DIR or a file inside it.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="pre-training run directory (the --output of maelab pretrain)")
+    p.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="pre-training run directory (the --output of maelab pretrain), or a sweep directory (maelab sweep's "
+        "--output: the comparison table, the sweep's figures and each run's last reconstruction)",
+    )
     p.add_argument("--output", help="HTML file to write (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
 

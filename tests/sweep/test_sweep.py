@@ -76,6 +76,11 @@ def test_interrupted_sweep_continues_where_it_stopped_and_writes_the_table(tmp_p
     assert "| mae | mae |" in md and "| ae | ae |" in md and "kNN top-1" in md
     assert (out / "sweep.png").stat().st_size > 0 and (out / "ratio.png").stat().st_size > 0
 
+    assert main(["report", str(out)]) == 0  # a sweep directory: the table, its figures, each run's pictures
+    page = (out / "report.html").read_text()
+    assert "maelab sweep report" in page and "<td>mae</td>" in page and "<td>ae</td>" in page
+    assert page.count("<img ") == 2 + 2 * 2  # sweep.png, ratio.png; per run its reconstruction and loss curve
+
 
 def test_budget_sets_epochs_from_timed_steps_once(tmp_path, monkeypatch):
     import maelab.sweep as sweep_mod

@@ -566,8 +566,81 @@ def run_header(files: RunFiles) -> str:
     )
 
 
+SWEEP_FILE = "sweep.json"
+"""What marks a ``maelab sweep`` output directory (:func:`maelab.sweep.write_sweep`)."""
+
+
+def is_sweep_dir(path: str | Path) -> bool:
+    return (Path(path) / SWEEP_FILE).is_file()
+
+
+def sweep_sections(sweep_dir: Path) -> list[Section]:
+    """The comparison table, the sweep's figures, and per run its last reconstruction and loss curve."""
+    from maelab.sweep import COLUMNS, _cell
+
+    record = _read_mapping(_read_text(sweep_dir / SWEEP_FILE), json_text=True) or {}
+    rows = record.get("rows") or []
+    header = [h for _, h in COLUMNS]
+    body = [[_cell(r.get(k)) for k, _ in COLUMNS] for r in rows]
+    sections = [Section("table", "Comparison", table(body, header) if body else note("no runs yet"))]
+    figures = sorted(p for p in sweep_dir.glob("*.png"))
+    if figures:
+        sections.append(Section("figures", "Figures", _figures([(p.stem, p) for p in figures])))
+    per_run = []
+    for r in rows:
+        run_dir = sweep_dir / str(r.get("run")) / "pretrain"
+        grids = reconstruction_grids(run_dir) if run_dir.is_dir() else []
+        shown = [(f"{r.get('run')}: reconstruction, epoch {grids[-1][0]}", grids[-1][1])] if grids else []
+        curve = run_dir / "figures" / "loss_curve.png"
+        if curve.is_file():
+            shown.append((f"{r.get('run')}: loss", curve))
+        per_run += shown
+    if per_run:
+        sections.append(Section("runs", "Runs", _figures(per_run)))
+    budget = record.get("budget_s")
+    sections.append(
+        Section(
+            "about",
+            "About",
+            table(
+                [
+                    ("sweep", str(record.get("name"))),
+                    ("file", str(record.get("source"))),
+                    ("equal pre-training budget", f"{budget:g} s" if budget else "no (equal epochs)"),
+                ]
+            ),
+        )
+    )
+    return sections
+
+
+def _figures(items: Sequence[tuple[str, Path]]) -> str:
+    """Embedded images with captions, in a grid."""
+    cells = []
+    for caption, path in items:
+        uri = data_uri(path)
+        if uri is not None:
+            cells.append(
+                f'<figure><img src="{uri}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>'
+            )
+    return f'<div class="grids">{"".join(cells)}</div>'
+
+
+def build_sweep_report(sweep_dir: str | Path) -> str:
+    """The HTML page of a ``maelab sweep`` output directory (finished or still running)."""
+    from maelab import __version__
+
+    path = Path(sweep_dir)
+    header = f'<h1>maelab sweep report: {esc(path.name)}</h1><div class="path">{esc(path.resolve())}</div>' + note(
+        f"generated {time.strftime('%Y-%m-%d %H:%M:%S')} by maelab {__version__}"
+    )
+    return render_page(f"maelab sweep: {path.name}", header, sweep_sections(path))
+
+
 def build_report(run_dir: str | Path) -> str:
-    """The HTML page of a run directory (finished or still running)."""
+    """The HTML page of a run directory (finished or still running), or of a sweep directory."""
+    if is_sweep_dir(run_dir):
+        return build_sweep_report(run_dir)
     files = load_run_files(run_dir)
     return render_page(f"maelab report: {files.path.name}", run_header(files), run_sections(files))
 
