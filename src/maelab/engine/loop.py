@@ -113,6 +113,25 @@ class RunResult:
     """Evaluating protocols: the last evaluation, best_<metric>, best_epoch, epochs, steps."""
 
 
+class LossWindow:
+    """Step losses kept on the device between host syncs (one per log interval), and the host-side sums of the
+    next ``steps.jsonl`` record."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.log_sum, self.log_steps, self.t_log = 0.0, 0, time.perf_counter()
+        self.restart()
+
+    def restart(self) -> None:
+        self.total = torch.zeros((), device=self.device)
+        self.steps = 0
+        self.t_start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.steps += 1
+
+
 class Protocol:
     """What a training protocol supplies to the :class:`Loop`. Subclasses set, in their constructor:
 
@@ -391,19 +410,49 @@ class Loop:
                 f"{where}. Try a lower lr, grad_clip=1.0 or precision=fp32"
             )
 
-    def _fold(self, window: torch.Tensor, window_steps: int) -> float:
-        """The mean loss of the window's steps over all ranks (the host sync), checked and added to the epoch's
-        statistics."""
-        value = all_reduce_mean(window, self.dist).item() / window_steps
+    def _flush(self, window: LossWindow) -> float | None:
+        """Fold the window's steps into the epoch's statistics and the next ``steps.jsonl`` record: their mean
+        loss over all ranks (the host sync), checked; None for an empty window. The window starts afresh."""
+        if not window.steps:
+            return None
+        value = all_reduce_mean(window.total, self.dist).item() / window.steps
         self._check_finite(value)
-        self.epoch_loss_sum += value * window_steps
-        self.epoch_steps_done += window_steps
+        self.epoch_loss_sum += value * window.steps
+        self.epoch_steps_done += window.steps
+        window.log_sum += value * window.steps
+        window.log_steps += window.steps
+        window.restart()
+        return value
+
+    def _log(self, window: LossWindow, stop: StopFlag, bar: Any) -> float:
+        """A log interval: the loss and throughput on the progress bar, ``steps.jsonl`` every ``log_every`` steps,
+        TensorBoard; under torchrun the ranks agree here whether a stop signal arrived."""
+        steps, elapsed = window.steps, max(time.perf_counter() - window.t_start, 1e-9)
+        value = self._flush(window)
+        assert value is not None
+        stop.agree(self.dist)
+        lr = self.lr()
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", img_s=f"{steps * self.global_batch / elapsed:.0f}")
+        if self.step % self.cfg.log_every == 0:  # step-level curve: the mean since the last record
+            if self.is_main:
+                since = max(time.perf_counter() - window.t_log, 1e-9)
+                self.step_log.append(
+                    {
+                        "step": self.step,
+                        "loss": window.log_sum / window.log_steps,
+                        "lr": lr,
+                        "img_per_s": window.log_steps * self.global_batch / since,
+                    }
+                )
+            window.log_sum, window.log_steps, window.t_log = 0.0, 0, time.perf_counter()
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", value, self.step)
+            self.tb.add_scalar("train/lr", lr, self.step)
         return value
 
     def run(self, max_steps: int | None = None) -> RunResult:
         """Train until ``cfg.epochs`` (or ``max_steps`` optimizer steps, then checkpoint and stop)."""
         cfg, p = self.cfg, self.p
-        check_every = 1 if self.ctx.device.type == "cpu" else cfg.log_every
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -417,98 +466,17 @@ class Loop:
         start_batch, self.start_batch = self.start_batch, 0
         with StopFlag() as stop:
             while self.epoch < cfg.epochs and not stopped:
-                bar.set_description(f"{p.kind} {self.epoch + 1}/{cfg.epochs}")
-                if start_batch == 0:
-                    self.epoch_loss_sum, self.epoch_steps_done = 0.0, 0
-                    p.start_epoch(self.epoch)
-                p.train_mode()
-                batch_idx, start_batch = start_batch, 0
-                t_epoch, imgs_seen = time.perf_counter(), 0
-                window = torch.zeros((), device=self.ctx.device)
-                window_steps, t_window = 0, time.perf_counter()
-                log_sum, log_steps, t_log = 0.0, 0, time.perf_counter()  # host side, for steps.jsonl
-                pending: list[Any] = []
-                for batch in p.epoch_batches(self.epoch, batch_idx):
-                    pending.append(batch)
-                    batch_idx += 1
-                    if len(pending) < cfg.accum_steps:
-                        continue
-                    loss = self.train_step(pending)
-                    imgs_seen += sum(p.images_in(b) for b in pending)
-                    pending = []
-                    if loss is not None:  # None: a skipped non-finite step
-                        window += loss
-                        window_steps += 1
-                    if window_steps and (self.step % check_every == 0 or self.step % cfg.log_every == 0):
-                        value = self._fold(window, window_steps)
-                        stop.agree(self.dist)
-                        rate = window_steps * self.global_batch / max(time.perf_counter() - t_window, 1e-9)
-                        last_loss = value
-                        bar.set_postfix(loss=f"{value:.4f}", lr=f"{self.lr():.2e}", img_s=f"{rate:.0f}")
-                        log_sum, log_steps = log_sum + value * window_steps, log_steps + window_steps
-                        if self.step % cfg.log_every == 0:  # step-level curve: the mean since the last record
-                            if self.is_main:
-                                elapsed = max(time.perf_counter() - t_log, 1e-9)
-                                self.step_log.append(
-                                    {
-                                        "step": self.step,
-                                        "loss": log_sum / log_steps,
-                                        "lr": self.lr(),
-                                        "img_per_s": log_steps * self.global_batch / elapsed,
-                                    }
-                                )
-                            log_sum, log_steps, t_log = 0.0, 0, time.perf_counter()
-                        if self.tb is not None:
-                            self.tb.add_scalar("train/loss", value, self.step)
-                            self.tb.add_scalar("train/lr", self.lr(), self.step)
-                        window = torch.zeros((), device=self.ctx.device)
-                        window_steps, t_window = 0, time.perf_counter()
-                    bar.update(1)
-                    hit_max = max_steps is not None and self.step >= max_steps
-                    if not self.dist.enabled:
-                        stop.agree(self.dist)
-                    if stop.signum is not None or hit_max:
-                        if window_steps:
-                            self._fold(window, window_steps)
-                        self.save(batch_idx)
-                        if stop.signum is not None:  # every rank says so: all stop after the same step
-                            rank = f" (rank {self.dist.rank})" if self.dist.enabled else ""
-                            log.warning(
-                                "received signal %d%s: stopped after step %d, saved %s",
-                                stop.signum,
-                                rank,
-                                self.step,
-                                self.ckpt_dir / LAST,
-                            )
-                        stopped = True
-                        break
-                    if (
-                        cfg.save_every_steps
-                        and self.step % cfg.save_every_steps == 0
-                        and batch_idx < self.steps_per_epoch * cfg.accum_steps
-                    ):
-                        if window_steps:  # these steps count in the epoch's loss and the next steps.jsonl record
-                            value = self._fold(window, window_steps)
-                            log_sum, log_steps = log_sum + value * window_steps, log_steps + window_steps
-                        window = torch.zeros((), device=self.ctx.device)
-                        window_steps, t_window = 0, time.perf_counter()
-                        self.save(batch_idx, periodic=f"step_{self.step:08d}.pt")
-                    if batch_idx >= self.steps_per_epoch * cfg.accum_steps:
-                        break
-                if stopped:
-                    break
-                if window_steps:
-                    self._fold(window, window_steps)
-                last_loss = self._end_epoch(bar, imgs_seen, time.perf_counter() - t_epoch)
+                stopped, loss = self._run_epoch(start_batch, bar, stop, max_steps)
+                start_batch = 0
+                last_loss = last_loss if loss is None else loss
         bar.close()
         if self.tb is not None:
             self.tb.close()
         result = RunResult(self.out, last_loss, self.step, self.epoch, stopped_early=stopped)
         if p.best_metric is not None:
-            name = p.best_metric
             result.metrics = {
                 **self.last_eval,
-                f"best_{name}": self.best["value"],
+                f"best_{p.best_metric}": self.best["value"],
                 "best_epoch": self.best["epoch"],
                 "epochs": self.epoch,
                 "steps": self.step,
@@ -517,6 +485,60 @@ class Loop:
             p.finish(result)
             barrier(self.dist)  # the outputs exist when any rank returns
         return result
+
+    def _run_epoch(
+        self, start_batch: int, bar: Any, stop: StopFlag, max_steps: int | None
+    ) -> tuple[bool, float | None]:
+        """One epoch from batch ``start_batch`` (a resumed one from its middle). Returns (stopped, the last loss:
+        the epoch's mean, or when stopped by a signal or ``max_steps`` the last logged one)."""
+        cfg, p = self.cfg, self.p
+        check_every = 1 if self.ctx.device.type == "cpu" else cfg.log_every
+        batches_per_epoch = self.steps_per_epoch * cfg.accum_steps
+        bar.set_description(f"{p.kind} {self.epoch + 1}/{cfg.epochs}")
+        if start_batch == 0:
+            self.epoch_loss_sum, self.epoch_steps_done = 0.0, 0
+            p.start_epoch(self.epoch)
+        p.train_mode()
+        batch_idx = start_batch
+        t_epoch, imgs_seen = time.perf_counter(), 0
+        window = LossWindow(self.ctx.device)
+        last: float | None = None
+        pending: list[Any] = []
+        for batch in p.epoch_batches(self.epoch, batch_idx):
+            pending.append(batch)
+            batch_idx += 1
+            if len(pending) < cfg.accum_steps:
+                continue
+            loss = self.train_step(pending)
+            imgs_seen += sum(p.images_in(b) for b in pending)
+            pending = []
+            if loss is not None:  # None: a skipped non-finite step
+                window.add(loss)
+            if window.steps and (self.step % check_every == 0 or self.step % cfg.log_every == 0):
+                last = self._log(window, stop, bar)
+            bar.update(1)
+            if not self.dist.enabled:
+                stop.agree(self.dist)
+            if stop.signum is not None or (max_steps is not None and self.step >= max_steps):
+                self._flush(window)
+                self.save(batch_idx)
+                if stop.signum is not None:  # every rank says so: all stop after the same step
+                    rank = f" (rank {self.dist.rank})" if self.dist.enabled else ""
+                    log.warning(
+                        "received signal %d%s: stopped after step %d, saved %s",
+                        stop.signum,
+                        rank,
+                        self.step,
+                        self.ckpt_dir / LAST,
+                    )
+                return True, last
+            if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and batch_idx < batches_per_epoch:
+                self._flush(window)
+                self.save(batch_idx, periodic=f"step_{self.step:08d}.pt")
+            if batch_idx >= batches_per_epoch:
+                break
+        self._flush(window)
+        return False, self._end_epoch(bar, imgs_seen, time.perf_counter() - t_epoch)
 
     def _end_epoch(self, bar: Any, imgs_seen: int, elapsed: float) -> float:
         """Record the finished epoch: evaluation, best.pt, metrics.jsonl, checkpoint, figures. Returns its loss."""
