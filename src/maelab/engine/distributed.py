@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -132,6 +132,17 @@ def close_process_group() -> None:
 
 
 # ---------------------------------------------------------------------------------- FSDP
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """``module`` in ``DistributedDataParallel`` under torchrun (on ``device``'s index for CUDA), with its
+    ``no_sync`` context (gradient accumulation); outside a process group ``(module, None)``."""
+    if not info.enabled:
+        return module, None
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return ddp, ddp.no_sync
+
+
 def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> torch.nn.Module:
     """FSDP2 (``fully_shard``): each transformer block is one unit, the rest is the root unit."""
     from torch.distributed.fsdp import fully_shard

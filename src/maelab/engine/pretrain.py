@@ -26,7 +26,7 @@ from maelab.data.pipeline import build_training_data
 from maelab.data.shards import ShardStream
 from maelab.engine.accel import compile_or_eager, convert_to_fp8, uses_cudagraphs
 from maelab.engine.checkpoint import config_mismatch
-from maelab.engine.distributed import all_reduce_min, shard_model
+from maelab.engine.distributed import all_reduce_min, shard_model, wrap_ddp
 from maelab.engine.loop import Loop, Protocol, RunContext, RunResult, start_run
 from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import autocast
@@ -158,12 +158,8 @@ class Pretraining(Protocol):
         if self.fsdp:
             shard_model(self.model, self.model.fsdp_units())  # type: ignore[operator]
             no_sync = partial(_fsdp_no_sync, self.model)
-        elif self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            ddp = DistributedDataParallel(self.model, device_ids=ids)
-            wrapped, no_sync = ddp, ddp.no_sync
+        else:
+            wrapped, no_sync = wrap_ddp(self.model, self.dist, self.device)
         # compile=auto: a torch.compile failure here or in the first step means eager, with a warning
         self.forward, self._compiled, self.eager_fallback = compile_or_eager(
             wrapped, cfg.compile, self.device, cfg.compile_mode

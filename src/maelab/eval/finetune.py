@@ -41,6 +41,7 @@ from torch import nn
 from maelab.config import ModelConfig, batch_summary, from_dict, to_dict
 from maelab.data import eval_transform, pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
+from maelab.engine.distributed import wrap_ddp
 from maelab.engine.loop import Loop, Protocol, RunContext, RunResult, start_run
 from maelab.engine.runtime import seed_everything
 from maelab.engine.step import TrainStep
@@ -168,16 +169,33 @@ class Finetuning(Protocol):
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
-        self.cfg = cfg = ctx.cfg
+        self.cfg = ctx.cfg
         self.dist, self.device, self.dtype = ctx.dist, ctx.device, ctx.dtype
-        world = self.dist.world_size
-        state = ctx.state
-        if state is not None and "encoder_config" not in state:
+        if ctx.state is not None and "encoder_config" not in ctx.state:
             raise CheckpointError(
                 f"{ctx.state_path}: not a fine-tuning checkpoint; --resume continues a `maelab finetune` run"
             )
+        mae = self._encoder_source()
+        self._data()
+        self._model(mae)
+        del mae
+        # DDP after the weights are final (it broadcasts rank 0's parameters once more)
+        forward, no_sync = wrap_ddp(self.model, self.dist, self.device)
+        self.step_fn = TrainStep(
+            forward,
+            self._loss,
+            self.optimizer,
+            self.device,
+            self.dtype,
+            parameters=self.trainable,
+            grad_clip=self.cfg.grad_clip,
+            no_sync=no_sync,
+        )
 
-        # encoder / architecture
+    def _encoder_source(self) -> Any:
+        """Sets ``model_cfg``, ``source`` and ``img_size`` from the resumed run, a scratch preset or the pre-trained
+        checkpoint; returns the pre-trained model (None unless its weights are to be loaded)."""
+        cfg, state = self.cfg, self.ctx.state
         mae = None
         if state is not None:
             self.model_cfg = from_dict(ModelConfig, state["encoder_config"])
@@ -197,8 +215,11 @@ class Finetuning(Protocol):
         if isinstance(saved_size, list):
             saved_size = tuple(saved_size)
         self.img_size = next(s for s in (cfg.img_size, saved_size, self.model_cfg.img_size) if s is not None)
+        return mae
 
-        # data
+    def _data(self) -> None:
+        """The augmented training split with this rank's resumable sampler, and this rank's shard of the test split."""
+        cfg, world = self.cfg, self.dist.world_size
         c = self.model_cfg.in_chans
         self.mean, self.std = resolve_stats(cfg.data, c)
         self.train_ds, self.val_ds, self.num_classes = train_and_test_sets(
@@ -216,14 +237,26 @@ class Finetuning(Protocol):
                 f"dataset {cfg.data.name!r} has {dataset_len(self.train_ds)} training images, fewer than "
                 f"batch_size x accum_steps{ranks} = {cfg.effective_batch(world)}: lower --batch-size"
             )
+        state = self.ctx.state
         if state is not None and state.get("num_classes") != self.num_classes:
             raise CheckpointError(
-                f"{ctx.state_path}: the fine-tune being resumed has a {state.get('num_classes')}-class head, "
+                f"{self.ctx.state_path}: the fine-tune being resumed has a {state.get('num_classes')}-class head, "
                 f"but dataset {cfg.data.name!r} has {self.num_classes} classes; use the same dataset or another "
                 "--output"
             )
+        # an interleaved slice of each epoch's permutation per rank; a disjoint shard of the test split
+        self.sampler = ResumableSampler(
+            dataset_len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=world
+        )
+        pin = self.device.type == "cuda"
+        self.loader = build_loader(self.train_ds, cfg.batch_size, self.sampler, cfg.data.num_workers, pin_memory=pin)
+        self.val_loader = plain_loader(shard(self.val_ds, self.dist), cfg.batch_size, cfg.data.num_workers, self.device)
+        self.batches_per_epoch = len(self.sampler) // cfg.batch_size
 
-        # model, optimizer, Mixup/CutMix, EMA
+    def _model(self, mae: Any) -> None:
+        """The classifier (pre-trained weights unless scratch or resumed), layer-decayed AdamW, Mixup/CutMix with
+        its criterion, and the EMA."""
+        cfg = self.cfg
         self.model: VisionTransformer = build_classifier(
             mae,
             self.num_classes,
@@ -233,13 +266,13 @@ class Finetuning(Protocol):
             img_size=self.img_size,
             source=self.source,
         )
-        del mae
         set_trainable_blocks(self.model, cfg.train_blocks)
         self.model.to(self.device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         groups = layer_decay_param_groups(self.model, cfg.weight_decay, cfg.layer_decay)
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.resolved_lr(world), betas=cfg.betas, fused=fused or None)
+        lr = cfg.resolved_lr(self.dist.world_size)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused or None)
         self.mixup = self._mixup()
         self.criterion = self._criterion()
         self.ema = None
@@ -247,34 +280,6 @@ class Finetuning(Protocol):
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)  # on every rank (the weights agree)
-
-        # loaders: an interleaved slice of each epoch's permutation per rank; a disjoint shard of the test split
-        self.sampler = ResumableSampler(
-            dataset_len(self.train_ds), seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=world
-        )
-        pin = self.device.type == "cuda"
-        self.loader = build_loader(self.train_ds, cfg.batch_size, self.sampler, cfg.data.num_workers, pin_memory=pin)
-        self.val_loader = plain_loader(shard(self.val_ds, self.dist), cfg.batch_size, cfg.data.num_workers, self.device)
-        self.batches_per_epoch = len(self.sampler) // cfg.batch_size
-        # DDP after the weights are final (it broadcasts rank 0's parameters once more)
-        forward: nn.Module = self.model
-        no_sync = None
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            forward = DistributedDataParallel(self.model, device_ids=ids)
-            no_sync = forward.no_sync
-        self.step_fn = TrainStep(
-            forward,
-            self._loss,
-            self.optimizer,
-            self.device,
-            self.dtype,
-            parameters=self.trainable,
-            grad_clip=cfg.grad_clip,
-            no_sync=no_sync,
-        )
 
     def summary(self) -> str:
         cfg = self.cfg

@@ -43,6 +43,7 @@ from torch import nn
 from maelab.config import batch_summary, to_dict
 from maelab.data import eval_transform, pretrain_transform
 from maelab.data.loader import ResumableSampler, build_loader
+from maelab.engine.distributed import wrap_ddp
 from maelab.engine.loop import Loop, Protocol, RunContext, RunResult, start_run
 from maelab.engine.runtime import seed_everything
 from maelab.engine.step import TrainStep
@@ -275,11 +276,8 @@ class LinearProbing(Protocol):
         # are tuned while streaming; under torchrun their DDP wrappers (cache: every rank alike, no DDP)
         forward: nn.Module = self.model if self.end_to_end else self.model.head
         if self.dist.enabled and not self.cached:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.model.head[0] = GlobalBatchNorm1d.from_batchnorm(self.model.head[0])  # type: ignore[arg-type]
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            forward = DistributedDataParallel(forward, device_ids=ids)
+            forward, _ = wrap_ddp(forward, self.dist, self.device)
         self.step_fn = TrainStep(forward, self._loss, self.optimizer, self.device, self.dtype, grad_clip=cfg.grad_clip)
 
         self.train_cache = self._extract(self.train_ds, "train features") if self.cached else None
