@@ -1,10 +1,12 @@
 """Pre-training methods: each turns images (and masking noise) into a loss and what the figures need.
 
-A method is a :class:`Method` in :data:`METHODS`, selected by name: MAE, SimMIM, MaskFeat and the AE / VAE
-baselines. Its model is an ``nn.Module`` with
+A method is a :class:`Method` in :data:`METHODS`, selected by name: MAE, SimMIM, MaskFeat, the AE / VAE
+baselines and BEiT (on the codes of a visual tokenizer, :mod:`maelab.methods.tokenizer`). Its model is an
+``nn.Module`` with
 
 - ``forward(imgs [B, C, H, W], noise=[B, L] | None) -> output`` whose ``loss`` is a scalar, ``pred`` [B, L, D]
-  in target space and ``mask`` [B, L] bool (True = hidden; all False without masking) feed the figures;
+  in target space (BEiT: [B, L] codes) and ``mask`` [B, L] bool (True = hidden; all False without masking) feed
+  the figures;
 - ``draw_noise(batch_size, device, generator=None, rows=None) -> [B, L]``: the masking noise the training loop
   draws (this rank's ``rows`` of the global batch's; see :mod:`maelab.methods.noise`), and ``noise_on_cpu``;
 - ``cfg`` (a :class:`~maelab.config.ModelConfig`: masking type, ratio, target and patch grid) and ``encoder``
@@ -33,7 +35,7 @@ from torch import nn
 from maelab.config import ModelConfig
 from maelab.errors import ConfigError
 from maelab.methods.noise import MaskingNoise, masked_image_loss, pretrain_step
-from maelab.methods.options import MaskedEncoderOptions, MaskFeatOptions, SimMIMOptions, VAEOptions
+from maelab.methods.options import BEiTOptions, MaskedEncoderOptions, MaskFeatOptions, SimMIMOptions, VAEOptions
 
 
 class Builder(Protocol):
@@ -98,6 +100,18 @@ def _build_vae(cfg: ModelConfig, options: VAEOptions | None = None, /) -> nn.Mod
     return Autoencoder(cfg, options or VAEOptions())
 
 
+def _build_beit(cfg: ModelConfig, options: BEiTOptions | None = None, /) -> nn.Module:
+    from maelab.methods.beit import BEiT
+
+    return BEiT(cfg, options or BEiTOptions())
+
+
+def _beit_figure(cfg: ModelConfig, imgs: torch.Tensor, out: Any) -> dict[str, torch.Tensor] | None:
+    from maelab.methods.beit import beit_figure
+
+    return beit_figure(cfg, imgs, out)
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -138,6 +152,15 @@ METHODS: dict[str, Method] = {
             _reconstruction_figure,
             VAEOptions,
             {"mask_ratio": 0.0},
+        ),
+        Method(
+            "beit",
+            "BEiT (Bao et al. 2022): encoder on all patches with mask tokens, cross-entropy on a frozen VQ "
+            "tokenizer's codes of the hidden patches",
+            _build_beit,
+            _beit_figure,
+            BEiTOptions,
+            {"mask_ratio": 0.4, "mask_type": "block"},
         ),
     )
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from maelab.errors import ConfigError
@@ -69,3 +70,20 @@ class VAEOptions:
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
             raise option_error("beta", beta, "a finite number >= 0")
         object.__setattr__(self, "beta", float(beta))
+
+
+@dataclass(frozen=True)
+class BEiTOptions:
+    """Options of BEiT (Bao et al. 2022): the visual tokenizer whose codes are the targets."""
+
+    tokenizer: str | None = None
+    """The frozen tokenizer (required): a ``maelab tokenizer`` run directory or its .pt checkpoint. Kept as an
+    absolute path, so a BEiT checkpoint's method_args find it from any working directory."""
+
+    def __post_init__(self) -> None:
+        path = self.tokenizer
+        if not isinstance(path, str) or not path:
+            raise option_error(
+                "tokenizer", path, "the path of a `maelab tokenizer` run directory or checkpoint (required)"
+            )
+        object.__setattr__(self, "tokenizer", str(Path(path).expanduser().absolute()))
