@@ -158,6 +158,31 @@ def test_pretrain_on_shards_and_resume_is_exact(folder: Path, tmp_path: Path) ->
         torch.testing.assert_close(part[k], full[k], rtol=0, atol=0, msg=k)
 
 
+def _torchrun(args: list[str], nproc: int = 2) -> None:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "maelab"]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("resume", [False, pytest.param(True, marks=pytest.mark.slow)])  # resume: 3 launches, 30 s
+def test_two_processes_pretrain_on_shards(folder: Path, tmp_path: Path, resume: bool) -> None:
+    # 4 shards of 6 over 2 processes x 2 workers: each reader one shard, every image once per epoch
+    shards = _shards(folder, tmp_path, 6)
+    common = ["pretrain", "--data", str(shards), "--batch-size", "4", "--num-workers", "2", *PICO, "--epochs", "2"]
+    _torchrun([*common, "--output", str(tmp_path / "full")])
+    records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6]  # 24 images / (4 x 2 processes) steps per epoch, on both ranks
+    assert all(np.isfinite(r["loss"]) for r in records)
+    if resume:  # stopped mid-epoch by 2 processes, continued by 2 processes with the same workers: exact
+        _torchrun([*common, "--output", str(tmp_path / "part"), "--max-steps", "4"])
+        _torchrun([*common, "--output", str(tmp_path / "part"), "--resume"])
+        full, part = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+        for k in full:
+            torch.testing.assert_close(part[k], full[k], rtol=0, atol=0, msg=k)
+
+
 def _hf_table(folder: Path) -> object:
     paths = sorted(folder.rglob("*.png"))
     features = datasets.Features(
