@@ -269,7 +269,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model = load_pretrained(args.checkpoint, need_decoder=args.format == "hf" and not args.encoder_only)
     if args.format == "hf":
+        from maelab.errors import CheckpointError
         from maelab.models.hf import save_hf
+        from maelab.models.mae import MaskedAutoencoder
+
+        if not (args.encoder_only or isinstance(model, MaskedAutoencoder)):
+            raise CheckpointError(
+                f"{args.checkpoint}: not an MAE run, and Hugging Face's ViTMAEForPreTraining holds an MAE: add "
+                "--encoder-only (a ViTModel) or export the encoder for timm (no --format)"
+            )
 
         out = save_hf(model, args.output or ("hf_encoder" if args.encoder_only else "hf_mae"), args.encoder_only)
         cls = "ViTModel" if args.encoder_only else "ViTMAEForPreTraining"

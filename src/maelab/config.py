@@ -559,7 +559,7 @@ class PretrainConfig(TrainConfig):
     model: str = "mae_vit_tiny_patch4_32"
     """Preset name (maelab models lists them)."""
     method: str = "mae"
-    """Pre-training method (maelab.methods.METHODS): mae, simmim, maskfeat, ae or vae. Each sets its own
+    """Pre-training method (maelab.methods.METHODS): mae, simmim, maskfeat, beit, ae or vae. Each sets its own
     model_args defaults (e.g. simmim: mask_ratio 0.6) unless model_args sets them."""
     method_args: dict[str, Any] = field(default_factory=dict)
     """The method's own options, e.g. {loss: l1, mask_unit: 32} for simmim, {beta: 0.1} for vae."""

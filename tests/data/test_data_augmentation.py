@@ -9,8 +9,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from maelab.data import eval_transform, pretrain_transform
-from maelab.data.loaders import GPUBatchLoader
 from maelab.data.loader import ResumableSampler
+from maelab.data.loaders import GPUBatchLoader
 
 SIDE = 128
 ZERO1 = ((0.0, 0.0), (1.0, 1.0))  # mean, std that leave x / 255

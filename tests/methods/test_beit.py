@@ -215,10 +215,14 @@ def test_pretraining_learns_writes_the_figure_and_loads_back(full_run: tuple[Pat
     state = torch.load(run / "checkpoints" / LAST, weights_only=False)
     assert state["method"] == "beit" and state["method_args"] == {"tokenizer": str(tokenizer_run.absolute())}
     assert not any(k.startswith("tokenizer") for k in state["model"])
-    model = load_pretrained(run)
+    model = load_pretrained(run, need_decoder=True)  # the whole model: its tokenizer is loaded too
     assert isinstance(model, BEiT)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["model"][key]), key
+    encoder = load_pretrained(run)  # evaluation and export: the encoder alone, without the tokenizer
+    assert not isinstance(encoder, BEiT) and encoder.cfg == model.cfg
+    for key, value in encoder.encoder.state_dict().items():
+        assert torch.equal(value, state["model"][f"encoder.{key}"]), key
 
 
 def test_pretraining_resumes_bit_exactly(full_run: tuple[Path, float], tokenizer_run: Path, tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ NAMES = ["mae", "simmim", "maskfeat", "ae", "vae"]
 
 
 def test_the_registry_lists_the_methods() -> None:
-    assert sorted(METHODS) == sorted(NAMES)
+    assert sorted(METHODS) == sorted([*NAMES, "beit"])  # BEiT needs a tokenizer: tests/methods/test_beit.py
     assert all(m.summary and "\n" not in m.summary for m in METHODS.values())
-    with pytest.raises(ConfigError, match="invalid method='beit': one of ae, mae, maskfeat, simmim, vae"):
-        get_method("beit")
+    with pytest.raises(ConfigError, match="invalid method='mea': one of ae, beit, mae, maskfeat, simmim, vae"):
+        get_method("mea")
 
 
 @pytest.mark.parametrize("name", NAMES)

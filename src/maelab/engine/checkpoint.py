@@ -168,6 +168,16 @@ def load_pretrained_with_config(
 
         cfg = from_dict(ModelConfig, {**raw["model_config"], **overrides})
         method = get_method(raw.get("method", "mae"))  # pre-training checkpoints before the registry: MAE
+        if method.name != "mae" and not need_decoder:  # evaluation and export need the encoder only
+            from maelab.methods.vit import PretrainedEncoder
+
+            encoder = PretrainedEncoder(cfg)
+            weights = {k[len("encoder.") :]: v for k, v in raw["model"].items() if k.startswith("encoder.")}
+            try:
+                encoder.encoder.load_state_dict(weights, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"{p}: encoder weights do not match its recorded architecture ({e})") from e
+            return encoder, raw.get("config")
         trained = method.build(cfg, method_options(method, raw.get("method_args")))
         try:
             trained.load_state_dict(raw["model"], strict=True)

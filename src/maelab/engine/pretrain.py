@@ -307,7 +307,11 @@ class Pretraining(Protocol):
             return fig_dir
         path = fig_dir / f"reconstruction_epoch{epoch:04d}.png"
         title = default_title(
-            self.model_cfg.norm_pix_loss, self.model_cfg.mask_ratio, epoch=epoch, method=self.method.name
+            self.model_cfg.norm_pix_loss,
+            self.model_cfg.mask_ratio,
+            epoch=epoch,
+            method=self.method.name,
+            note=self.method.figure_note,
         )
         save_reconstruction_grid(images, path, self.mean, self.std, title=title)
         return path

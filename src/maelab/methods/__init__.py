@@ -59,6 +59,8 @@ class Method:
     """The dataclass of the method's ``method_args`` (its defaults are the method's), or None: no options."""
     model_defaults: Mapping[str, Any] = field(default_factory=dict)
     """``model_args`` the method sets unless the run sets them (e.g. SimMIM's mask ratio 0.6)."""
+    figure_note: str | None = None
+    """The figure title's second line, when the reconstruction is not the pixels the model predicts."""
 
 
 def _reconstruction_figure(cfg: ModelConfig, imgs: torch.Tensor, out: Any) -> dict[str, torch.Tensor] | None:
@@ -161,6 +163,7 @@ METHODS: dict[str, Method] = {
             _beit_figure,
             BEiTOptions,
             {"mask_ratio": 0.4, "mask_type": "block"},
+            "reconstruction: the tokenizer's decoding of the predicted codes",
         ),
     )
 }

@@ -38,6 +38,21 @@ def build_encoder(cfg: ModelConfig) -> VisionTransformer:
     return enc
 
 
+class PretrainedEncoder(nn.Module):
+    """The encoder of a method's pre-trained run without its head or decoder (what evaluation and export use):
+    ``cfg`` and ``encoder`` as on the method's model. Loading it needs nothing else the method had (e.g. BEiT's
+    tokenizer)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg)
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, 1 + L, D]."""
+        return self.encoder.forward_features(imgs)
+
+
 def encoder_tokens(enc: VisionTransformer) -> tuple[nn.Parameter, nn.Parameter]:
     """The encoder's cls token [1, 1, D] and position embedding [1, 1 + L, D]."""
     assert enc.cls_token is not None and enc.pos_embed is not None

@@ -76,11 +76,16 @@ def reconstruct(
     }
 
 
-def default_title(norm_pix_loss: bool, mask_ratio: float, epoch: int | None = None, method: str = "mae") -> str:
-    """Figure title naming the method, the mask ratio, the epoch and how the prediction was mapped to pixels."""
+def default_title(
+    norm_pix_loss: bool, mask_ratio: float, epoch: int | None = None, method: str = "mae", note: str | None = None
+) -> str:
+    """Figure title naming the method, the mask ratio, the epoch and how the prediction was mapped to pixels
+    (``note``: the method's own words for that)."""
     head = f"{method.upper()} reconstruction" + (f", mask ratio {mask_ratio:.0%}" if mask_ratio else ", no masking")
     if epoch is not None:
         head += f", epoch {epoch}"
+    if note:
+        return f"{head}\n{note}"
     if norm_pix_loss:
         return head + "\nnorm_pix_loss: prediction un-normalized with the true patch mean/var"
     return head + "\npixel loss: raw prediction"
