@@ -18,11 +18,9 @@ finite. ``draw_noise`` gives all-zero noise and ``mask`` is all False: nothing i
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from maelab.config import ModelConfig
@@ -36,6 +34,7 @@ from maelab.methods.vit import (
     run_blocks,
     target_dim,
 )
+from maelab.models.mae import decoder_blocks
 from maelab.models.pos_embed import sincos_2d
 
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -75,16 +74,7 @@ class Autoencoder(nn.Module):
         self.decoder_pos_embed = nn.Parameter(
             sincos_2d(d, cfg.grid_size, cls_token=True)[None], requires_grad=False
         )  # [1, 1 + L, d], fixed
-        self.decoder_blocks = nn.ModuleList(
-            Block(
-                d,
-                cfg.decoder_num_heads,
-                cfg.mlp_ratio,
-                qkv_bias=True,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]  # timm: any module factory
-            )
-            for _ in range(cfg.decoder_depth)
-        )
+        self.decoder_blocks = decoder_blocks(cfg)  # MAE's decoder blocks
         self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
         self.decoder_pred = nn.Linear(d, target_dim(cfg))
         for name, module in self.named_children():

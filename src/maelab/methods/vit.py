@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from maelab.config import ModelConfig
+from maelab.models.mae import encoder_tokens, init_linear_and_norm
 from maelab.models.pos_embed import sincos_2d
 from maelab.models.targets import TARGETS
 
@@ -52,22 +53,9 @@ class PretrainedEncoder(nn.Module):
         """[B, C, H, W] -> [B, 1 + L, D]."""
         return self.encoder.forward_features(imgs)
 
-
-def encoder_tokens(enc: VisionTransformer) -> tuple[nn.Parameter, nn.Parameter]:
-    """The encoder's cls token [1, 1, D] and position embedding [1, 1 + L, D]."""
-    assert enc.cls_token is not None and enc.pos_embed is not None
-    return enc.cls_token, enc.pos_embed
-
-
-def init_linear_and_norm(m: nn.Module) -> None:
-    """MAE's init: xavier-uniform Linear weights and zero biases, LayerNorm weight 1 and bias 0."""
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights under timm's own key names (what ``maelab export`` writes)."""
+        return dict(self.encoder.state_dict())
 
 
 def embed_tokens(

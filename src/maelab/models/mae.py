@@ -56,6 +56,20 @@ def encoder_tokens(enc: VisionTransformer) -> tuple[nn.Parameter, nn.Parameter]:
     return enc.cls_token, enc.pos_embed
 
 
+def decoder_blocks(cfg: ModelConfig) -> nn.ModuleList:
+    """The MAE decoder's ``cfg.decoder_depth`` timm ViT blocks of width ``cfg.decoder_embed_dim``."""
+    return nn.ModuleList(
+        Block(
+            cfg.decoder_embed_dim,
+            cfg.decoder_num_heads,
+            cfg.mlp_ratio,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]  # timm: any module factory
+        )
+        for _ in range(cfg.decoder_depth)
+    )
+
+
 class MaskedAutoencoder(nn.Module):
     """MAE with a timm ``VisionTransformer`` encoder (``self.encoder``) and a ViT decoder."""
 
@@ -79,16 +93,7 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_embed = nn.Linear(cfg.embed_dim, d, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, d), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            Block(
-                d,
-                cfg.decoder_num_heads,
-                cfg.mlp_ratio,
-                qkv_bias=True,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6),  # type: ignore[arg-type]  # timm: any module factory
-            )
-            for _ in range(cfg.decoder_depth)
-        )
+        self.decoder_blocks = decoder_blocks(cfg)
         self.decoder_norm = layer_norm(d)
         out_dim = TARGETS[cfg.target].dim(cfg.patch_size, cfg.in_chans)
         self.decoder_pred = nn.Linear(d, out_dim, bias=True)
@@ -113,7 +118,7 @@ class MaskedAutoencoder(nn.Module):
             nn.init.normal_(self.mask_token, std=0.02)
             if self.cfg.mask_token_in_encoder:
                 nn.init.normal_(self.encoder_mask_token, std=0.02)
-        self.apply(_init_linear_and_norm)
+        self.apply(init_linear_and_norm)
 
     # ------------------------------------------------------------------ stages
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -249,7 +254,8 @@ class MaskedAutoencoder(nn.Module):
         return {k: v for k, v in self.encoder.state_dict().items()}
 
 
-def _init_linear_and_norm(m: nn.Module) -> None:
+def init_linear_and_norm(m: nn.Module) -> None:
+    """MAE's init: xavier-uniform Linear weights and zero biases, LayerNorm weight 1 and bias 0."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
