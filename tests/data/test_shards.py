@@ -166,7 +166,10 @@ def _torchrun(args: list[str], nproc: int = 2) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("resume", [False, pytest.param(True, marks=pytest.mark.slow)])  # resume: 3 launches, 30 s
+# torchrun launches (13 s, and 30 s resumed): -m slow. Default suite: test_every_sample_once_across_2_ranks_x_2_workers
+# (the stream split over processes x workers) and tests/engine/test_distributed.py (2 processes on one loop)
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", [False, True])
 def test_two_processes_pretrain_on_shards(folder: Path, tmp_path: Path, resume: bool) -> None:
     # 4 shards of 6 over 2 processes x 2 workers: each reader one shard, every image once per epoch
     shards = _shards(folder, tmp_path, 6)

@@ -103,9 +103,11 @@ def _build_vae(cfg: ModelConfig, options: VAEOptions | None = None, /) -> nn.Mod
 
 
 def _build_beit(cfg: ModelConfig, options: BEiTOptions | None = None, /) -> nn.Module:
-    from maelab.methods.beit import BEiT
+    from maelab.methods.beit import BEiT, checked_tokenizer
 
-    return BEiT(cfg, options or BEiTOptions())
+    path = (options or BEiTOptions()).tokenizer
+    assert path is not None  # BEiTOptions requires it
+    return BEiT(cfg, checked_tokenizer(path, cfg))  # the registry reads the file: the model does no I/O
 
 
 def _beit_figure(cfg: ModelConfig, imgs: torch.Tensor, out: Any) -> dict[str, torch.Tensor] | None:

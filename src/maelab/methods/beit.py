@@ -32,7 +32,7 @@ from torch import nn
 from maelab.config import ModelConfig
 from maelab.errors import CheckpointError
 from maelab.methods.masked_encoder import MaskedEncoder
-from maelab.methods.options import BEiTOptions, MaskedEncoderOptions, option_error
+from maelab.methods.options import MaskedEncoderOptions, option_error
 from maelab.methods.tokenizer import VQTokenizer, load_tokenizer
 from maelab.methods.vit import check_images, image_hw
 
@@ -81,11 +81,10 @@ class BEiT(MaskedEncoder):
 
     tokenizer: VQTokenizer
 
-    def __init__(self, cfg: ModelConfig, options: BEiTOptions) -> None:
+    def __init__(self, cfg: ModelConfig, tokenizer: VQTokenizer) -> None:
+        """``tokenizer``: the frozen tokenizer of the targets (:func:`checked_tokenizer` loads and checks one)."""
         super().__init__(cfg, MaskedEncoderOptions(mask_unit=None))
-        self.beit_options = options
-        assert options.tokenizer is not None  # BEiTOptions requires it
-        object.__setattr__(self, "tokenizer", checked_tokenizer(options.tokenizer, cfg))  # not a submodule
+        object.__setattr__(self, "tokenizer", tokenizer)  # not a submodule
         self.head = nn.Linear(cfg.embed_dim, self.tokenizer.cfg.codebook_size)  # BEiT's lm_head
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
