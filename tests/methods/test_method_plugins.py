@@ -93,16 +93,25 @@ def test_method_options_take_the_methods_defaults_and_reject_bad_keys_and_values
         assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(("name", "has_figure"), [("simmim", True), ("ae", True), ("vae", True), ("maskfeat", False)])
-def test_pixel_methods_draw_a_reconstruction_and_hog_none(name: str, has_figure: bool) -> None:
+@pytest.mark.parametrize("name", ["simmim", "ae", "vae", "maskfeat"])
+def test_pixel_methods_draw_a_reconstruction_and_maskfeat_its_hog(name: str, tmp_path) -> None:
+    from maelab.models.targets import hog_target
+    from maelab.viz.hog import hog_energy, save_figure
+
     model = build(name).eval()
     imgs = smooth_images(2)
     with torch.no_grad():
         out = model(imgs, noise=model.draw_noise(2, "cpu", torch.Generator().manual_seed(0)))
     images = get_method(name).figure(model.cfg, imgs, out)
-    if not has_figure:
-        assert images is None
-        return
     assert images is not None
-    assert images["reconstruction"].shape == imgs.shape
     torch.testing.assert_close(images["mask"][:, 0, ::4, ::4], out.mask.view(2, 8, 8).float())
+    if name == "maskfeat":  # HOG: the target's energy per patch, and the prediction's where hidden
+        energy = hog_energy(hog_target(imgs, 4))
+        scale = energy.amax(dim=1, keepdim=True)
+        torch.testing.assert_close(images["target"][:, 0, ::4, ::4], (energy / scale).view(2, 8, 8))
+        shown = torch.where(out.mask, hog_energy(out.pred), energy) / scale
+        torch.testing.assert_close(images["prediction"][:, 0, ::4, ::4], shown.clamp(0, 1).view(2, 8, 8))
+    else:
+        assert images["reconstruction"].shape == imgs.shape
+    path = save_figure(images, tmp_path / "figure.png", (0.5,) * 3, (0.5,) * 3, title="t")
+    assert path.stat().st_size > 1000

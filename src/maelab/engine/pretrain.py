@@ -289,7 +289,8 @@ class Pretraining(Protocol):
     @torch.no_grad()
     def write_figures(self, epoch: int) -> Path:
         """Reconstruction grid of the fixed visualization batch, and the loss curve."""
-        from maelab.viz import default_title, save_reconstruction_grid
+        from maelab.viz import default_title
+        from maelab.viz.hog import save_figure
 
         fig_dir = self.ctx.out / "figures"
         if self.vis_batch is None:  # not rank 0 (and no FSDP collective to join)
@@ -303,7 +304,7 @@ class Pretraining(Protocol):
             return fig_dir
         images = self.method.figure(self.model_cfg, imgs, out)
         self.write_loss_curve()
-        if images is None:  # the method's prediction has no picture (HOG)
+        if images is None:  # the method's prediction has no picture
             return fig_dir
         path = fig_dir / f"reconstruction_epoch{epoch:04d}.png"
         title = default_title(
@@ -311,9 +312,10 @@ class Pretraining(Protocol):
             self.model_cfg.mask_ratio,
             epoch=epoch,
             method=self.method.name,
-            note=self.method.figure_note,
+            note=self.method.figure_note
+            or ("HOG target: per-patch energy (L2 norm of its HOG vector)" if self.model_cfg.target == "hog" else None),
         )
-        save_reconstruction_grid(images, path, self.mean, self.std, title=title)
+        save_figure(images, path, self.mean, self.std, title=title)
         return path
 
 

@@ -64,11 +64,16 @@ class Method:
 
 
 def _reconstruction_figure(cfg: ModelConfig, imgs: torch.Tensor, out: Any) -> dict[str, torch.Tensor] | None:
-    """:func:`maelab.viz.reconstruct`'s images for pixel targets; None for HOG (no picture to show)."""
+    """:func:`maelab.viz.reconstruct`'s images for pixel targets; for HOG targets (MaskFeat, MAE with
+    ``target=hog``) :func:`maelab.viz.hog.hog_images`: the target's and the prediction's HOG energy per patch."""
+    if cfg.target != "pixels":
+        from maelab.models.targets import TARGETS
+        from maelab.viz.hog import hog_images
+
+        target = TARGETS[cfg.target].compute(imgs, cfg.patch_size, cfg.norm_pix_loss)
+        return hog_images(imgs, target, out.pred.float().cpu(), out.mask.cpu(), cfg.patch_size)
     from maelab.viz import reconstruct
 
-    if cfg.target != "pixels":
-        return None
     return reconstruct(imgs, out.pred.float().cpu(), out.mask.cpu(), cfg.patch_size, cfg.norm_pix_loss)
 
 
