@@ -404,7 +404,7 @@ def collect_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
         overrides = {k: v for k, v in spec.own.items() if k not in ("config", "method")}
         row: dict[str, Any] = {
             "run": spec.name,
-            "method": spec.pretrain.get("method", "mae"),
+            "method": _run_method(run_dir / "pretrain", spec),
             "overrides": " ".join(f"{k}={v}" for k, v in overrides.items()),
             "epochs": records[-1]["epoch"] if records else None,
             "pretrain_s": _seconds(records),
@@ -418,6 +418,16 @@ def collect_rows(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
             row[f"{protocol}_top1"] = json.loads(ev.read_text())["metrics"].get("top1") if ev.exists() else None
         rows.append(row)
     return rows
+
+
+def _run_method(run_dir: Path, spec: RunSpec) -> str:
+    """The method a run trains: its ``config.yaml``'s (set by a recipe or an override), else the sweep's."""
+    written = run_dir / "config.yaml"
+    if written.is_file():
+        method = (yaml.safe_load(written.read_text()) or {}).get("method")
+        if method:
+            return str(method)
+    return str(spec.pretrain.get("method", "mae"))
 
 
 def _seconds(records: list[dict[str, Any]]) -> float | None:
