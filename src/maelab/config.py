@@ -366,7 +366,8 @@ class DataConfig:
     """Hugging Face datasets on disk: the column holding the images (default: the first Image feature)."""
     gpu_resident: str | bool = one_of(SWITCHES, "auto")
     """Pre-training: keep the decoded training set on the device as uint8 and crop/flip/normalize whole batches
-    there (maelab.data.gpu). auto: on for CUDA when the images have at most 64 px on their longer side
+    there (maelab.data.resident, maelab.data.loaders). auto: on for CUDA when the images have at most 64 px on
+    their longer side
     (synthetic/cifar10/cifar100/stl10 by their known size; folders by the headers of 32 evenly spaced files, read
     before anything is decoded), the set fits in a quarter of the free GPU memory and the node's ranks' decoded
     copies in half of the available host memory; on: always; off: the per-sample CPU DataLoader. Images are
