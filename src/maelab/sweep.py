@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("knn", "linprobe", "finetune")
 PLAN_FILE = "plan.json"
-CALIBRATION_STEPS = 4
-"""Timed optimizer steps per run (after one untimed) when ``budget_s`` sets the epochs."""
+CALIBRATION_STEPS = 8
+"""Timed optimizer steps per run (after one untimed), each on fresh batches, when ``budget_s`` sets the epochs."""
 
 COLUMNS = (
     ("run", "run"),
@@ -249,13 +249,17 @@ def _calibrate(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         loop = pretraining_loop(_pretrain_config(spec, Path(tmp)), progress=False)
         p, steps_per_epoch = loop.p, loop.steps_per_epoch
         batches = iter(p.epoch_batches(0, 0))
-        step_batches = [next(batches) for _ in range(loop.cfg.accum_steps)]
-        loop.train_step(step_batches)  # untimed: first-step costs (allocation, compilation)
+
+        def next_step() -> list[Any]:
+            return [next(batches) for _ in range(loop.cfg.accum_steps)]
+
+        step_batches = next_step()
+        loop.train_step(step_batches)  # untimed: first-step costs (allocation, compilation, workers starting)
         device = loop.ctx.device
         synchronize(device)
         t0 = time.perf_counter()
-        for _ in range(CALIBRATION_STEPS):
-            loop.train_step(step_batches)
+        for _ in range(CALIBRATION_STEPS):  # fresh batches: the data path's cost counts as in the run
+            loop.train_step(next_step())
         synchronize(device)
         step_s = (time.perf_counter() - t0) / CALIBRATION_STEPS
         imgs = step_batches[0][:2]
@@ -266,7 +270,7 @@ def _calibrate(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
 
         flops = count_flops(fwd_bwd) / imgs.shape[0]
         p.optimizer.zero_grad(set_to_none=True)
-        del loop, batches, step_batches, fwd_bwd
+        del loop, batches, step_batches, fwd_bwd, next_step
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {"step_s": step_s, "steps_per_epoch": steps_per_epoch, "flops_per_image": flops}
