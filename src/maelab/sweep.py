@@ -270,7 +270,6 @@ def _calibrate(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
 
         flops = count_flops(fwd_bwd) / imgs.shape[0]
         p.optimizer.zero_grad(set_to_none=True)
-        del loop, batches, step_batches, fwd_bwd, next_step
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {"step_s": step_s, "steps_per_epoch": steps_per_epoch, "flops_per_image": flops}
