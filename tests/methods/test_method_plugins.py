@@ -96,7 +96,7 @@ def test_method_options_take_the_methods_defaults_and_reject_bad_keys_and_values
 @pytest.mark.parametrize("name", ["simmim", "ae", "vae", "maskfeat"])
 def test_pixel_methods_draw_a_reconstruction_and_maskfeat_its_hog(name: str, tmp_path) -> None:
     from maelab.models.targets import hog_target
-    from maelab.viz.hog import hog_energy, save_figure
+    from maelab.viz.hog import orientation_colors, save_figure
 
     model = build(name).eval()
     imgs = smooth_images(2)
@@ -105,12 +105,11 @@ def test_pixel_methods_draw_a_reconstruction_and_maskfeat_its_hog(name: str, tmp
     images = get_method(name).figure(model.cfg, imgs, out)
     assert images is not None
     torch.testing.assert_close(images["mask"][:, 0, ::4, ::4], out.mask.view(2, 8, 8).float())
-    if name == "maskfeat":  # HOG: the target's energy per patch, and the prediction's where hidden
-        energy = hog_energy(hog_target(imgs, 4))
-        scale = energy.amax(dim=1, keepdim=True)
-        torch.testing.assert_close(images["target"][:, 0, ::4, ::4], (energy / scale).view(2, 8, 8))
-        shown = torch.where(out.mask, hog_energy(out.pred), energy) / scale
-        torch.testing.assert_close(images["prediction"][:, 0, ::4, ::4], shown.clamp(0, 1).view(2, 8, 8))
+    if name == "maskfeat":  # HOG: the target's orientation colour per patch, the prediction's where hidden
+        target = orientation_colors(hog_target(imgs, 4))  # [2, 64, 3]
+        torch.testing.assert_close(images["target"][:, :, ::4, ::4], target.view(2, 8, 8, 3).permute(0, 3, 1, 2))
+        shown = torch.where(out.mask[..., None], orientation_colors(out.pred), target)
+        torch.testing.assert_close(images["prediction"][:, :, ::4, ::4], shown.view(2, 8, 8, 3).permute(0, 3, 1, 2))
     else:
         assert images["reconstruction"].shape == imgs.shape
     path = save_figure(images, tmp_path / "figure.png", (0.5,) * 3, (0.5,) * 3, title="t")

@@ -79,3 +79,23 @@ def test_hog_is_computed_in_fp32_under_bf16_autocast(gaussian):
         under_autocast = hog_target(imgs, 8, gaussian=gaussian)
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, exact)
+
+
+def test_hog_figure_colours_a_vertical_edge_by_the_horizontal_gradient_bin():
+    """The MaskFeat figure shows a patch's dominant orientation: a vertical edge's patches are fully saturated in
+    the horizontal-gradient bin's hue, a flat patch is black (no dominant orientation)."""
+    import matplotlib.colors
+
+    from maelab.viz.hog import orientation_colors, orientation_histogram
+
+    img = torch.zeros(1, 1, 16, 16)
+    img[..., 8:] = 1.0  # a vertical edge between columns 7 and 8: patches (0, 0)/(0, 1) at patch size 8
+    hog = hog_target(img, 8)
+    hist = orientation_histogram(hog)
+    # bin 4 of 9 (80-100 degrees of atan2(gx, gy)): the horizontal gradient
+    assert hist[0, 0].argmax().item() == 4 and hist[0, 0, 4] > 0.5
+    colours = orientation_colors(hog)[0]
+    hue, _, value = matplotlib.colors.rgb_to_hsv(colours[0].numpy())
+    assert abs(hue - 4 / 9) < 1e-6 and value > 0.5
+    flat = orientation_colors(hog_target(torch.ones(1, 1, 16, 16), 8))[0]
+    assert torch.equal(flat, torch.zeros_like(flat))

@@ -313,7 +313,11 @@ class Pretraining(Protocol):
             epoch=epoch,
             method=self.method.name,
             note=self.method.figure_note
-            or ("HOG target: per-patch energy (L2 norm of its HOG vector)" if self.model_cfg.target == "hog" else None),
+            or (
+                "HOG per patch: hue = dominant edge orientation, brightness = how dominant"
+                if self.model_cfg.target == "hog"
+                else None
+            ),
         )
         save_figure(images, path, self.mean, self.std, title=title)
         return path

@@ -1,9 +1,9 @@
-"""MaskFeat's figure: the HOG target against the prediction, as per-patch heat maps.
+"""MaskFeat's figure: the HOG target against the prediction, per patch.
 
-HOG has no pixels to show, so each patch is drawn by the energy of its HOG vector (the L2 norm over its cells,
-channels and orientation bins): bright where the image has strong edges. Columns: original | masked | HOG
-target | HOG prediction (hidden patches; visible ones are the target's, outlined by the mask) | the dominant
-orientation of the prediction (hue) weighted by its energy.
+HOG has no pixels to show, and its vectors are L2-normalized per cell, so their length says little. Each patch is
+drawn by what HOG encodes, its edge orientation: the hue is the dominant orientation bin (summed over the patch's
+cells and colour channels), the brightness how dominant it is (the top bin's share above uniform). Columns:
+original | masked | HOG target | HOG prediction (the prediction on hidden patches, the target on visible ones).
 """
 
 from __future__ import annotations
@@ -16,48 +16,53 @@ import torch
 
 from maelab.models.targets import HOG_BINS
 
-COLUMNS = ("original", "masked", "HOG target (energy)", "HOG prediction (energy)", "predicted orientation")
+COLUMNS = ("original", "masked", "HOG target", "HOG prediction (hidden patches)")
 
 
 def patch_map(values: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
-    """Per-patch values [B, L] -> images [B, 1, H, W] (each patch filled with its value)."""
-    b = values.shape[0]
+    """Per-patch values [B, L, K] -> images [B, K, H, W] (each patch filled with its values)."""
+    b, _, k = values.shape
     gh, gw = grid
-    x = values.float().reshape(b, 1, gh, gw)
+    x = values.float().reshape(b, gh, gw, k).permute(0, 3, 1, 2)
     return x.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
 
 
-def hog_energy(hog: torch.Tensor) -> torch.Tensor:
-    """HOG vectors [B, L, D] -> their L2 norms [B, L]."""
-    return hog.float().norm(dim=-1)
-
-
-def dominant_orientation(hog: torch.Tensor, bins: int = HOG_BINS) -> torch.Tensor:
-    """HOG vectors [B, L, D] (D = cells x channels x bins, bins last) -> the bin with the most mass per patch,
-    as a fraction of 180 degrees [B, L] in [0, 1)."""
+def orientation_histogram(hog: torch.Tensor, bins: int = HOG_BINS) -> torch.Tensor:
+    """HOG vectors [B, L, D] (D = cells x channels x bins, bins last) -> each patch's orientation histogram
+    [B, L, bins] (negative predictions count as 0), summing to 1 (uniform where the patch has none)."""
     b, length, d = hog.shape
     per_bin = hog.float().reshape(b, length, d // bins, bins).clamp_min(0).sum(dim=2)
-    return per_bin.argmax(dim=-1).float() / bins
+    total = per_bin.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, per_bin / total.clamp_min(1e-12), torch.full_like(per_bin, 1.0 / bins))
+
+
+def orientation_colors(hog: torch.Tensor, bins: int = HOG_BINS) -> torch.Tensor:
+    """HOG vectors [B, L, D] -> RGB [B, L, 3] in [0, 1]: hue = dominant orientation (of 180 degrees), value = how far
+    its share is above a uniform histogram's (1 / bins), scaled to [0, 1]."""
+    import matplotlib.colors
+
+    hist = orientation_histogram(hog, bins)
+    share, top = hist.max(dim=-1)
+    strength = ((share - 1.0 / bins) / (1.0 - 1.0 / bins)).clamp(0, 1)
+    hsv = torch.stack([top.float() / bins, torch.ones_like(strength), strength], dim=-1)
+    return torch.from_numpy(matplotlib.colors.hsv_to_rgb(hsv.cpu().numpy())).float()
 
 
 def hog_images(
     imgs: torch.Tensor, target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int
 ) -> dict[str, torch.Tensor]:
-    """The figure's images: ``original`` [B, C, H, W] (normalized input), ``target`` / ``prediction`` energies and
-    ``orientation`` [B, 1, H, W] in [0, 1] (each image scaled by its target's largest energy), ``mask``
-    [B, 1, H, W] (1 = hidden). ``target``/``pred`` [B, L, D]; ``mask`` [B, L]."""
+    """The figure's images: ``original`` [B, C, H, W] (normalized input), ``target`` and ``prediction`` RGB
+    [B, 3, H, W] in [0, 1] (:func:`orientation_colors`; the prediction on hidden patches, the target on visible
+    ones), ``mask`` [B, 1, H, W] (1 = hidden). ``target`` / ``pred`` [B, L, D]; ``mask`` [B, L]."""
     grid = (imgs.shape[-2] // patch_size, imgs.shape[-1] // patch_size)
-    hidden = mask.float()
-    t_energy, p_energy = hog_energy(target), hog_energy(pred)
-    scale = t_energy.amax(dim=1, keepdim=True).clamp_min(1e-6)
-    shown = torch.where(hidden.bool(), p_energy, t_energy)  # prediction where hidden, the target where visible
+    target_rgb, pred_rgb = orientation_colors(target), orientation_colors(pred)
+    hidden = mask.bool().cpu()
+    shown = torch.where(hidden[..., None], pred_rgb, target_rgb)
     return {
         "original": imgs.float(),
-        "target": patch_map((t_energy / scale).clamp(0, 1), grid, patch_size),
-        "prediction": patch_map((shown / scale).clamp(0, 1), grid, patch_size),
-        "orientation": patch_map(dominant_orientation(pred), grid, patch_size),
-        "strength": patch_map((p_energy / scale).clamp(0, 1), grid, patch_size),
-        "mask": patch_map(hidden, grid, patch_size),
+        "target": patch_map(target_rgb, grid, patch_size),
+        "prediction": patch_map(shown, grid, patch_size),
+        "mask": patch_map(hidden.float()[..., None], grid, patch_size),
     }
 
 
@@ -86,7 +91,6 @@ def save_hog_grid(
     max_rows: int = 8,
 ) -> Path:
     """Write the MaskFeat figure (one row per sample, the :data:`COLUMNS`) as a PNG, atomically."""
-    import matplotlib.colors
     from matplotlib.figure import Figure
 
     from maelab.viz.reconstruction import HOLE_GRAY, _atomic_savefig, _to_display
@@ -94,30 +98,23 @@ def save_hog_grid(
     rows = max(1, min(int(max_rows), images["original"].shape[0]))
     original = _to_display(images["original"][:rows], mean, std)
     masked = original.copy()
-    holes = images["mask"][:rows, 0].cpu().numpy() > 0.5
-    masked[holes] = HOLE_GRAY
-    hsv = torch.stack(
-        [images["orientation"][:rows, 0], torch.ones_like(images["strength"][:rows, 0]), images["strength"][:rows, 0]],
-        dim=-1,
+    masked[images["mask"][:rows, 0].cpu().numpy() > 0.5] = HOLE_GRAY
+    panels: tuple[Any, ...] = (
+        original,
+        masked,
+        images["target"][:rows].permute(0, 2, 3, 1).cpu().numpy(),
+        images["prediction"][:rows].permute(0, 2, 3, 1).cpu().numpy(),
     )
-    orientation = matplotlib.colors.hsv_to_rgb(hsv.cpu().numpy())
     h, w = images["original"].shape[-2:]
     cell = 2.0
     head = 0.3 + (0.2 * (title.count("\n") + 1) if title else 0.0)
     fig = Figure(figsize=(cell * len(COLUMNS), cell * rows * h / w + head), layout="constrained")
     axes = fig.subplots(rows, len(COLUMNS), squeeze=False)
-    panels: tuple[tuple[Any, dict[str, Any]], ...] = (
-        (original, {}),
-        (masked, {}),
-        (images["target"][:rows, 0].cpu().numpy(), {"cmap": "magma", "vmin": 0.0, "vmax": 1.0}),
-        (images["prediction"][:rows, 0].cpu().numpy(), {"cmap": "magma", "vmin": 0.0, "vmax": 1.0}),
-        (orientation, {}),
-    )
     for r in range(rows):
-        for j, (data, kw) in enumerate(panels):
+        for j, data in enumerate(panels):
             ax = axes[r][j]
-            cmap = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if data.ndim == 3 and j < 2 else kw
-            ax.imshow(data[r], interpolation="nearest", **cmap)
+            kw = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if data.ndim == 3 else {}
+            ax.imshow(data[r], interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
