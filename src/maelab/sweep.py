@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,8 +237,9 @@ def _finished(run_dir: Path, epochs: int) -> bool:
     return bool(records) and records[-1].get("epoch") == epochs and (run_dir / "checkpoints" / "last.pt").exists()
 
 
-def _calibrate(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
-    """Seconds per optimizer step and FLOPs per image of a run, from a few steps in a scratch directory."""
+def _calibrate(spec: RunSpec, run_dir: Path, steps: int = CALIBRATION_STEPS) -> dict[str, Any]:
+    """Seconds per optimizer step (the mean of ``steps`` timed ones) and FLOPs per image of a run, in a scratch
+    directory."""
     import tempfile
 
     import torch
@@ -248,7 +250,12 @@ def _calibrate(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
         loop = pretraining_loop(_pretrain_config(spec, Path(tmp)), progress=False)
         p, steps_per_epoch = loop.p, loop.steps_per_epoch
-        batches = iter(p.epoch_batches(0, 0))
+
+        def epochs() -> Iterator[Any]:  # batches of epoch 0, 1, ...: a small set gives enough steps too
+            for epoch in itertools.count():
+                yield from p.epoch_batches(epoch, 0)
+
+        batches = epochs()
 
         def next_step() -> list[Any]:
             return [next(batches) for _ in range(loop.cfg.accum_steps)]
@@ -258,10 +265,10 @@ def _calibrate(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         device = loop.ctx.device
         synchronize(device)
         t0 = time.perf_counter()
-        for _ in range(CALIBRATION_STEPS):  # fresh batches: the data path's cost counts as in the run
+        for _ in range(steps):  # fresh batches: the data path's cost counts as in the run
             loop.train_step(next_step())
         synchronize(device)
-        step_s = (time.perf_counter() - t0) / CALIBRATION_STEPS
+        step_s = (time.perf_counter() - t0) / steps
         imgs = step_batches[0][:2]
 
         def fwd_bwd() -> None:
@@ -283,7 +290,8 @@ def _plan(sweep: Sweep, spec: RunSpec, run_dir: Path, is_main: bool) -> dict[str
     path = run_dir / PLAN_FILE
     if path.exists():
         return json.loads(path.read_text())
-    plan = _calibrate(spec, run_dir)  # every rank (the steps are collective); rank 0's numbers count
+    # every rank (the steps are collective); rank 0's numbers count. Without a budget one timed step will do
+    plan = _calibrate(spec, run_dir, CALIBRATION_STEPS if sweep.budget_s else 1)
     if sweep.budget_s:
         per_epoch = plan["step_s"] * plan["steps_per_epoch"]
         plan["epochs"] = max(1, math.floor(sweep.budget_s / per_epoch))

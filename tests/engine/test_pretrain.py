@@ -221,11 +221,12 @@ def test_online_knn_refuses_the_training_folder_as_validation(tmp_path, cifar10_
         pretraining_loop(cfg, progress=False)
 
 
-def test_hog_target_run_writes_curve_but_no_reconstruction(tmp_path):
+def test_hog_target_run_writes_curve_and_its_hog_figure(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", epochs=1, **{"model_args.target": "hog"})
     result = pretrain(cfg, progress=False)
     assert math.isfinite(result.final_loss)
-    assert sorted(p.name for p in (tmp_path / "run" / "figures").iterdir()) == ["loss_curve.png"]
+    figures = sorted(p.name for p in (tmp_path / "run" / "figures").iterdir())
+    assert figures == ["loss_curve.png", "reconstruction_epoch0001.png"]  # HOG orientations: maelab.viz.hog
 
 
 def test_training_set_is_built_once_and_vis_batch_uses_eval_transform(tmp_path, monkeypatch):

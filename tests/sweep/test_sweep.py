@@ -88,7 +88,7 @@ def test_budget_sets_epochs_from_timed_steps_once(tmp_path, monkeypatch):
     sweep_file = write_sweep(tmp_path / "sweep.yaml", scales={"quick": {"budget_s": 30.0}})
     spec = load_sweep(sweep_file, "quick").runs[0]
     timings = iter([{"step_s": 2.5, "steps_per_epoch": 4, "flops_per_image": 1e6}])
-    monkeypatch.setattr(sweep_mod, "_calibrate", lambda spec, run_dir: next(timings))
+    monkeypatch.setattr(sweep_mod, "_calibrate", lambda spec, run_dir, steps: next(timings))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     sweep = load_sweep(sweep_file, "quick")
