@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from tests.conftest import TINY_MODEL_ARGS, load_script
 
 from maelab.bench.run import run_bench
 
 
+@pytest.mark.slow  # 3 s (a real CPU bench); scripts/bench_to_markdown.py only
 def test_render_a_cpu_report():
     report = run_bench(
         model="mae_vit_pico_patch4_32",

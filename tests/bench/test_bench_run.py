@@ -50,6 +50,7 @@ def test_best_per_impl_skips_oom_and_data_rows():
     }
 
 
+@pytest.mark.slow  # 4 s; default: the other tests of run_bench here and tests/cli test_bench_on_cpu_writes_json
 def test_sweep_with_variants_reports_ratios_and_survives_oom(monkeypatch):
     real_ours = bench_run._ours
 

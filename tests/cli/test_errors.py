@@ -127,6 +127,7 @@ def test_worker_error_is_one_line_in_evaluation(tmp_path, capsys, pngs, checkpoi
     assert err == f"maelab: error: {direct_error(bad)}"
 
 
+@pytest.mark.slow  # 7 s (a real process); default suite: the in-process worker-error tests above, same printer
 def test_worker_error_in_a_real_process_is_one_error_line(tmp_path, pngs):
     """The whole stderr of ``python -m maelab`` (log lines aside): no traceback, the error line last; the
     process ends (its workers too) within the timeout."""
@@ -199,11 +200,12 @@ def _backward_out_of_memory(*args: object, **kwargs: object) -> None:
             "lower --batch-size and raise accum_steps by the same factor to keep the batch per optimizer "
             "step, e.g. --batch-size 4 --accum-steps 2",
         ),
-        (
+        pytest.param(  # 10 s in the full suite; default: linprobe-global-batch (the same advice)
             "pretrain",
             ["global_batch=16"],
             "lower --batch-size, e.g. --batch-size 4: global_batch=16 then takes more "
             "accumulation steps (now accum_steps=2)",
+            marks=pytest.mark.slow,
         ),
         ("finetune", ["--accum-steps", "2"], "e.g. --batch-size 4 --accum-steps 4"),
         # the linear probe accumulates like the other training protocols (accum_steps, derived from global_batch)

@@ -223,6 +223,7 @@ def _slurm_tasks(ntasks):
     ]
 
 
+@pytest.mark.slow  # 6 s; default: test_launch.py (the SLURM variables) and the torchrun-group signal test
 def test_srun_tasks_stop_after_the_same_step_and_exit_0(tmp_path):
     """SLURM's srun without torchrun: 2 tasks read their ranks from SLURM's variables; SIGTERM to the job's process
     group (as scancel / --signal deliver it) stops both after the same step, each exits 0 itself, one last.pt."""

@@ -44,7 +44,9 @@ def test_config_values(tmp_path):
     assert isinstance(t.loader, GPUBatchLoader) and t.gpu_resident and t.description == "GPU-resident"
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize(
+    "accum", [1, pytest.param(2, marks=pytest.mark.slow)]
+)  # accumulation: tests/engine/test_loop.py
 def test_gpu_resident_resume_exact(tmp_path, accum):
     kw = {"data.gpu_resident": "on", "accum_steps": accum}
     full = tiny_cfg(tmp_path / "full", **kw)

@@ -428,6 +428,7 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert "not found" in error_line(capsys, ["knn", "--checkpoint", str(tmp_path / "nope.pt")] + synth(64))
 
 
+@pytest.mark.slow  # 5 s (a real process); default: every CLI test through maelab.cli.main
 def test_installed_console_script_runs_an_evaluation(ckpts, tmp_path):
     """The ``maelab`` console script that ``pip install`` puts beside the interpreter, as a user runs it."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
