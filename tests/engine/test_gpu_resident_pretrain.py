@@ -58,6 +58,7 @@ def test_gpu_resident_resume_exact(tmp_path, accum):
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"))
 
 
+@pytest.mark.slow  # 3 s; default: test_gpu_resident_resume_exact[1] trains the same path
 def test_gpu_resident_loss_falls(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", epochs=6, **{"data.num_samples": 128, "data.gpu_resident": "on"})
     pretrain(cfg, progress=False)

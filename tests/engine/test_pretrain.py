@@ -65,7 +65,7 @@ def test_run_writes_outputs_and_loss_falls(tmp_path):
     assert state["step"] == 6 * (128 // 16) and "cls_token" in state["model"]
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("accum", [1, pytest.param(2, marks=pytest.mark.slow)])  # accum: tests/engine/test_loop.py
 def test_resume_mid_epoch_gives_identical_weights(tmp_path, accum):
     full = tiny_cfg(tmp_path / "full", accum_steps=accum, log_every=1)
     pretrain(full, progress=False)

@@ -111,6 +111,7 @@ FINETUNE = ["warmup_epochs=1", "--lr", "1e-3", "mixup=0", "cutmix=0", "--drop-pa
 """The paper's augmentation (RandAugment, random erasing) stays on: it is seeded per sample."""
 
 
+@pytest.mark.slow  # 10 s of torchrun; default: tests/engine/test_distributed.py (2 ranks == 1 on the same loop)
 def test_finetune_two_processes_match_one(ckpt, tmp_path):
     common = ["finetune", "--checkpoint", str(ckpt), "--epochs", "2", *FINETUNE, *synth()]
     assert run_one([*common, "--output", str(tmp_path / "one"), "--batch-size", "32"]) == 0

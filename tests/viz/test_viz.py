@@ -88,7 +88,15 @@ def test_float_mask_and_bad_shapes():
         reconstruct(imgs, pred, mask[:, 1:], 4, False)
 
 
-@pytest.mark.parametrize("c,h,w,p", [(3, 32, 48, 8), (1, 16, 16, 4), (4, 16, 16, 4), (2, 16, 16, 4)])
+@pytest.mark.parametrize(
+    "c,h,w,p",
+    [
+        (3, 32, 48, 8),
+        (1, 16, 16, 4),
+        pytest.param(4, 16, 16, 4, marks=pytest.mark.slow),
+        pytest.param(2, 16, 16, 4, marks=pytest.mark.slow),
+    ],
+)
 def test_reconstruction_grid_png(tmp_path, c, h, w, p):
     imgs, mask = _batch(c, h, w, p, b=10)
     pred = torch.randn(imgs.shape[0], mask.shape[1], p * p * c)
