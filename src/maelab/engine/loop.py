@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -47,6 +47,9 @@ from maelab.engine.signals import StopFlag
 from maelab.engine.step import TrainStep
 from maelab.errors import CheckpointError, ConfigError, NonFiniteLossError
 from maelab.io import write_json
+
+if TYPE_CHECKING:
+    from maelab.data.pipeline import TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,27 @@ class RunContext:
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
+
+    def training_data(
+        self, img_size: int | tuple[int, int], in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> TrainingData:
+        """This rank's training data of ``cfg.data`` for a model of ``img_size`` and ``in_chans``
+        (:func:`maelab.data.pipeline.build_training_data` with the run's batch size, seed, device and ranks)."""
+        from maelab.data.pipeline import build_training_data
+
+        return build_training_data(
+            self.cfg.data,
+            img_size=img_size,
+            in_chans=in_chans,
+            mean=mean,
+            std=std,
+            batch_size=self.cfg.batch_size,
+            seed=self.cfg.seed,
+            device=self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            progress=self.progress and self.is_main,
+        )
 
 
 def start_run(cfg: Any, kind: str, resume: bool = False, progress: bool = True, overwrite: bool = False) -> RunContext:

@@ -22,7 +22,6 @@ import torch
 
 from maelab.config import ModelConfig, PretrainConfig, batch_summary, to_dict
 from maelab.data.build import EVAL_SPLIT_DIRS
-from maelab.data.pipeline import build_training_data
 from maelab.data.shards import ShardStream
 from maelab.engine.accel import compile_or_eager, convert_to_fp8, uses_cudagraphs
 from maelab.engine.checkpoint import config_mismatch
@@ -67,19 +66,7 @@ class Pretraining(Protocol):
         self.model_cfg: ModelConfig = method_model_config(self.method, cfg.model, cfg.model_args)
         self.mean, self.std = resolve_stats(cfg.data, self.model_cfg.in_chans)
         no_sync = self._setup_model(init=ctx.state is None)
-        self.data = build_training_data(
-            cfg.data,
-            img_size=self.model_cfg.img_size,
-            in_chans=self.model_cfg.in_chans,
-            mean=self.mean,
-            std=self.std,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            device=self.device,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            progress=ctx.progress and ctx.is_main,
-        )
+        self.data = ctx.training_data(self.model_cfg.img_size, self.model_cfg.in_chans, self.mean, self.std)
         if self.data.gpu_resident or cfg.data.decode == "gpu":
             log.info("data: %r", self.data.loader)
         self.batches_per_epoch = self.data.batches_per_epoch

@@ -441,7 +441,6 @@ class Tokenizing(Protocol):
     model: VQTokenizer
 
     def __init__(self, ctx: RunContext) -> None:
-        from maelab.data.pipeline import build_training_data
         from maelab.eval.common import resolve_stats
 
         self.ctx = ctx
@@ -451,19 +450,7 @@ class Tokenizing(Protocol):
         self.mean, self.std = resolve_stats(cfg.data, self.vq_cfg.in_chans)
         self.model = VQTokenizer(self.vq_cfg).to(self.device)
         forward, no_sync = wrap_ddp(self.model, self.dist, self.device)
-        self.data = build_training_data(
-            cfg.data,
-            img_size=self.vq_cfg.img_size,
-            in_chans=self.vq_cfg.in_chans,
-            mean=self.mean,
-            std=self.std,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            device=self.device,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            progress=ctx.progress and ctx.is_main,
-        )
+        self.data = ctx.training_data(self.vq_cfg.img_size, self.vq_cfg.in_chans, self.mean, self.std)
         self.batches_per_epoch = self.data.batches_per_epoch
         self.optimizer = build_adamw(self.model, cfg.resolved_lr(self.dist.world_size), cfg.weight_decay, cfg.betas)
         # this rank's histogram of the codes assigned in the current epoch's training batches
