@@ -91,9 +91,7 @@ def save_hog_grid(
     max_rows: int = 8,
 ) -> Path:
     """Write the MaskFeat figure (one row per sample, the :data:`COLUMNS`) as a PNG, atomically."""
-    from matplotlib.figure import Figure
-
-    from maelab.viz.reconstruction import HOLE_GRAY, _atomic_savefig, _to_display
+    from maelab.viz.reconstruction import HOLE_GRAY, _to_display, save_image_grid
 
     rows = max(1, min(int(max_rows), images["original"].shape[0]))
     original = _to_display(images["original"][:rows], mean, std)
@@ -105,20 +103,4 @@ def save_hog_grid(
         images["target"][:rows].permute(0, 2, 3, 1).cpu().numpy(),
         images["prediction"][:rows].permute(0, 2, 3, 1).cpu().numpy(),
     )
-    h, w = images["original"].shape[-2:]
-    cell = 2.0
-    head = 0.3 + (0.2 * (title.count("\n") + 1) if title else 0.0)
-    fig = Figure(figsize=(cell * len(COLUMNS), cell * rows * h / w + head), layout="constrained")
-    axes = fig.subplots(rows, len(COLUMNS), squeeze=False)
-    for r in range(rows):
-        for j, data in enumerate(panels):
-            ax = axes[r][j]
-            kw = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if data.ndim == 3 else {}
-            ax.imshow(data[r], interpolation="nearest", **kw)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(COLUMNS[j], fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _atomic_savefig(fig, path)
+    return save_image_grid(panels, COLUMNS, path, title, fontsize=8)

@@ -152,7 +152,6 @@ def save_reconstruction_grid(
     C=1 is drawn gray, C=2 as the gray channel mean, C>=3 as RGB of the first 3 channels.
     Hidden patches are drawn gray (0.5) in the masked column.
     """
-    from matplotlib.figure import Figure
 
     missing = [k for k in _KEYS if k not in images]
     if missing:
@@ -162,22 +161,31 @@ def save_reconstruction_grid(
     holes = _hole_mask({k: v[:rows] for k, v in images.items()}).numpy()
     masked = cols["masked"]
     masked[holes] = HOLE_GRAY
-    gray = masked.ndim == 3
 
-    h, w = images["original"].shape[-2:]
+    return save_image_grid([cols[k] for k in _KEYS], COLUMNS, path, title, fontsize=9)
+
+
+def save_image_grid(
+    panels: Sequence[np.ndarray], columns: Sequence[str], path: str | Path, title: str | None, fontsize: int = 9
+) -> Path:
+    """One row per sample, one column per panel ([N, H, W] drawn gray in [0, 1], or [N, H, W, 3] RGB), the column
+    names on top; written atomically."""
+    from matplotlib.figure import Figure
+
+    rows, h, w = panels[0].shape[:3]
     cell = 2.0
     head = 0.3 + (0.2 * (title.count("\n") + 1) if title else 0.0)
-    fig = Figure(figsize=(cell * 4, cell * rows * h / w + head), layout="constrained")
-    axes = fig.subplots(rows, 4, squeeze=False)
+    fig = Figure(figsize=(cell * len(panels), cell * rows * h / w + head), layout="constrained")
+    axes = fig.subplots(rows, len(panels), squeeze=False)
     for r in range(rows):
-        for j, key in enumerate(_KEYS):
+        for j, data in enumerate(panels):
             ax = axes[r][j]
-            kw = dict(cmap="gray", vmin=0.0, vmax=1.0) if gray else {}
-            ax.imshow(cols[key][r], interpolation="nearest", **kw)
+            kw = dict(cmap="gray", vmin=0.0, vmax=1.0) if data.ndim == 3 else {}
+            ax.imshow(data[r], interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(COLUMNS[j], fontsize=9)
+                ax.set_title(columns[j], fontsize=fontsize)
     if title:
         fig.suptitle(title, fontsize=9)
     return _atomic_savefig(fig, path)
