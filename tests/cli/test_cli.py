@@ -151,6 +151,16 @@ def test_models_lists_presets(capsys):
         "mae_vit_tiny_patch2_32",
     ):
         assert name in out
+    # name, kind, img, patch, encoder, MAE decoder (then the description, which has spaces)
+    header, *lines = out.splitlines()
+    assert header.split()[:7] == ["name", "kind", "img", "patch", "encoder", "MAE", "decoder"]
+    rows = {cols[0]: cols for cols in (line.split() for line in lines)}
+    swins = [name for name in rows if name.startswith("swin_")]
+    assert len(swins) >= 5 and all(rows[name][1] == "swin" and rows[name][5] == "-" for name in swins)
+    assert all(rows[name][1] == "vit" for name in rows if name.startswith("mae_vit_"))
+    with torch.device("meta"):  # timm's Swin-T without its head: 27,519,354 parameters
+        swin_t = sum(p.numel() for p in timm.create_model("swin_tiny_patch4_window7_224", num_classes=0).parameters())
+    assert swin_t == 27_519_354 and rows["swin_tiny_patch4_window7_224"][4] == f"{swin_t / 1e6:.1f}M" == "27.5M"
 
 
 def test_bench_on_cpu_writes_json(tmp_path, capsys):

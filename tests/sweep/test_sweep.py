@@ -106,3 +106,74 @@ def test_sweep_file_errors_are_one_line(tmp_path, capsys):
     assert main(["sweep", str(sweep_file), "--output", str(tmp_path / "o"), "--scale", "huge"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("maelab: error:") and "unknown --scale 'huge'" in err and "\n" not in err
+
+
+def write_scaled_sweep(path):
+    """A sweep whose cpu scale sets the model for every run, and a Swin run that keeps its own at that scale."""
+    spec = {
+        "pretrain": {"model": "mae_vit_pico_patch4_32", "epochs": 2},
+        "evals": [{"protocol": "knn"}],
+        "scales": {
+            "cpu": {"pretrain": {"model": "mae_vit_tiny_patch4_32", "batch_size": 8}},
+            "gpu": {"pretrain": {"epochs": 50, "batch_size": 64}},
+        },
+        "runs": [
+            {"name": "vit"},
+            {
+                "name": "swin",
+                "pretrain": {"method": "simmim", "model": "swin_tiny_patch2_window4_32", "epochs": 5},
+                "scales": {"cpu": {"model": "swin_pico_patch2_window4_32", "data": {"max_samples": 100}}},
+            },
+        ],
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_runs_own_scale_overrides_win_over_the_scales_and_show_in_its_overrides(tmp_path):
+    from maelab.sweep import collect_rows
+
+    sweep = load_sweep(write_scaled_sweep(tmp_path / "sweep.yaml"), "cpu", None)
+    vit, swin = sweep.runs
+    assert vit.pretrain["model"] == "mae_vit_tiny_patch4_32"  # the scale's model for a run without its own
+    assert swin.pretrain["model"] == "swin_pico_patch2_window4_32"  # the run's at this scale beats the scale's
+    assert swin.pretrain["data.max_samples"] == 100 and swin.pretrain["batch_size"] == 8
+    assert swin.own == {
+        "method": "simmim",
+        "model": "swin_pico_patch2_window4_32",
+        "epochs": 5,
+        "data.max_samples": 100,
+    }
+    rows = collect_rows(sweep, tmp_path / "out")  # no run directories: only the run's settings are filled
+    shown = set(rows[1]["overrides"].split())
+    assert shown == {"model=swin_pico_patch2_window4_32", "epochs=5", "data.max_samples=100"}
+
+
+def test_a_runs_scale_overrides_apply_only_at_that_scale(tmp_path):
+    path = write_scaled_sweep(tmp_path / "sweep.yaml")
+    vit, swin = load_sweep(path, "gpu", None).runs  # the run has no entry for gpu: the scale's and base values
+    assert vit.pretrain["model"] == "mae_vit_pico_patch4_32" and vit.pretrain["epochs"] == 50
+    assert swin.pretrain["model"] == "swin_tiny_patch2_window4_32"
+    assert swin.pretrain["epochs"] == 50 and swin.pretrain["batch_size"] == 64  # the scale's over the run's
+    assert "data.max_samples" not in swin.pretrain
+    assert swin.own == {"method": "simmim", "model": "swin_tiny_patch2_window4_32", "epochs": 5}
+    vit, swin = load_sweep(path, None, None).runs  # no scale
+    assert vit.pretrain == {"model": "mae_vit_pico_patch4_32", "epochs": 2}
+    assert swin.pretrain == {"model": "swin_tiny_patch2_window4_32", "epochs": 5, "method": "simmim"}
+    assert swin.own == {"method": "simmim", "model": "swin_tiny_patch2_window4_32", "epochs": 5}
+
+
+def test_an_unknown_run_key_lists_scales_as_allowed(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"runs": [{"name": "a", "scale": {"cpu": {"model": "x"}}}]}))
+    allowed = "allowed: name, pretrain, evals, tokenizer, scales"
+    with pytest.raises(ConfigError, match=rf"unknown key\(s\) \['scale'\]; {allowed}"):
+        load_sweep(bad, None, None)
+
+
+def test_methods_sweep_keeps_the_swin_model_and_averages_its_tokens_at_cpu_scale():
+    from tests.conftest import REPO
+
+    run = next(r for r in load_sweep(REPO / "sweeps" / "methods.yaml", "cpu", None).runs if r.name == "simmim_swin")
+    pools = {ev.protocol: ev.overrides.get("pool") for ev in run.evals}
+    assert run.pretrain["model"] == "swin_pico_patch2_window4_32" and pools == {"knn": "avg", "linprobe": "avg"}
