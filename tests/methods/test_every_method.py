@@ -15,18 +15,23 @@ from maelab.engine.pretrain import pretrain
 
 # BEiT needs a tokenizer: tests/methods/test_beit.py. The default suite runs SimMIM (the masked encoder MaskFeat and
 # BEiT share); MAE's run is in tests/engine, AE/VAE's model tests in tests/methods/test_autoencoder.py; -m slow all.
+# (method, model, kNN pooling): a Swin has no class token, so its kNN pools by average.
+VIT = "mae_vit_pico_patch4_32"
 METHODS = [
-    pytest.param("mae", marks=pytest.mark.slow),
-    "simmim",
-    pytest.param("maskfeat", marks=pytest.mark.slow),
-    pytest.param("ae", marks=pytest.mark.slow),
-    pytest.param("vae", marks=pytest.mark.slow),  # the autoencoder family: tests/methods/test_autoencoder.py
+    pytest.param("mae", VIT, "cls", id="mae", marks=pytest.mark.slow),
+    pytest.param("simmim", VIT, "cls", id="simmim"),
+    pytest.param("maskfeat", VIT, "cls", id="maskfeat", marks=pytest.mark.slow),
+    pytest.param("ae", VIT, "cls", id="ae", marks=pytest.mark.slow),
+    pytest.param("vae", VIT, "cls", id="vae", marks=pytest.mark.slow),  # tests/methods/test_autoencoder.py
+    # 17 s on CPU; default: tests/eval/test_swin_eval.py (a Swin run through the loop, its timm export, the average
+    # pooling kNN uses) and the simmim case above (SimMIM's learning and exact resume through the same loop)
+    pytest.param("simmim", "swin_pico_patch2_window4_32", "avg", id="simmim-swin", marks=pytest.mark.slow),
 ]
 
 
-def tiny(output, method: str, **kw):
+def tiny(output, method: str, model: str = VIT, **kw):
     overrides = {
-        "model": "mae_vit_pico_patch4_32",
+        "model": model,
         "method": method,
         "output": str(output),
         "epochs": 3,
@@ -42,13 +47,13 @@ def tiny(output, method: str, **kw):
     return build_config(PretrainConfig, None, overrides)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_method_learns_resumes_exactly_exports_to_timm_and_evaluates_with_knn(method, tmp_path):
-    full = pretrain(tiny(tmp_path / "full", method), progress=False)
+@pytest.mark.parametrize(("method", "model", "pool"), METHODS)
+def test_method_learns_resumes_exactly_exports_to_timm_and_evaluates_with_knn(method, model, pool, tmp_path):
+    full = pretrain(tiny(tmp_path / "full", method, model), progress=False)
     records = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
 
-    part = tiny(tmp_path / "part", method)
+    part = tiny(tmp_path / "part", method, model)
     assert pretrain(part, progress=False, max_steps=3).stopped_early  # mid-epoch 2 (2 steps per epoch)
     resumed = pretrain(part, progress=False, resume=True)
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=False)
@@ -74,6 +79,8 @@ def test_method_learns_resumes_exactly_exports_to_timm_and_evaluates_with_knn(me
                 "--output",
                 str(tmp_path / "knn"),
                 "--no-progress",
+                "--pool",
+                pool,
                 "data.num_samples=32",
                 "data.num_workers=0",
                 "device=cpu",
