@@ -273,6 +273,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         from maelab.models.hf import save_hf
         from maelab.models.mae import MaskedAutoencoder
 
+        if model.cfg.encoder != "vit":
+            raise CheckpointError(
+                f"{args.checkpoint}: a {model.cfg.encoder} encoder, and the Hugging Face export writes ViTs (ViTMAE, "
+                "ViTModel): export it for timm instead (no --format)"
+            )
         if not (args.encoder_only or isinstance(model, MaskedAutoencoder)):
             raise CheckpointError(
                 f"{args.checkpoint}: not an MAE run, and Hugging Face's ViTMAEForPreTraining holds an MAE: add "
@@ -299,16 +304,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name in list_models():
         cfg = get_config(name)
-        enc = _vit_params(cfg.embed_dim, cfg.depth, cfg.mlp_ratio) + cfg.patch_size**2 * cfg.in_chans * cfg.embed_dim
-        dec = _vit_params(cfg.decoder_embed_dim, cfg.decoder_depth, cfg.mlp_ratio)
+        dec = f"{_vit_params(cfg.decoder_embed_dim, cfg.decoder_depth, cfg.mlp_ratio) / 1e6:.1f}M"
         rows.append(
-            (name, f"{cfg.img_size}", f"{cfg.patch_size}", f"{enc / 1e6:.1f}M", f"{dec / 1e6:.1f}M", DESCRIPTIONS[name])
+            (
+                name,
+                cfg.encoder,
+                f"{cfg.img_size}",
+                f"{cfg.patch_size}",
+                f"{_encoder_params(cfg) / 1e6:.1f}M",
+                dec if cfg.encoder == "vit" else "-",
+                DESCRIPTIONS[name],
+            )
         )
-    header = ("name", "img", "patch", "encoder", "decoder", "description")
+    header = ("name", "kind", "img", "patch", "encoder", "MAE decoder", "description")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return 0
+
+
+def _encoder_params(cfg: Any) -> int:
+    """Parameters of the preset's timm encoder, counted on the meta device (nothing is allocated)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in timm.create_model(cfg.timm_name, **cfg.timm_kwargs()).parameters())
 
 
 def _vit_params(dim: int, depth: int, mlp_ratio: float) -> int:

@@ -46,6 +46,8 @@ AUGMENTATIONS = ("none", "fixed_crop", "random_crop", "random_crop+color_jitter"
 POOLS = ("avg", "cls")
 """Feature pooling of the evaluations: mean of the patch tokens, or the class token."""
 MASK_TYPES = ("random", "block", "grid")
+ENCODERS = ("vit", "swin")
+"""vit: timm ``VisionTransformer`` (every method); swin: timm ``SwinTransformer`` (SimMIM's hierarchical encoder)."""
 TARGETS = ("pixels", "hog")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FP8_RECIPES = ("off", "tensorwise", "rowwise")
@@ -231,6 +233,14 @@ class ModelConfig:
     learned token; the decoder then gets no extra mask tokens. Off (the paper's MAE) by default."""
     timm_name: str = "vit_base_patch16_224"
     """timm model name the encoder is created from (weights load into it with these kwargs)."""
+    encoder: str = one_of(ENCODERS, "vit")
+    """Encoder family: vit (a timm VisionTransformer of ``depth`` blocks) or swin (a timm SwinTransformer of
+    ``depths`` stages; SimMIM only). For Swin, ``patch_size`` is the patch embedding's, ``embed_dim`` and
+    ``num_heads`` are the first stage's (both double at each later stage)."""
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    """Swin: blocks per stage (each later stage halves the grid and doubles the width). Unused by the ViT."""
+    window_size: int = 7
+    """Swin: side of the attention windows in patches (a stage smaller than it attends globally)."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them (less memory, more time)."""
 
@@ -264,6 +274,8 @@ class ModelConfig:
         _check(self.decoder_depth >= 0, "model_args.decoder_depth", self.decoder_depth, "0 or more")
         _check(0.0 <= self.mask_ratio < 1.0, "model_args.mask_ratio", self.mask_ratio, "a number in [0, 1)")
         check_choices(self, "model_args.")
+        if self.encoder == "swin":
+            self._check_swin(sizes)
         if self.target == "hog":
             cell = min(8, self.patch_size)
             _check(
@@ -286,6 +298,41 @@ class ModelConfig:
                 "grid masking needs an even number of patches per side",
             )
 
+    def _check_swin(self, sizes: tuple[int, int]) -> None:
+        """The Swin fields: stage depths, window, and an image that every patch merging halves evenly."""
+        depths = self.depths
+        _check(
+            len(depths) >= 1 and all(isinstance(d, int) and d >= 1 for d in depths),
+            "model_args.depths",
+            depths,
+            "one or more positive block counts, one per Swin stage",
+        )
+        _check(self.window_size >= 1, "model_args.window_size", self.window_size, "a positive int")
+        stride = self.encoder_stride
+        for s in sizes:
+            _check(
+                s % stride == 0,
+                "model_args.img_size",
+                self.img_size,
+                f"must be divisible by the Swin encoder's stride {stride} (patch_size={self.patch_size} x 2 per "
+                f"patch merging, {len(depths) - 1} of them)",
+            )
+
+    @property
+    def encoder_stride(self) -> int:
+        """Pixels per token of the encoder's last stage: ``patch_size`` for the ViT, ``patch_size * 2 ** (stages
+        - 1)`` for Swin (SimMIM's ``encoder_stride``)."""
+        if self.encoder == "swin":
+            return self.patch_size * 2 ** (len(self.depths) - 1)
+        return self.patch_size
+
+    @property
+    def num_features(self) -> int:
+        """Width of the encoder's output tokens: ``embed_dim`` (ViT) or the last Swin stage's."""
+        if self.encoder == "swin":
+            return self.embed_dim * 2 ** (len(self.depths) - 1)
+        return self.embed_dim
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """Patch grid (rows, cols)."""
@@ -299,6 +346,21 @@ class ModelConfig:
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``timm.create_model(self.timm_name, **kwargs)`` (no head)."""
+        if self.encoder == "swin":
+            return dict(
+                img_size=self.img_size,
+                patch_size=self.patch_size,
+                in_chans=self.in_chans,
+                embed_dim=self.embed_dim,
+                depths=tuple(self.depths),
+                num_heads=tuple(self.num_heads * 2**i for i in range(len(self.depths))),
+                window_size=self.window_size,
+                mlp_ratio=self.mlp_ratio,
+                qkv_bias=True,
+                num_classes=0,
+                global_pool="avg",
+                drop_path_rate=0.0,
+            )
         return dict(
             img_size=self.img_size,
             patch_size=self.patch_size,

@@ -16,6 +16,8 @@ A sweep file (YAML) lists runs and the evaluations of each::
       - {name: simmim, pretrain: {method: simmim, model_args.mask_ratio: 0.6}}
       - {name: beit, pretrain: {config: recipes/beit_cifar10_vit_tiny.yaml},
          tokenizer: {config: recipes/tokenizer_cifar10.yaml}}   # trained first; method_args.tokenizer set to it
+      - {name: swin, pretrain: {config: recipes/simmim_cifar10_swin_tiny.yaml},
+         scales: {cpu: {model: swin_pico_patch2_window4_32}}}   # the run's own overrides at a scale win over it
 
 Each run writes ``OUTPUT/<name>/pretrain/`` (a run directory) and ``OUTPUT/<name>/<protocol>/`` (``eval.json``); a
 run with a ``tokenizer`` (BEiT) first trains it into ``OUTPUT/<name>/tokenizer/``.
@@ -35,7 +37,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,7 +187,17 @@ def load_sweep(path: str | Path, scale: str | None = None, data: str | None = No
         if any(r.name == name for r in runs):
             raise ConfigError(f"{p}: runs[{i}].name={name!r} appears twice")
         own = _flatten("", _mapping(item.get("pretrain"), f"{p}: runs[{i}].pretrain"))
-        pretrain = {**base_pretrain, **own, **scale_pretrain}
+        # the run's own overrides at this scale win over the scale's (e.g. a Swin run's model at the cpu scale)
+        run_scales = _mapping(item.get("scales"), f"{p}: runs[{i}].scales")
+        unknown_scales = sorted(set(run_scales) - set(scales), key=str)
+        if unknown_scales:
+            raise ConfigError(
+                f"{p}: runs[{i}].scales.{unknown_scales[0]}: not a scale of this sweep ({sorted(scales) or 'none'})"
+            )
+        at_scale = run_scales.get(scale) if scale is not None else None
+        own_at_scale = _flatten("", _mapping(at_scale, f"{p}: runs[{i}].scales.{scale}"))
+        own = {**own, **own_at_scale}
+        pretrain = {**base_pretrain, **own, **scale_pretrain, **own_at_scale}
         if data_name:
             pretrain.setdefault("data.name", data_name)
         evals = eval_specs(item["evals"], f"{p}: runs[{i}].evals") if "evals" in item else shared_evals
@@ -197,10 +209,10 @@ def load_sweep(path: str | Path, scale: str | None = None, data: str | None = No
             }
             if data_name:
                 tokenizer.setdefault("data.name", data_name)
-        unknown_keys = sorted(set(item) - {"name", "pretrain", "evals", "tokenizer"})
+        unknown_keys = sorted(set(item) - {"name", "pretrain", "evals", "tokenizer", "scales"})
         if unknown_keys:
             raise ConfigError(
-                f"{p}: runs[{i}] has unknown key(s) {unknown_keys}; allowed: name, pretrain, evals, tokenizer"
+                f"{p}: runs[{i}] has unknown key(s) {unknown_keys}; allowed: name, pretrain, evals, tokenizer, scales"
             )
         runs.append(RunSpec(name, pretrain, evals, tokenizer, own))
     if not runs:
@@ -240,6 +252,7 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 def _calibrate(spec: RunSpec, run_dir: Path, steps: int = CALIBRATION_STEPS) -> dict[str, Any]:
     """Seconds per optimizer step (the mean of ``steps`` timed ones) and FLOPs per image of a run, in a scratch
     directory."""
+    import gc
     import tempfile
 
     import torch
@@ -251,7 +264,7 @@ def _calibrate(spec: RunSpec, run_dir: Path, steps: int = CALIBRATION_STEPS) -> 
         loop = pretraining_loop(_pretrain_config(spec, Path(tmp)), progress=False)
         p, steps_per_epoch = loop.p, loop.steps_per_epoch
 
-        def epochs() -> Iterator[Any]:  # batches of epoch 0, 1, ...: a small set gives enough steps too
+        def epochs() -> Generator[Any]:  # batches of epoch 0, 1, ...: a small set gives enough steps too
             for epoch in itertools.count():
                 yield from p.epoch_batches(epoch, 0)
 
@@ -277,6 +290,10 @@ def _calibrate(spec: RunSpec, run_dir: Path, steps: int = CALIBRATION_STEPS) -> 
 
         flops = count_flops(fwd_bwd) / imgs.shape[0]
         p.optimizer.zero_grad(set_to_none=True)
+        # shut the data workers down here: an iterator left to the garbage collector may be collected inside the
+        # next loader's forked workers ("AssertionError: can only test a child process" tracebacks)
+        batches.close()
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {"step_s": step_s, "steps_per_epoch": steps_per_epoch, "flops_per_image": flops}

@@ -59,13 +59,22 @@ def test_every_preset_is_a_valid_config(name: str) -> None:
     assert 0 <= cfg.mask_ratio < 1
     assert cfg.timm_kwargs()["embed_dim"] == cfg.embed_dim and cfg.timm_kwargs()["num_classes"] == 0
     for size, (dim, depth, heads) in VIT_SIZES.items():
-        if f"_{size}_" in name:
+        if f"_{size}_" in name and cfg.encoder == "vit":
             assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (dim, depth, heads)
     if "_patch" in name:
         patch = int(name.split("_patch")[1].split("_")[0])
         assert cfg.patch_size == patch
     if name.endswith("_32"):
         assert cfg.img_size == 32
+    if cfg.encoder == "swin":  # Swin-T / Swin-B of Liu et al. (first-stage width, heads, and per-stage blocks)
+        sizes = {"tiny": (96, 3), "base": (128, 4)}
+        for size, (dim, heads) in sizes.items():
+            if f"_{size}_" in name:
+                assert (cfg.embed_dim, cfg.num_heads) == (dim, heads)
+        if "patch4" in name:
+            assert cfg.depths == ((2, 2, 6, 2) if "_tiny_" in name else (2, 2, 18, 2))
+        window = int(name.split("_window")[1].split("_")[0])
+        assert cfg.window_size == window
 
 
 def test_paper_presets() -> None:

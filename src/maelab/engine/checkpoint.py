@@ -152,9 +152,11 @@ def load_pretrained_with_config(
             raise encoder_only_error(p)
         meta = read_export_metadata(p)
         cfg = from_dict(ModelConfig, {**meta["model_config"], **overrides})
-        model = MaskedAutoencoder(cfg)
         from safetensors.torch import load_file
 
+        from maelab.methods.vit import PretrainedEncoder
+
+        model = MaskedAutoencoder(cfg) if cfg.encoder == "vit" else PretrainedEncoder(cfg)
         model.encoder.load_state_dict(load_file(str(p)), strict=True)
         return model, None
     raw = read_checkpoint(p)

@@ -1,4 +1,5 @@
-"""Encoder -> classifier: a timm ``VisionTransformer`` carrying the MAE encoder's weights.
+"""Encoder -> classifier: a timm ``VisionTransformer`` (or, for a Swin encoder, ``SwinTransformer``) carrying the
+pre-trained encoder's weights.
 
 As the official fine-tuning code: with global average pooling (default) the encoder's
 final ``norm`` is dropped and a new ``fc_norm`` follows the pooling; with the class token
@@ -6,7 +7,9 @@ the pre-trained ``norm`` is kept. The new head is initialized ``trunc_normal(std
 Weights load with strict key checking except exactly those expected differences.
 
 Also here: partial fine-tuning (:func:`set_trainable_blocks`, paper Fig. 9) and the
-layer-decay parameter groups (:func:`layer_decay_param_groups`: timm's implementation with the official layer ids).
+layer-decay parameter groups (:func:`layer_decay_param_groups`: timm's implementation with the official layer ids
+for a ViT, timm's own grouping for a Swin). A Swin has no class token: it pools by average (``pool=avg``), after
+its own final ``norm``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, cast
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -24,7 +28,9 @@ from maelab.config import POOLS, ModelConfig
 from maelab.errors import CheckpointError, ConfigError
 
 HEAD_PREFIXES = ("head.", "fc_norm.")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_SWIN_MERGING = re.compile(r"^layers\.(\d+)\.downsample(?:\.|$)")
+Classifier = VisionTransformer | SwinTransformer
+"""The classifier of a ViT or a Swin encoder (timm models)."""
 
 
 def classifier_kwargs(
@@ -34,7 +40,11 @@ def classifier_kwargs(
     drop_path: float = 0.0,
     img_size: int | tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """``timm.create_model(model_cfg.timm_name, **kwargs)`` arguments of the classifier."""
+    """``timm.create_model(model_cfg.timm_name, **kwargs)`` arguments of the classifier (a Swin pools by average
+    only: ``pool=cls`` is a one-line ConfigError)."""
+    from maelab.eval.features import check_pool
+
+    check_pool(pool, has_class_token=model_cfg.encoder == "vit")
     kwargs = dict(model_cfg.timm_kwargs())
     kwargs.update(num_classes=num_classes, global_pool="avg" if pool == "avg" else "token", drop_path_rate=drop_path)
     if img_size is not None:
@@ -52,11 +62,13 @@ def build_classifier(
     img_size: int | tuple[int, int] | None = None,
     head_init_std: float = 2e-5,
     source: str = "checkpoint",
-) -> VisionTransformer:
-    """A timm ViT classifier with ``mae``'s encoder weights (``mae=None``: timm's random init).
+) -> Classifier:
+    """A timm ViT (or Swin) classifier with ``mae``'s encoder weights (``mae=None``: timm's random init).
 
     Args:
-        mae: a MaskedAutoencoder (or None for a from-scratch baseline, then ``model_cfg`` is required).
+        mae: a pre-trained model with ``cfg`` and ``encoder_state_dict()`` (a MaskedAutoencoder, another method's
+            model or its :class:`~maelab.methods.vit.PretrainedEncoder`), or None for a from-scratch baseline
+            (then ``model_cfg`` is required).
         num_classes: classes of the new head.
         pool: 'avg' (global average + fc_norm, paper) or 'cls' (class token after norm).
         drop_path: stochastic depth rate.
@@ -74,31 +86,30 @@ def build_classifier(
     if pool not in POOLS:
         raise ConfigError(f"invalid pool={pool!r}: one of {', '.join(POOLS)}")
     kwargs = classifier_kwargs(model_cfg, num_classes, pool, drop_path, img_size)
-    model = cast(VisionTransformer, timm.create_model(model_cfg.timm_name, pretrained=False, **kwargs))
+    model = cast(Classifier, timm.create_model(model_cfg.timm_name, pretrained=False, **kwargs))
     if mae is not None:
         load_encoder_weights(model, mae.encoder_state_dict(), source=source)
-        head = cast(nn.Linear, model.head)  # num_classes > 0
+        head = cast(nn.Linear, model.get_classifier())  # num_classes > 0: ViT's head, Swin's head.fc
         with torch.no_grad():
             nn.init.trunc_normal_(head.weight, std=head_init_std)
             nn.init.zeros_(head.bias)
     return model
 
 
-def load_encoder_weights(
-    model: VisionTransformer, encoder_sd: dict[str, torch.Tensor], source: str = "checkpoint"
-) -> None:
-    """Load timm-named encoder weights into a classifier ViT; only head/fc_norm (new) and
-    ``norm`` (dropped with average pooling) may differ. Position embeddings are resampled
-    to the classifier's grid if needed."""
+def load_encoder_weights(model: Classifier, encoder_sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load timm-named encoder weights into a classifier (ViT or Swin); only head/fc_norm (new) and ``norm``
+    (dropped by a ViT with average pooling) may differ. A ViT's position embeddings are resampled to the
+    classifier's grid if needed (a Swin's relative position tables depend on its window only)."""
     sd = dict(encoder_sd)
-    uses_fc_norm = not isinstance(model.fc_norm, nn.Identity)
-    if uses_fc_norm:
+    fc_norm = getattr(model, "fc_norm", None)
+    if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity):
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
-    pos, own_pos = sd.get("pos_embed"), model.pos_embed
+    pos, own_pos = sd.get("pos_embed"), getattr(model, "pos_embed", None)
     if pos is not None and own_pos is not None and pos.shape != own_pos.shape and pos.shape[-1] == own_pos.shape[-1]:
+        vit = cast(VisionTransformer, model)
         sd["pos_embed"] = resample_abs_pos_embed(
-            pos, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens
+            pos, new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=vit.num_prefix_tokens
         )
     own = model.state_dict()
     wrong = [
@@ -120,59 +131,85 @@ def load_encoder_weights(
 
 
 # ---------------------------------------------------------------------------------- partial fine-tuning
-def _check_blocks(vit: VisionTransformer, train_blocks: int) -> int:
-    depth = len(vit.blocks)
-    if train_blocks > depth:
-        raise ConfigError(f"invalid train_blocks={train_blocks}: the encoder has only {depth} blocks")
-    return depth
+def block_prefixes(model: nn.Module) -> list[str]:
+    """Parameter-name prefixes of the transformer blocks in forward order: ``blocks.i.`` (ViT) or
+    ``layers.s.blocks.j.`` (Swin, every stage's blocks in a row)."""
+    if isinstance(model, SwinTransformer):
+        return [
+            f"layers.{s}.blocks.{j}."
+            for s, stage in enumerate(model.layers)
+            for j in range(len(cast(nn.Sequential, stage.blocks)))
+        ]
+    blocks: nn.Module = model.blocks  # type: ignore[assignment]  # a ViT's nn.Sequential
+    return [f"blocks.{i}." for i in range(len(cast(nn.Sequential, blocks)))]
 
 
-def is_trainable_name(name: str, depth: int, train_blocks: int | None) -> bool:
-    """Whether parameter ``name`` of a ViT (classifier) is tuned when the last ``train_blocks`` blocks are."""
-    if train_blocks is None or name.startswith(HEAD_PREFIXES):
+def _check_blocks(model: nn.Module, train_blocks: int) -> list[str]:
+    prefixes = block_prefixes(model)
+    if not 0 <= train_blocks <= len(prefixes):
+        raise ConfigError(
+            f"invalid train_blocks={train_blocks}: the encoder has only {len(prefixes)} blocks (0 to {len(prefixes)})"
+        )
+    return prefixes
+
+
+def _is_tuned(name: str, prefixes: list[str], train_blocks: int) -> bool:
+    """Whether parameter or module ``name`` is tuned when the last ``train_blocks`` blocks are: those blocks, the
+    final ``norm`` (when any block is), the head, and a Swin patch merging between two tuned blocks."""
+    if name.startswith(HEAD_PREFIXES) or name in ("head", "fc_norm"):
         return True
     if train_blocks == 0:
         return False
-    if name.startswith("norm."):
+    if name == "norm" or name.startswith("norm."):
         return True
-    m = _BLOCK.match(name)
-    return m is not None and int(m.group(1)) >= depth - train_blocks
+    cut = len(prefixes) - train_blocks  # blocks cut .. end are tuned
+    for i, prefix in enumerate(prefixes):
+        if name.startswith(prefix) or name + "." == prefix:
+            return i >= cut
+    merging = _SWIN_MERGING.match(name)
+    if merging is not None:  # before its stage's first block: tuned when the block before it is
+        first = prefixes.index(f"layers.{merging.group(1)}.blocks.0.")
+        return first - 1 >= cut
+    return False
 
 
-def set_trainable_blocks(vit: VisionTransformer, train_blocks: int | None) -> list[str]:
-    """Partial fine-tuning (paper Fig. 9): tune only the last ``train_blocks`` blocks.
+def set_trainable_blocks(model: nn.Module, train_blocks: int | None) -> list[str]:
+    """Partial fine-tuning (paper Fig. 9): tune only the last ``train_blocks`` blocks of a ViT or Swin classifier.
 
-    Trainable: blocks ``depth-K .. depth-1``, the final ``norm`` (when K > 0), and the
-    ``fc_norm`` / ``head`` if the model has them. Everything else (patch embedding, class
-    token, position embedding, earlier blocks) gets ``requires_grad=False``. ``None``
-    leaves every parameter as it is (full fine-tuning). Returns the trainable names.
+    Trainable: the last K blocks (:func:`block_prefixes` order), the final ``norm`` (when K > 0), a Swin patch
+    merging that sits between two of them, and the ``fc_norm`` / ``head``. Everything else (patch embedding,
+    class token, position embedding, earlier blocks) gets ``requires_grad=False``. ``None`` leaves every parameter
+    as it is (full fine-tuning). Returns the trainable names.
     """
     if train_blocks is None:
-        return [n for n, p in vit.named_parameters() if p.requires_grad]
-    depth = _check_blocks(vit, train_blocks)
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+    prefixes = _check_blocks(model, train_blocks)
     names = []
-    for name, p in vit.named_parameters():
-        keep = is_trainable_name(name, depth, train_blocks)
+    for name, p in model.named_parameters():
+        keep = _is_tuned(name, prefixes, train_blocks)
         p.requires_grad_(keep)
         if keep:
             names.append(name)
     return names
 
 
-def frozen_to_eval(vit: VisionTransformer, train_blocks: int | None) -> None:
-    """Put the frozen part of a partially tuned ViT in eval mode (call after ``.train()``):
-    frozen blocks then act as a fixed feature extractor (no drop path / dropout)."""
+def frozen_to_eval(model: nn.Module, train_blocks: int | None) -> None:
+    """Put the frozen part of a partially tuned encoder in eval mode (call after ``.train()``): frozen blocks then
+    act as a fixed feature extractor (no drop path / dropout)."""
     if train_blocks is None:
         return
-    depth = _check_blocks(vit, train_blocks)
+    prefixes = _check_blocks(model, train_blocks)
     for name in ("patch_embed", "pos_drop", "patch_drop", "norm_pre"):
-        module = getattr(vit, name, None)
+        module = getattr(model, name, None)
         if isinstance(module, nn.Module):
             module.eval()
-    for blk in list(vit.blocks)[: depth - train_blocks]:
-        blk.eval()
-    if train_blocks == 0 and isinstance(getattr(vit, "norm", None), nn.Module):
-        vit.norm.eval()
+    for name, module in model.named_modules():
+        is_unit = name + "." in prefixes or _SWIN_MERGING.fullmatch(name) is not None
+        if is_unit and not _is_tuned(name, prefixes, train_blocks):
+            module.eval()
+    norm = getattr(model, "norm", None)
+    if train_blocks == 0 and isinstance(norm, nn.Module):
+        norm.eval()
 
 
 # ---------------------------------------------------------------------------------- optimizer groups
@@ -185,10 +222,13 @@ embedding and patch embedding are layer 0, block i is layer i + 1, and everythin
 def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
     """Layer-decay groups of the official fine-tuning code, built by timm's ``param_groups_layer_decay``.
 
-    Block i of L gets ``lr_scale = layer_decay ** (L - i)``, the patch embedding / tokens
+    ViT: block i of L gets ``lr_scale = layer_decay ** (L - i)``, the patch embedding / tokens
     ``layer_decay ** (L + 1)``, the final norm (``pool=cls``), fc_norm and head 1.0
-    (:data:`OFFICIAL_LAYERS`). No weight decay for 1-D parameters (norms, biases) and
-    ``model.no_weight_decay()`` (tokens, position embedding). Frozen parameters are left out.
+    (:data:`OFFICIAL_LAYERS`). Swin: timm's own grouping (``SwinTransformer.group_matcher``: the patch embedding
+    first, then every block of every stage in order, a stage's patch merging with its first block, the final
+    norm with the last block, the head last; SimMIM's code puts the merging with the previous stage's last
+    block instead). No weight decay for 1-D parameters (norms, biases) and ``model.no_weight_decay()`` (tokens,
+    position embedding; Swin's relative position bias tables). Frozen parameters are left out.
     """
     from types import SimpleNamespace
 
@@ -196,6 +236,10 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
 
     no_weight_decay = getattr(model, "no_weight_decay", None)
     nwd = no_weight_decay() if callable(no_weight_decay) else set()
+    if isinstance(model, SwinTransformer):
+        return param_groups_layer_decay(
+            model, weight_decay=weight_decay, no_weight_decay_list=nwd, layer_decay=layer_decay
+        )
     # the model as timm sees it, with the official layer ids in place of timm's ViT matcher
     official = SimpleNamespace(
         named_parameters=model.named_parameters, group_matcher=lambda coarse=False: OFFICIAL_LAYERS

@@ -30,21 +30,37 @@ from maelab.errors import CheckpointError, ConfigError, DataError
 from maelab.io import write_json
 from maelab.models.mae import MaskedAutoencoder
 
-ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+ARCH_FIELDS = (
+    "encoder",
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "depths",
+    "window_size",
+    "num_heads",
+    "mlp_ratio",
+)
 """ModelConfig fields that must agree between a checkpoint and a requested ``model``."""
 
 
 def load_encoder_model(
-    checkpoint: str, model: str | None = None, model_args: dict[str, Any] | None = None
+    checkpoint: str, model: str | None = None, model_args: dict[str, Any] | None = None, pool: str | None = None
 ) -> MaskedAutoencoder:
-    """The pre-trained MAE behind ``checkpoint``; if ``model`` is given, its architecture must match.
+    """The pre-trained MAE behind ``checkpoint``; if ``model`` is given, its architecture must match; ``pool``
+    (when given) must suit the encoder (no ``cls`` for a Swin).
 
     Raises:
         CheckpointError: missing/corrupt file, or an architecture other than ``model``'s.
+        ConfigError: ``pool=cls`` for an encoder without a class token.
     """
     from maelab.engine.checkpoint import load_pretrained
+    from maelab.eval.features import check_pool
 
     mae = load_pretrained(checkpoint)
+    if pool is not None:
+        check_pool(pool, has_class_token=mae.cfg.encoder == "vit")
     if model is not None:
         from maelab.models.registry import get_config
 
@@ -149,7 +165,7 @@ def frozen_encoder_setup(
 
     info, device, dtype = setup_process(cfg.device, cfg.precision)
     seed_everything(cfg.seed)
-    mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)
+    mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args, cfg.pool)
     mean, std = resolve_stats(cfg.data, mae.cfg.in_chans)
     return info, device, dtype, mae, eval_transform(mae.cfg.img_size, mean, std, crop_pct=cfg.data.crop_pct)
 

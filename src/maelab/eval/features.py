@@ -5,8 +5,9 @@ A feature is the encoder's output for the full, unmasked image, pooled one of tw
 - ``cls``: the class token after the encoder's final norm (the paper's linear probe);
 - ``avg``: the mean of the patch tokens after the final norm.
 
-``encoder`` is the timm ``VisionTransformer`` of a :class:`~maelab.models.mae.MaskedAutoencoder`
-(``mae.encoder``), i.e. ``forward_features(imgs) -> [B, prefix + L, D]``.
+``encoder`` is the timm encoder of a pre-trained model (``mae.encoder``): a ``VisionTransformer``
+(``forward_features(imgs) -> [B, prefix + L, D]``) or a ``SwinTransformer`` (``-> [B, h, w, D]``, no class token:
+``avg`` only).
 
 :func:`extract_split` is the ``torchrun``-aware entry point: each rank encodes its own shard
 of a split and the shards are all-gathered back into dataset order (or kept local).
@@ -26,16 +27,27 @@ from tqdm.auto import tqdm
 from maelab.config import POOLS
 from maelab.engine.distributed import DistInfo
 from maelab.engine.runtime import autocast
+from maelab.errors import ConfigError
 from maelab.eval.common import all_gather_interleaved, dataset_len, plain_loader, shard
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """tokens [B, prefix + L, D] -> [B, D]: the first (class) token, or the mean of the patch tokens."""
+    """tokens [B, prefix + L, D] (or a Swin's map [B, h, w, D], no prefix) -> [B, D]: the first (class) token, or
+    the mean of the patch tokens."""
+    if tokens.dim() == 4:
+        check_pool(pool, has_class_token=False)
+        return tokens.mean(dim=(1, 2))
     if pool == "cls":
         return tokens[:, 0]
     if pool == "avg":
         return tokens[:, num_prefix_tokens:].mean(dim=1)
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+def check_pool(pool: str, has_class_token: bool) -> None:
+    """One-line ConfigError for ``pool=cls`` on an encoder without a class token (Swin)."""
+    if pool == "cls" and not has_class_token:
+        raise ConfigError("invalid pool='cls': a Swin encoder has no class token; use pool=avg (--pool avg)")
 
 
 def feature_dim(encoder: nn.Module) -> int:

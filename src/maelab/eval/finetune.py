@@ -35,7 +35,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from maelab.config import ModelConfig, batch_summary, from_dict, to_dict
@@ -47,6 +46,7 @@ from maelab.engine.runtime import seed_everything
 from maelab.engine.step import TrainStep
 from maelab.errors import CheckpointError, DataError
 from maelab.eval.classifier import (
+    Classifier,
     build_classifier,
     classifier_kwargs,
     frozen_to_eval,
@@ -101,6 +101,34 @@ class _SeedPythonRandom:
         return f"{type(self).__name__}({self.transform!r})"
 
 
+def _posterize(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's ``posterize`` with Pillow 12's result for 0 bits kept (a black image): Pillow 13 refuses 0 bits,
+    which timm's RandAugment ``PosterizeIncreasing`` asks for at magnitude 10 (``rand-m9-mstd0.5`` reaches it) and
+    AutoAugment's ``Posterize`` at low magnitudes (policy ``v0``)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def zero_bit_posterize(transform: Any) -> Any:
+    """``transform`` (timm's) with every RandAugment / AutoAugment posterize op using :func:`_posterize`; the
+    other ops and the draws are timm's."""
+    from timm.data.auto_augment import AugmentOp
+
+    stack = [transform]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, AugmentOp) and t.name.startswith("Posterize"):
+            t.aug_fn = _posterize
+        stack.extend(getattr(t, "transforms", None) or getattr(t, "ops", None) or [])
+        stack.extend(op for sub in getattr(t, "policy", None) or [] for op in sub)
+    return transform
+
+
 def finetune_train_transform(
     cfg: FinetuneConfig, img_size: int | tuple[int, int], in_chans: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Callable[[Any], Any]:
@@ -129,7 +157,7 @@ def finetune_train_transform(
             re_mode=cfg.remode,
             re_count=cfg.recount,
         )
-        return _SeedPythonRandom(tf, to_pil=True)
+        return _SeedPythonRandom(zero_bit_posterize(tf), to_pil=True)
     from timm.data.random_erasing import RandomErasing
     from torchvision.transforms import v2
 
@@ -208,7 +236,7 @@ class Finetuning(Protocol):
             self.model_cfg = get_config(cfg.model or DEFAULT_SCRATCH_MODEL, **cfg.model_args)
             self.source = "scratch"
         else:
-            mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)
+            mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args, cfg.pool)
             self.model_cfg = mae.cfg
             self.source = str(cfg.checkpoint)
         saved_size = state["config"].get("img_size") if state is not None else None
@@ -257,7 +285,7 @@ class Finetuning(Protocol):
         """The classifier (pre-trained weights unless scratch or resumed), layer-decayed AdamW, Mixup/CutMix with
         its criterion, and the EMA."""
         cfg = self.cfg
-        self.model: VisionTransformer = build_classifier(
+        self.model: Classifier = build_classifier(
             mae,
             self.num_classes,
             model_cfg=self.model_cfg,

@@ -37,7 +37,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from maelab.config import batch_summary, to_dict
@@ -59,7 +58,7 @@ from maelab.eval.common import (
     write_eval_json,
 )
 from maelab.eval.config import LinprobeConfig
-from maelab.eval.features import encode, extract_split
+from maelab.eval.features import encode, extract_split, feature_dim
 from maelab.eval.metrics import evaluate_classifier
 
 log = logging.getLogger(__name__)
@@ -144,7 +143,7 @@ class LinearProbe(nn.Module):
 
     def __init__(
         self,
-        encoder: VisionTransformer,
+        encoder: nn.Module,
         num_classes: int,
         pool: str = "cls",
         train_blocks: int = 0,
@@ -154,7 +153,7 @@ class LinearProbe(nn.Module):
         self.encoder = encoder
         self.pool = pool
         self.train_blocks = train_blocks
-        dim = encoder.embed_dim
+        dim = feature_dim(encoder)
         norm, linear = nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(linear.weight, std=head_init_std)
         nn.init.zeros_(linear.bias)
@@ -226,7 +225,7 @@ class LinearProbing(Protocol):
         self.dist, self.device, self.dtype = ctx.dist, ctx.device, ctx.dtype
         self.t_start = time.perf_counter()
         world = self.dist.world_size
-        mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args)
+        mae = load_encoder_model(cfg.checkpoint, cfg.model, cfg.model_args, cfg.pool)
         self.model_cfg = mcfg = mae.cfg
         self.mean, self.std = resolve_stats(cfg.data, mcfg.in_chans)
         test_tf = eval_transform(mcfg.img_size, self.mean, self.std, cfg.data.crop_pct)

@@ -61,6 +61,8 @@ class Method:
     """``model_args`` the method sets unless the run sets them (e.g. SimMIM's mask ratio 0.6)."""
     figure_note: str | None = None
     """The figure title's second line, when the reconstruction is not the pixels the model predicts."""
+    encoders: tuple[str, ...] = ("vit",)
+    """The encoder families (``model_args.encoder``, :data:`maelab.config.ENCODERS`) the method can train."""
 
 
 def _reconstruction_figure(cfg: ModelConfig, imgs: torch.Tensor, out: Any) -> dict[str, torch.Tensor] | None:
@@ -84,6 +86,10 @@ def _build_mae(cfg: ModelConfig, options: None = None, /) -> nn.Module:
 
 
 def _build_simmim(cfg: ModelConfig, options: MaskedEncoderOptions | None = None, /) -> nn.Module:
+    if cfg.encoder == "swin":
+        from maelab.methods.swin import SwinMaskedEncoder
+
+        return SwinMaskedEncoder(cfg, options or SimMIMOptions())
     from maelab.methods.masked_encoder import MaskedEncoder
 
     return MaskedEncoder(cfg, options or SimMIMOptions())
@@ -132,11 +138,13 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "simmim",
-            "SimMIM (Xie et al. 2022): encoder on all patches with mask tokens, linear head, L1 on hidden pixels",
+            "SimMIM (Xie et al. 2022): encoder (ViT or Swin) on all patches with mask tokens, linear head, L1 on "
+            "hidden pixels",
             _build_simmim,
             _reconstruction_figure,
             SimMIMOptions,
             {"mask_ratio": 0.6, "mask_type": "random"},
+            encoders=("vit", "swin"),
         ),
         Method(
             "maskfeat",
@@ -198,10 +206,17 @@ def method_options(method: Method, raw: Mapping[str, Any] | None) -> Any:
 
 
 def method_model_config(method: Method, model: str, model_args: Mapping[str, Any] | None = None) -> ModelConfig:
-    """The preset ``model``'s config with the method's ``model_defaults`` and then the run's ``model_args``."""
+    """The preset ``model``'s config with the method's ``model_defaults`` and then the run's ``model_args``; a
+    one-line ConfigError when the method cannot train that encoder family (e.g. MAE on a Swin)."""
     from maelab.models.registry import get_config
 
-    return get_config(model, **{**method.model_defaults, **dict(model_args or {})})
+    cfg = get_config(model, **{**method.model_defaults, **dict(model_args or {})})
+    if cfg.encoder not in method.encoders:
+        raise ConfigError(
+            f"invalid model={model!r} for method={method.name!r}: a {cfg.encoder} encoder, and {method.name} trains "
+            f"{' or '.join(method.encoders)} encoders (Swin: method=simmim)"
+        )
+    return cfg
 
 
 __all__ = [

@@ -26,9 +26,10 @@ are masked by the model's ``mask_type`` (random, block, grid) exactly as MAE mas
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from maelab.config import ModelConfig
@@ -99,11 +100,24 @@ class MaskedEncoder(nn.Module):
                 f"model_args.mask_type={cfg.mask_type!r} needs method_args.mask_unit=null"
             )
         self.num_masked = self._count_masked()
-        self.encoder = build_encoder(cfg)
+        self.encoder = self._build_encoder()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.head = nn.Linear(cfg.embed_dim, target_dim(cfg))
-        init_linear_and_norm(self.head)
-        # SimMIM's init of the mask token: N(0, .02) truncated at +-.02
+        self.head = self._build_head()
+        self._init_mask_token()
+
+    def _build_encoder(self) -> nn.Module:
+        """The timm ViT of ``cfg`` (:func:`~maelab.methods.vit.build_encoder`)."""
+        return build_encoder(self.cfg)
+
+    def _build_head(self) -> nn.Module:
+        """The prediction head: a Linear from each patch token to its target (SimMIM's 1x1 conv + PixelShuffle(p)
+        for a ViT, written per token)."""
+        head = nn.Linear(self.cfg.embed_dim, target_dim(self.cfg))
+        init_linear_and_norm(head)
+        return head
+
+    def _init_mask_token(self) -> None:
+        """SimMIM's ViT init of the mask token: N(0, .02) truncated at +-.02."""
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     def _count_masked(self) -> int:
@@ -158,7 +172,7 @@ class MaskedEncoder(nn.Module):
     # ------------------------------------------------------------------ stages
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W], mask [B, L] bool -> latent [B, 1 + L, D] (cls first, normed)."""
-        enc = self.encoder
+        enc = self.vit
         x = embed_tokens(enc, imgs, mask, self.mask_token)
         x = run_blocks(enc.blocks, x, self.cfg.grad_checkpointing and self.training)
         return enc.norm(x)
@@ -179,20 +193,28 @@ class MaskedEncoder(nn.Module):
         if noise is None:
             noise = self.draw_noise(imgs.shape[0], imgs.device)
         mask = self.mask_from_noise(noise)
-        latent = self.forward_encoder(imgs, mask)
-        pred = self.head(latent[:, 1:, :])
+        pred = self.predict(self.forward_encoder(imgs, mask))
         loss = self.forward_loss(pred, regression_target(self.cfg, imgs), mask)
         return MaskedEncoderOutput(loss, pred, mask)
+
+    def predict(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent [B, 1 + L, D] from :meth:`forward_encoder` -> pred [B, L, target dim] (the patch tokens' head)."""
+        return self.head(latent[:, 1:, :])
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encoder output for the full image, no mask tokens: [B, 1 + L, D] (timm's forward_features)."""
         check_images(self.cfg, imgs)
-        return self.encoder.forward_features(imgs)
+        return self.vit.forward_features(imgs)
+
+    @property
+    def vit(self) -> VisionTransformer:
+        """``self.encoder`` as the timm ViT it is (a subclass may build another encoder)."""
+        return cast(VisionTransformer, self.encoder)
 
     # ------------------------------------------------------------------ training plumbing
     def fsdp_units(self) -> list[nn.Module]:
         """The blocks FSDP shards one by one: the encoder's."""
-        return list(self.encoder.blocks)
+        return list(self.vit.blocks)
 
     def no_weight_decay(self) -> set[str]:
         """Names (as in ``named_parameters``) of tokens and position embeddings."""

@@ -12,6 +12,7 @@ from typing import cast
 
 import timm
 import torch
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -25,6 +26,8 @@ from maelab.models.targets import TARGETS
 def build_encoder(cfg: ModelConfig) -> VisionTransformer:
     """The timm ViT of ``cfg`` (no head) with a fixed sin-cos position embedding and MAE's init: xavier-uniform
     patch embedding and linears, N(0, .02) cls token, unit LayerNorms."""
+    if cfg.encoder != "vit":
+        raise ValueError(f"build_encoder builds ViTs; model_args.encoder={cfg.encoder!r} (see build_any_encoder)")
     enc = cast(VisionTransformer, timm.create_model(cfg.timm_name, pretrained=False, **cfg.timm_kwargs()))
     if tuple(enc.patch_embed.grid_size) != cfg.grid_size:  # pragma: no cover - defensive
         raise ValueError(f"timm grid {enc.patch_embed.grid_size} != {cfg.grid_size}")
@@ -39,19 +42,29 @@ def build_encoder(cfg: ModelConfig) -> VisionTransformer:
     return enc
 
 
+def build_any_encoder(cfg: ModelConfig) -> nn.Module:
+    """The timm encoder of ``cfg``'s family: :func:`build_encoder` (ViT) or a Swin Transformer
+    (:func:`maelab.methods.swin.build_swin_encoder`)."""
+    if cfg.encoder == "swin":
+        from maelab.methods.swin import build_swin_encoder
+
+        return build_swin_encoder(cfg)
+    return build_encoder(cfg)
+
+
 class PretrainedEncoder(nn.Module):
     """The encoder of a method's pre-trained run without its head or decoder (what evaluation and export use):
-    ``cfg`` and ``encoder`` as on the method's model. Loading it needs nothing else the method had (e.g. BEiT's
-    tokenizer)."""
+    ``cfg`` and ``encoder`` (a ViT or a Swin) as on the method's model. Loading it needs nothing else the method
+    had (e.g. BEiT's tokenizer)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = build_encoder(cfg)
+        self.encoder = build_any_encoder(cfg)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, 1 + L, D]."""
-        return self.encoder.forward_features(imgs)
+        """[B, C, H, W] -> [B, 1 + L, D] (ViT) or [B, h', w', D] (Swin)."""
+        return cast(VisionTransformer | SwinTransformer, self.encoder).forward_features(imgs)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights under timm's own key names (what ``maelab export`` writes)."""

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from maelab.config import ModelConfig
+from maelab.errors import ConfigError
 from maelab.models.masking import Masking, make_noise, masking_from_noise
 from maelab.models.patches import patchify, unpatchify
 from maelab.models.pos_embed import sincos_2d
@@ -75,6 +76,10 @@ class MaskedAutoencoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.encoder != "vit":
+            raise ConfigError(
+                f"invalid model_args.encoder={cfg.encoder!r}: MAE's encoder is a ViT (Swin: method=simmim)"
+            )
         self.cfg = cfg
         self.patch_size = cfg.patch_size
         self.in_chans = cfg.in_chans

@@ -64,6 +64,32 @@ register(
 )
 
 
+# Swin Transformers (SimMIM's hierarchical encoder; ``method=simmim`` only). embed_dim and num_heads are the first
+# stage's and double at each later stage; no decoder (SimMIM's head is a 1x1 convolution + PixelShuffle).
+_SWIN: dict[str, Any] = dict(encoder="swin", decoder_embed_dim=64, decoder_depth=0, decoder_num_heads=1)
+for _name, _img, _patch, _window, _dim, _depths, _heads, _what in (
+    ("swin_tiny_patch4_window7_224", 224, 4, 7, 96, (2, 2, 6, 2), 3, "Swin-T, 224 px, window 7"),
+    ("swin_base_patch4_window7_224", 224, 4, 7, 128, (2, 2, 18, 2), 4, "Swin-B, 224 px, window 7 (fine-tuning)"),
+    ("swin_base_patch4_window6_192", 192, 4, 6, 128, (2, 2, 18, 2), 4, "Swin-B, 192 px, window 6 (SimMIM)"),
+    ("swin_tiny_patch2_window4_32", 32, 2, 4, 96, (2, 2, 6), 3, "Swin-T-like, 3 stages, for 32x32 images (CIFAR)"),
+    ("swin_pico_patch2_window4_32", 32, 2, 4, 32, (2, 2, 2), 2, "laptop-sized Swin (32-128 dims, 3 stages), 32x32"),
+):
+    register(
+        _name,
+        ModelConfig(
+            img_size=_img,
+            patch_size=_patch,
+            window_size=_window,
+            embed_dim=_dim,
+            depths=_depths,
+            num_heads=_heads,
+            timm_name="swin_tiny_patch4_window7_224" if _dim == 96 else "swin_base_patch4_window7_224",
+            **_SWIN,
+        ),
+        _what,
+    )
+
+
 def list_models() -> list[str]:
     """Preset names, sorted."""
     return sorted(PRESETS)

@@ -200,7 +200,8 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_exported_encoder(path: str | Path, **timm_overrides: Any) -> torch.nn.Module:
-    """The timm VisionTransformer of an exported encoder, weights loaded strictly."""
+    """The timm model (a VisionTransformer, or a SwinTransformer for a Swin run) of an exported encoder, weights
+    loaded strictly."""
     import timm
     from safetensors.torch import load_file
 
