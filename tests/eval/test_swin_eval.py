@@ -83,7 +83,7 @@ def test_classifier_carries_the_pretrained_swin_weights(swin_run: Path, swin: Pr
         assert torch.equal(clf.forward_features(imgs), swin.forward_features(imgs))
     head = clf.get_classifier()
     assert isinstance(head, torch.nn.Linear) and head.weight.shape == (5, 128)
-    assert head.weight.std().item() < 1e-4 and torch.all(head.bias == 0)  # trunc_normal(std=2e-5)
+    assert 0.01 < head.weight.std().item() < 0.03 and torch.all(head.bias == 0)  # timm's trunc_normal(std=.02)
 
 
 def expected_tuned(k: int) -> tuple[str, ...]:
