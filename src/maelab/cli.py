@@ -324,12 +324,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _encoder_params(cfg: Any) -> int:
-    """Parameters of the preset's timm encoder, counted on the meta device (nothing is allocated)."""
+    """Trained parameters of the preset's timm encoder (a ViT's fixed sin-cos ``pos_embed`` left out), counted on
+    the meta device (nothing is allocated)."""
     import timm
     import torch
 
     with torch.device("meta"):
-        return sum(p.numel() for p in timm.create_model(cfg.timm_name, **cfg.timm_kwargs()).parameters())
+        model = timm.create_model(cfg.timm_name, **cfg.timm_kwargs())
+    return sum(p.numel() for name, p in model.named_parameters() if name != "pos_embed")
 
 
 def _vit_params(dim: int, depth: int, mlp_ratio: float) -> int:

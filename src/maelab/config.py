@@ -269,11 +269,20 @@ class ModelConfig:
             dim, heads = getattr(self, f"{prefix}embed_dim"), getattr(self, f"{prefix}num_heads")
             name = f"model_args.{prefix}embed_dim"
             _check(dim % heads == 0, name, dim, f"must be divisible by {prefix}num_heads={heads}")
-            _check(dim % 4 == 0, name, dim, "must be divisible by 4 (2-D sin-cos position embedding)")
+            if prefix or self.encoder == "vit":  # a Swin has no absolute position embedding
+                _check(dim % 4 == 0, name, dim, "must be divisible by 4 (2-D sin-cos position embedding)")
         _check(self.depth >= 1, "model_args.depth", self.depth, "at least 1")
         _check(self.decoder_depth >= 0, "model_args.decoder_depth", self.decoder_depth, "0 or more")
         _check(0.0 <= self.mask_ratio < 1.0, "model_args.mask_ratio", self.mask_ratio, "a number in [0, 1)")
         check_choices(self, "model_args.")
+        family = "swin" if self.timm_name.startswith("swin") else "vit"
+        _check(
+            family == self.encoder,
+            "model_args.encoder",
+            self.encoder,
+            f"timm_name={self.timm_name!r} is a {family}: pick a preset of the family (maelab models lists swin_* and "
+            "mae_vit_* ones) rather than switching model_args.encoder",
+        )
         if self.encoder == "swin":
             self._check_swin(sizes)
         if self.target == "hog":
@@ -653,7 +662,8 @@ class PretrainConfig(TrainConfig):
     vis_every: int = 5
     """Epochs between reconstruction figures (one is always written at the end)."""
     knn_every: int = 0
-    """Epochs between kNN accuracy checks of the encoder (0 = off), logged as knn_top1 in metrics.jsonl."""
+    """Epochs between kNN accuracy checks of the encoder (0 = off), logged as knn_top1 in metrics.jsonl (class-token
+    features; a Swin's averaged tokens)."""
     knn_data: str | None = None
     """Labeled validation set for the kNN check (name or folder); default: the test split of ``data``."""
     knn_max_train: int = 10000

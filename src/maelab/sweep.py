@@ -17,7 +17,7 @@ A sweep file (YAML) lists runs and the evaluations of each::
       - {name: beit, pretrain: {config: recipes/beit_cifar10_vit_tiny.yaml},
          tokenizer: {config: recipes/tokenizer_cifar10.yaml}}   # trained first; method_args.tokenizer set to it
       - {name: swin, pretrain: {config: recipes/simmim_cifar10_swin_tiny.yaml},
-         scales: {cpu: {model: swin_pico_patch2_window4_32}}}   # the run's own overrides at a scale win over it
+         scales: {cpu: {pretrain: {model: swin_pico_patch2_window4_32}}}}   # a run's own, at a scale, win
 
 Each run writes ``OUTPUT/<name>/pretrain/`` (a run directory) and ``OUTPUT/<name>/<protocol>/`` (``eval.json``); a
 run with a ``tokenizer`` (BEiT) first trains it into ``OUTPUT/<name>/tokenizer/``.
@@ -194,8 +194,13 @@ def load_sweep(path: str | Path, scale: str | None = None, data: str | None = No
             raise ConfigError(
                 f"{p}: runs[{i}].scales.{unknown_scales[0]}: not a scale of this sweep ({sorted(scales) or 'none'})"
             )
-        at_scale = run_scales.get(scale) if scale is not None else None
-        own_at_scale = _flatten("", _mapping(at_scale, f"{p}: runs[{i}].scales.{scale}"))
+        at_scale = _mapping(run_scales.get(scale) if scale is not None else None, f"{p}: runs[{i}].scales.{scale}")
+        if set(at_scale) - {"pretrain"}:
+            raise ConfigError(
+                f"{p}: runs[{i}].scales.{scale} has unknown key(s) {sorted(set(at_scale) - {'pretrain'})}; allowed: "
+                "pretrain (as in the sweep's scales)"
+            )
+        own_at_scale = _flatten("", _mapping(at_scale.get("pretrain"), f"{p}: runs[{i}].scales.{scale}.pretrain"))
         own = {**own, **own_at_scale}
         pretrain = {**base_pretrain, **own, **scale_pretrain, **own_at_scale}
         if data_name:
@@ -252,7 +257,6 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 def _calibrate(spec: RunSpec, run_dir: Path, steps: int = CALIBRATION_STEPS) -> dict[str, Any]:
     """Seconds per optimizer step (the mean of ``steps`` timed ones) and FLOPs per image of a run, in a scratch
     directory."""
-    import gc
     import tempfile
 
     import torch
@@ -290,10 +294,8 @@ def _calibrate(spec: RunSpec, run_dir: Path, steps: int = CALIBRATION_STEPS) -> 
 
         flops = count_flops(fwd_bwd) / imgs.shape[0]
         p.optimizer.zero_grad(set_to_none=True)
-        # shut the data workers down here: an iterator left to the garbage collector may be collected inside the
-        # next loader's forked workers ("AssertionError: can only test a child process" tracebacks)
-        batches.close()
-        gc.collect()
+        batches.close()  # shut the data workers down here (see _release_workers)
+        _release_workers()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {"step_s": step_s, "steps_per_epoch": steps_per_epoch, "flops_per_image": flops}
@@ -330,6 +332,14 @@ def _broadcast(obj: dict[str, Any]) -> dict[str, Any]:
     return box[0]
 
 
+def _release_workers() -> None:
+    """Collect the finished run's objects now: a DataLoader left to a later collection may be collected inside the
+    next loader's forked workers, which prints "AssertionError: can only test a child process" tracebacks."""
+    import gc
+
+    gc.collect()
+
+
 def _train_tokenizer(overrides: dict[str, Any], output: Path, progress: bool) -> bool:
     """Train (or finish) a run's tokenizer in ``output``; False when a signal stopped it."""
     from maelab.config import build_config
@@ -340,7 +350,9 @@ def _train_tokenizer(overrides: dict[str, Any], output: Path, progress: bool) ->
     if _finished(output, cfg.epochs):
         return True
     resume = (output / "checkpoints" / "last.pt").exists()
-    return not train_tokenizer(cfg, resume=resume, progress=progress).stopped_early
+    finished = not train_tokenizer(cfg, resume=resume, progress=progress).stopped_early
+    _release_workers()
+    return finished
 
 
 def _run_eval(spec: EvalSpec, checkpoint: Path, output: Path, progress: bool) -> None:
@@ -399,6 +411,7 @@ def run_sweep(
             resume = (pre_dir / "checkpoints" / "last.pt").exists()
             log.info("sweep %s: %s pre-training (%s)", sweep.name, "resuming" if resume else "starting", spec.name)
             result = pretrain(cfg, resume=resume, progress=progress)
+            _release_workers()
             if result.stopped_early:  # a signal: the checkpoint is saved; the next call continues here
                 log.warning("sweep %s stopped during %s; run the same command again to continue", sweep.name, spec.name)
                 return collect_rows(sweep, out)
@@ -408,6 +421,7 @@ def run_sweep(
                 continue
             log.info("sweep %s: %s of %s", sweep.name, ev.protocol, spec.name)
             _run_eval(ev, pre_dir, ev_dir, progress)
+            _release_workers()
         if is_main:
             write_sweep(sweep, out)
     rows = collect_rows(sweep, out)

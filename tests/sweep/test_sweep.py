@@ -122,7 +122,7 @@ def write_scaled_sweep(path):
             {
                 "name": "swin",
                 "pretrain": {"method": "simmim", "model": "swin_tiny_patch2_window4_32", "epochs": 5},
-                "scales": {"cpu": {"model": "swin_pico_patch2_window4_32", "data": {"max_samples": 100}}},
+                "scales": {"cpu": {"pretrain": {"model": "swin_pico_patch2_window4_32", "data": {"max_samples": 100}}}},
             },
         ],
     }
@@ -169,6 +169,19 @@ def test_an_unknown_run_key_lists_scales_as_allowed(tmp_path):
     allowed = "allowed: name, pretrain, evals, tokenizer, scales"
     with pytest.raises(ConfigError, match=rf"unknown key\(s\) \['scale'\]; {allowed}"):
         load_sweep(bad, None, None)
+
+
+def test_a_runs_scale_takes_pretrain_and_names_a_scale_of_the_sweep(tmp_path):
+    flat = tmp_path / "flat.yaml"  # pretrain keys straight under the scale: the sweep-level form is nested
+    flat.write_text(yaml.safe_dump({"scales": {"cpu": {}}, "runs": [{"name": "a", "scales": {"cpu": {"model": "x"}}}]}))
+    with pytest.raises(
+        ConfigError, match=r"runs\[0\]\.scales\.cpu has unknown key\(s\) \['model'\]; allowed: pretrain"
+    ):
+        load_sweep(flat, "cpu", None)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"scales": {"cpu": {}}, "runs": [{"name": "a", "scales": {"cpuu": {}}}]}))
+    with pytest.raises(ConfigError, match=r"runs\[0\]\.scales\.cpuu: not a scale of this sweep"):
+        load_sweep(typo, "cpu", None)
 
 
 def test_methods_sweep_keeps_the_swin_model_and_averages_its_tokens_at_cpu_scale():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -31,6 +32,8 @@ FP8_MIN_CAPABILITY = (8, 9)
 FP8_BLOCK_PREFIXES = ("encoder.blocks.", "decoder_blocks.")
 """Only the Linear layers inside transformer blocks go to fp8: the patch embedding, the decoder's
 input projection and its pixel head (first and last layers) stay in bf16."""
+FP8_SWIN_BLOCK = re.compile(r"^encoder\.layers\.\d+\.blocks\.")
+"""A Swin encoder's blocks (its patch mergings stay in bf16)."""
 
 
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
@@ -126,7 +129,7 @@ def is_fp8_candidate(module: nn.Module, fqn: str) -> bool:
     """A Linear inside a transformer block whose both dims are multiples of 16 (float8 matmul tiles)."""
     return (
         isinstance(module, nn.Linear)
-        and fqn.startswith(FP8_BLOCK_PREFIXES)
+        and (fqn.startswith(FP8_BLOCK_PREFIXES) or FP8_SWIN_BLOCK.match(fqn) is not None)
         and module.in_features % 16 == 0
         and module.out_features % 16 == 0
     )

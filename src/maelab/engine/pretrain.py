@@ -31,7 +31,7 @@ from maelab.engine.optim import build_adamw
 from maelab.engine.runtime import autocast
 from maelab.errors import CheckpointError, ConfigError
 from maelab.eval.common import dataset_len, resolve_stats
-from maelab.methods import get_method, method_model_config, method_options, pretrain_step
+from maelab.methods import figure_note, get_method, method_model_config, method_options, pretrain_step
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.weights import init_from_mae, init_from_timm
 
@@ -225,6 +225,7 @@ class Pretraining(Protocol):
             train,
             val,
             self.device,
+            pool="cls" if self.model_cfg.encoder == "vit" else "avg",  # a Swin has no class token
             k=cfg.knn_k,
             T=cfg.knn_temperature,
             batch_size=max(cfg.batch_size, 64),
@@ -299,12 +300,7 @@ class Pretraining(Protocol):
             self.model_cfg.mask_ratio,
             epoch=epoch,
             method=self.method.name,
-            note=self.method.figure_note
-            or (
-                "HOG per patch: hue = dominant edge orientation, brightness = how dominant"
-                if self.model_cfg.target == "hog"
-                else None
-            ),
+            note=figure_note(self.method, self.model_cfg),
         )
         save_figure(images, path, self.mean, self.std, title=title)
         return path

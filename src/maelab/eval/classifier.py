@@ -49,7 +49,18 @@ def classifier_kwargs(
     kwargs.update(num_classes=num_classes, global_pool="avg" if pool == "avg" else "token", drop_path_rate=drop_path)
     if img_size is not None:
         kwargs["img_size"] = img_size
+        if model_cfg.encoder == "swin":
+            kwargs["window_size"] = scaled_window(model_cfg, img_size)
     return kwargs
+
+
+def scaled_window(model_cfg: ModelConfig, img_size: int | tuple[int, int]) -> int:
+    """A Swin's window at another input size: scaled with the patch grid when that gives a whole number (timm's
+    ``set_input_size`` rule; SimMIM's 192 px window 6 -> 224 px window 7), else the pre-training's."""
+    new = img_size[0] if isinstance(img_size, tuple) else img_size
+    old = model_cfg.grid_size[0] * model_cfg.patch_size
+    window = model_cfg.window_size
+    return window * new // old if (window * new) % old == 0 else window
 
 
 def build_classifier(
@@ -73,7 +84,8 @@ def build_classifier(
         pool: 'avg' (global average + fc_norm, paper) or 'cls' (class token after norm).
         drop_path: stochastic depth rate.
         img_size: fine-tuning resolution (default: the encoder's); position embeddings are resampled.
-        head_init_std: std of the head's truncated-normal init when loading pre-trained weights.
+        head_init_std: std of the head's truncated-normal init when loading pre-trained ViT weights (MAE's 2e-5; a
+            Swin's head keeps timm's truncated normal of std .02, SimMIM's).
         source: name of the weights' origin, for error messages.
 
     Raises:
@@ -89,7 +101,8 @@ def build_classifier(
     model = cast(Classifier, timm.create_model(model_cfg.timm_name, pretrained=False, **kwargs))
     if mae is not None:
         load_encoder_weights(model, mae.encoder_state_dict(), source=source)
-        head = cast(nn.Linear, model.get_classifier())  # num_classes > 0: ViT's head, Swin's head.fc
+    if mae is not None and model_cfg.encoder == "vit":  # a Swin's head keeps timm's init: SimMIM's, N(0, .02)
+        head = cast(nn.Linear, model.get_classifier())  # num_classes > 0
         with torch.no_grad():
             nn.init.trunc_normal_(head.weight, std=head_init_std)
             nn.init.zeros_(head.bias)
@@ -105,6 +118,10 @@ def load_encoder_weights(model: Classifier, encoder_sd: dict[str, torch.Tensor],
     if isinstance(fc_norm, nn.Module) and not isinstance(fc_norm, nn.Identity):
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
+    if isinstance(model, SwinTransformer):  # another window: timm interpolates the relative position tables
+        from timm.models.swin_transformer import checkpoint_filter_fn
+
+        sd = checkpoint_filter_fn(sd, model)
     pos, own_pos = sd.get("pos_embed"), getattr(model, "pos_embed", None)
     if pos is not None and own_pos is not None and pos.shape != own_pos.shape and pos.shape[-1] == own_pos.shape[-1]:
         vit = cast(VisionTransformer, model)

@@ -184,6 +184,14 @@ METHODS: dict[str, Method] = {
 }
 
 
+HOG_FIGURE_NOTE = "HOG per patch: hue = dominant edge orientation, brightness = how dominant"
+
+
+def figure_note(method: Method, cfg: ModelConfig) -> str | None:
+    """The figure title's second line for ``method`` on ``cfg`` (its own note, the HOG legend, or None)."""
+    return method.figure_note or (HOG_FIGURE_NOTE if cfg.target == "hog" else None)
+
+
 def get_method(name: str) -> Method:
     """The registered method ``name``; a one-line ConfigError listing the choices otherwise."""
     try:
@@ -224,6 +232,7 @@ __all__ = [
     "Builder",
     "MaskingNoise",
     "Method",
+    "figure_note",
     "get_method",
     "masked_image_loss",
     "method_model_config",

@@ -105,5 +105,8 @@ class SwinMaskedEncoder(MaskedEncoder):
         return swin_blocks(self.swin)
 
     def no_weight_decay(self) -> set[str]:
-        """The mask token and the relative position bias tables (SimMIM's skip list and keywords)."""
-        return {"mask_token", *(f"encoder.{n}" for n in self.swin.no_weight_decay())}
+        """The mask token: what SimMIM's pre-training exempts besides norms and biases (with
+        ``weight_decay_tokens=false``). Its keyword list names ``encoder.relative_position_bias_table``, which no
+        parameter name contains, so the relative position tables are decayed in pre-training (fine-tuning exempts
+        them: timm's ``SwinTransformer.no_weight_decay``)."""
+        return {"mask_token"}
