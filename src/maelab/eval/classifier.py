@@ -54,13 +54,17 @@ def classifier_kwargs(
     return kwargs
 
 
-def scaled_window(model_cfg: ModelConfig, img_size: int | tuple[int, int]) -> int:
-    """A Swin's window at another input size: scaled with the patch grid when that gives a whole number (timm's
-    ``set_input_size`` rule; SimMIM's 192 px window 6 -> 224 px window 7), else the pre-training's."""
-    new = img_size[0] if isinstance(img_size, tuple) else img_size
-    old = model_cfg.grid_size[0] * model_cfg.patch_size
+def scaled_window(model_cfg: ModelConfig, img_size: int | tuple[int, int]) -> int | tuple[int, int]:
+    """A Swin's window at another input size: scaled with the patch grid along each side when that gives whole
+    numbers (timm's ``set_input_size`` rule; SimMIM's 192 px window 6 -> 224 px window 7), else the
+    pre-training's."""
+    new = img_size if isinstance(img_size, tuple) else (img_size, img_size)
+    old = tuple(g * model_cfg.patch_size for g in model_cfg.grid_size)
     window = model_cfg.window_size
-    return window * new // old if (window * new) % old == 0 else window
+    if any((window * n) % o for n, o in zip(new, old)):
+        return window
+    h, w = (window * n // o for n, o in zip(new, old))
+    return h if h == w else (h, w)
 
 
 def build_classifier(
