@@ -32,16 +32,20 @@ IMAGES = 3
 SEED = 3
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One optimizer step of each method through the real pre-training loop."""
-    root = tmp_path_factory.mktemp("visualize")
-    out: dict[str, Path] = {}
-    for name, (method, model, _) in RUNS.items():
+class LazyRuns(dict):
+    """name -> run directory, pre-trained (one optimizer step through the real loop) on first use, so the default
+    suite trains only the runs its tests use."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        method, model, _ = RUNS[name]
         overrides = {
             "model": model,
             "method": method,
-            "output": str(root / name),
+            "output": str(self.root / name),
             "epochs": 1,
             "batch_size": 8,
             "warmup_epochs": 0,
@@ -51,8 +55,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "vis_every": 1000,
         }
         assert pretrain(build_config(PretrainConfig, None, overrides), progress=False, max_steps=1).step == 1
-        out[name] = root / name
-    return out
+        self[name] = self.root / name
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The runs of :data:`RUNS`, trained when a test first asks for one."""
+    return LazyRuns(tmp_path_factory.mktemp("visualize"))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +84,16 @@ def expected_pixel_mask(run: Path) -> torch.Tensor:
     return grid.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+# the default suite draws the Swin run (a non-MAE model, its own masks, pixels); -m slow adds SimMIM on a ViT and
+# MaskFeat's HOG grid (the HOG figure itself: tests/viz, the pre-training figures of every method: tests/methods)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("simmim-vit", marks=pytest.mark.slow),
+        "simmim-swin",
+        pytest.param("maskfeat-vit", marks=pytest.mark.slow),
+    ],
+)
 def test_visualize_draws_the_methods_figure_with_its_own_masks(
     runs: dict[str, Path], images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
@@ -108,7 +127,7 @@ def test_another_mask_ratio_than_the_runs_is_one_line_for_simmim(
     runs: dict[str, Path], images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "figure.png"
-    argv = ["visualize", "--checkpoint", str(runs["simmim-vit"]), "--images", str(images), "--output", str(out)]
+    argv = ["visualize", "--checkpoint", str(runs["simmim-swin"]), "--images", str(images), "--output", str(out)]
     err = error_line(capsys, [*argv, "--mask-ratio", "0.3", "--device", "cpu"])
     assert err == (
         "maelab: error: invalid --mask-ratio 0.3: a simmim run masks the ratio it was trained with (0.6); "
