@@ -336,6 +336,11 @@ class ModelConfig:
         return self.patch_size
 
     @property
+    def has_class_token(self) -> bool:
+        """Whether the encoder's output starts with a class token (a ViT's does; a Swin's map has none)."""
+        return self.encoder == "vit"
+
+    @property
     def num_features(self) -> int:
         """Width of the encoder's output tokens: ``embed_dim`` (ViT) or the last Swin stage's."""
         if self.encoder == "swin":

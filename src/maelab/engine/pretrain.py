@@ -225,7 +225,7 @@ class Pretraining(Protocol):
             train,
             val,
             self.device,
-            pool="cls" if self.model_cfg.encoder == "vit" else "avg",  # a Swin has no class token
+            pool="cls" if self.model_cfg.has_class_token else "avg",  # a Swin averages its tokens
             k=cfg.knn_k,
             T=cfg.knn_temperature,
             batch_size=max(cfg.batch_size, 64),

@@ -44,7 +44,7 @@ def classifier_kwargs(
     only: ``pool=cls`` is a one-line ConfigError)."""
     from maelab.eval.features import check_pool
 
-    check_pool(pool, has_class_token=model_cfg.encoder == "vit")
+    check_pool(pool, has_class_token=model_cfg.has_class_token)
     kwargs = dict(model_cfg.timm_kwargs())
     kwargs.update(num_classes=num_classes, global_pool="avg" if pool == "avg" else "token", drop_path_rate=drop_path)
     if img_size is not None:

@@ -60,7 +60,7 @@ def load_encoder_model(
 
     mae = load_pretrained(checkpoint)
     if pool is not None:
-        check_pool(pool, has_class_token=mae.cfg.encoder == "vit")
+        check_pool(pool, has_class_token=mae.cfg.has_class_token)
     if model is not None:
         from maelab.models.registry import get_config
 

@@ -71,7 +71,6 @@ def visualize_images(
         out = model(imgs.to(dev), mask_ratio=ratio, noise=noise.to(dev))
     else:
         out = model(imgs.to(dev), noise=model.draw_noise(len(paths), "cpu", generator=gen).to(dev))
-    out = type(out)(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in out))
     images = method.figure(cfg, imgs, out)
     if images is None:
         raise DataError(f"{checkpoint}: a {method.name} run's prediction has no picture")
